@@ -1,0 +1,583 @@
+"""
+A hand-written Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen (and Qwen3) decoder in plain PyTorch.
+
+Module and parameter names are identical to Hugging Face's keys (`model.layers.0.self_attn.q_proj.weight`,
+...), so an HF checkpoint loads with a strict state-dict load and our checkpoints load in transformers/vLLM.
+
+    model = Transformer.from_pretrained("/path/Qwen2.5-1.5B", dtype=torch.bfloat16, device="cuda")
+    logits = model(input_ids)                       # [B, T, vocab]
+    model.save_pretrained("/path/out")              # config.json + (sharded) safetensors
+
+Also here, because every training script needs them next to the lm_head:
+  - KVCache: the static, preallocated cache the sampler decodes with (see sample.py)
+  - chunked_cross_entropy / chunked_token_logprobs: losses over a 151936-word vocabulary that never
+    materialise the full [tokens, vocab] fp32 logits.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads (Qwen2); Qwen3 sets it explicitly
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True  # bias on q/k/v (Qwen2); Qwen3 has none
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    model_type: str = "qwen2"
+    dtype: str = "bfloat16"  # dtype the checkpoint is stored in
+    extra: dict = field(default_factory=dict)  # other config.json keys, written back unchanged
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from an HF config.json dict (published form or transformers>=5 form)."""
+        d = dict(d)
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{source}: model_type={model_type!r} is not supported; "
+                             f"expected one of {SUPPORTED_MODEL_TYPES}")
+        rope = d.pop("rope_parameters", None) or {}
+        rope_scaling = d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or rope_scaling.get("rope_type") or rope_scaling.get("type") or "default"
+        if rope_type != "default":
+            raise ValueError(f"{source}: rope_type={rope_type!r} is not supported (only plain RoPE)")
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act={act!r} is not supported; expected 'silu'")
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing required keys {missing}")
+        kw = dict(
+            vocab_size=d.pop("vocab_size"),
+            hidden_size=d.pop("hidden_size"),
+            intermediate_size=d.pop("intermediate_size"),
+            num_hidden_layers=d.pop("num_hidden_layers"),
+            num_attention_heads=d.pop("num_attention_heads"),
+            head_dim=d.pop("head_dim", None) or 0,
+            rms_norm_eps=d.pop("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", d.pop("rope_theta", 10000.0)),
+            max_position_embeddings=d.pop("max_position_embeddings", 32768),
+            tie_word_embeddings=d.pop("tie_word_embeddings", False),
+            model_type=d.pop("model_type"),
+            dtype=d.pop("torch_dtype", None) or d.pop("dtype", None) or "float32",
+        )
+        kw["num_key_value_heads"] = d.pop("num_key_value_heads", None) or kw["num_attention_heads"]
+        for k in ("rope_theta", "torch_dtype", "dtype", "hidden_act", "use_sliding_window", "architectures"):
+            d.pop(k, None)  # either consumed above or rewritten by to_hf
+        if model_type == "qwen3":
+            kw["attention_bias"] = d.pop("attention_bias", False)
+            kw["qk_norm"] = True
+        else:
+            kw["attention_bias"] = d.pop("attention_bias", True)
+        return cls(**kw, extra=d)
+
+    def to_hf(self) -> dict:
+        """The published config.json form, which transformers 4.x and 5.x both read."""
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        d = {"architectures": [arch], "hidden_act": "silu", "use_sliding_window": False, **self.extra}
+        d.pop("rope_scaling", None)
+        d.update(
+            model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, rope_scaling=None,
+            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
+            torch_dtype=self.dtype,
+        )
+        if self.model_type == "qwen3":
+            d.update(head_dim=self.head_dim, attention_bias=self.attention_bias)
+        elif self.head_dim != self.hidden_size // self.num_attention_heads:
+            raise ValueError("Qwen2 derives head_dim from hidden_size; a different head_dim needs model_type=qwen3")
+        return d
+
+
+# -----------------------------------------------------------------------------
+# modules (names mirror HF's Qwen2 so state dicts match key for key)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32, cast back before the weight multiply: the order HF uses, so bf16 matches too
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids, inv_freq, dtype):
+    """cos/sin [B, T, head_dim] for integer positions [B, T]; computed in fp32 then cast (as HF does)."""
+    freqs = position_ids[..., None].float() * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE over the full head_dim. x [B, H, T, D], cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        # mask None means plain causal attention over T (training without padding): the fast kernel path
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """HF's `Qwen2Model`: the part whose keys start with `model.`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Static, preallocated K/V for batched decoding: [layers, batch, kv_heads, max_seq_len, head_dim].
+
+    All rows write at the same column `pos`; `valid[b, t]` says whether column t of row b holds a real token,
+    so left-padded prompts of different lengths share one batch. Positions for RoPE are the count of valid
+    tokens before a column, so no output depends on how much padding a row got.
+    `select(rows)` reindexes the batch: fan a prefilled prompt out to G samples, or compact away finished rows.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size, max_seq_len, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_seq_len, device=device, dtype=torch.bool)
+        self.n_valid = torch.zeros(batch_size, device=device, dtype=torch.long)  # next RoPE position per row
+        self.pos = 0
+        self.max_seq_len = max_seq_len
+
+    @property
+    def batch_size(self):
+        return self.k.shape[1]
+
+    def prepare(self, attention_mask):
+        """Called once per forward, before the layers: record which new columns are real tokens and
+        return (position_ids [B, T], attention mask [B, 1, T, pos+T]) for the new tokens."""
+        B, T = attention_mask.shape
+        start, end = self.pos, self.pos + T
+        if end > self.max_seq_len:
+            raise ValueError(f"KVCache overflow: {end} tokens > max_seq_len={self.max_seq_len}")
+        new = attention_mask.bool()
+        self.valid[:, start:end] = new
+        position_ids = self.n_valid[:, None] + new.long().cumsum(-1) - 1
+        self.n_valid += new.long().sum(-1)
+        keys = torch.arange(end, device=new.device)
+        causal = keys[None, :] <= torch.arange(start, end, device=new.device)[:, None]  # [T, end]
+        mask = causal[None] & self.valid[:, None, :end]
+        mask |= keys[None, None, :] == torch.arange(start, end, device=new.device)[None, :, None]  # see self
+        return position_ids.clamp(min=0), mask[:, None]
+
+    def update(self, layer_idx, k, v):
+        T = k.shape[2]
+        self.k[layer_idx, :, :, self.pos:self.pos + T] = k
+        self.v[layer_idx, :, :, self.pos:self.pos + T] = v
+        return self.k[layer_idx, :, :, :self.pos + T], self.v[layer_idx, :, :, :self.pos + T]
+
+    def advance(self, T):
+        self.pos += T
+
+    def select(self, rows: torch.Tensor):
+        """Keep/repeat batch rows (index tensor). Copies only the filled part of the cache."""
+        rows = rows.to(self.k.device)
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        self.valid, self.n_valid = self.valid.index_select(0, rows), self.n_valid.index_select(0, rows)
+
+
+def padding_mask_4d(attention_mask):
+    """[B, T] 0/1 padding mask -> [B, 1, T, T] bool causal mask that also ignores padded keys.
+    Every query also sees itself, so a pad row never has an all-masked softmax (which gives NaN)."""
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device)
+    causal = idx[None, :] <= idx[:, None]
+    mask = causal[None] & attention_mask.bool()[:, None, :]
+    mask |= torch.eye(T, dtype=torch.bool, device=attention_mask.device)[None]
+    return mask[:, None]
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class Transformer(nn.Module):
+    """Qwen2ForCausalLM. `model(input_ids)` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None):
+        d = self.config.head_dim
+        return 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+
+    def init_weights(self, std=0.02):
+        """Random init for training from scratch (N(0, std) linears/embeddings, ones for norms)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
+        return self
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once by .parameters()
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward+backward): 6N for matmuls plus attention scores (PaLM appendix B)."""
+        c = self.config
+        n = self.num_params() - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
+        return 6 * n + 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
+                logits_to_keep=0, return_hidden=False):
+        """
+        input_ids [B, T]. attention_mask: [B, T] 0/1 padding mask, or a [B, 1, T, S] bool mask used as is
+        (packed sequences). position_ids [B, T]: defaults to arange, or to the count of earlier real tokens
+        when a padding mask / cache is given. kv_cache: a KVCache; the new tokens are appended to it.
+        logits_to_keep=k>0 returns only the last k positions' logits (prefill needs just the last one).
+        return_hidden=True returns the final-normed hidden states instead of logits, for chunked losses.
+        """
+        B, T = input_ids.shape
+        mask = None
+        if kv_cache is not None:
+            am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            cache_pos, mask = kv_cache.prepare(am)
+            position_ids = cache_pos if position_ids is None else position_ids
+        elif attention_mask is not None and attention_mask.dim() == 2:
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            mask = padding_mask_4d(attention_mask)
+        elif attention_mask is not None:
+            mask = attention_mask
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)
+
+    # ---- HF checkpoint I/O ----------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load an HF-layout Qwen2/Qwen3 checkpoint dir (config.json + model.safetensors or a sharded index).
+        Built on the meta device, then each tensor is read straight to `device` in `dtype` (no double memory).
+        dtype=None keeps the checkpoint's stored dtype."""
+        config = load_config(path)
+        shards = _weight_files(path)
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        state = _read_safetensors(shards, expected, dtype, device, config.tie_word_embeddings)
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True broke the tie; restore it
+        model.inv_freq = model._inv_freq(device)
+        if dtype is None:
+            config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        return model
+
+    def save_pretrained(self, path, max_shard_size=5 * 1024**3):
+        """Write config.json + safetensors (sharded with an index above max_shard_size bytes) into `path`.
+        The directory appears atomically: everything is written to a temp dir that is then renamed."""
+        from safetensors.torch import save_file
+
+        path = os.path.abspath(path)
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")  # HF omits the tied head
+        dtypes = {v.dtype for v in state.values()}
+        config = self.config.to_hf()
+        if len(dtypes) == 1:
+            config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2)
+        shards, current, size = [], {}, 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if current and size + nbytes > max_shard_size:
+                shards.append(current)
+                current, size = {}, 0
+            current[k] = v
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        _replace_dir(tmp, path)
+
+
+def _replace_dir(tmp, path):
+    """Swap a finished temp dir into place so readers never see a half-written checkpoint."""
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_config(path) -> ModelConfig:
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: no config.json (expected an HF-layout checkpoint directory)")
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    return ModelConfig.from_hf(d, source=cfg_path)
+
+
+def _weight_files(path):
+    """-> {file path: [keys]} for a single-file or sharded checkpoint."""
+    from safetensors import safe_open
+
+    index, single = os.path.join(path, INDEX_NAME), os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = {}
+        for key, name in weight_map.items():
+            files.setdefault(os.path.join(path, name), []).append(key)
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{f}: shard listed in {index} is missing")
+        return files
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return {single: list(f.keys())}
+    raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def _read_safetensors(files, expected, dtype, device, tied):
+    """Read every expected tensor, checking names and shapes first; errors name the file and the key."""
+    from safetensors import safe_open
+
+    where = {k: f for f, keys in files.items() for k in keys}
+    if tied:
+        where.pop("lm_head.weight", None)  # some tied checkpoints still store the head; it is the embedding
+    missing = sorted(set(expected) - set(where))
+    extra = sorted(set(where) - set(expected))
+    if missing:
+        raise KeyError(f"{', '.join(sorted(set(files)))}: missing tensors {missing[:10]}"
+                       f"{' ...' if len(missing) > 10 else ''} (never random-initialised)")
+    if extra:
+        raise KeyError(f"{', '.join(sorted({where[k] for k in extra}))}: unexpected tensors {extra[:10]}"
+                       f"{' ...' if len(extra) > 10 else ''}")
+    state = {}
+    for f, keys in files.items():
+        with safe_open(f, framework="pt", device=str(device)) as fh:
+            for k in keys:
+                if k not in expected:
+                    continue
+                shape = tuple(fh.get_slice(k).get_shape())
+                if shape != expected[k]:
+                    raise ValueError(f"{f}: tensor {k} has shape {list(shape)}, expected {list(expected[k])}")
+                t = fh.get_tensor(k)
+                state[k] = t if dtype is None else t.to(dtype)
+    return state
+
+
+# -----------------------------------------------------------------------------
+# losses over a big vocabulary, in chunks of positions
+#
+# Logits for 8k tokens x 151936 words in fp32 are 4.9 GB. Both functions below take the final hidden
+# states [N, D] and the lm_head weight [V, D] and only ever hold one [chunk, V] block of logits.
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """Sum of token cross-entropies; the gradient is computed chunk by chunk in the forward pass
+    (softmax - onehot is known there), so backward only scales it: no logits kept, none recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
+        need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_h = torch.zeros_like(hidden) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for s in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[s:s + chunk_size], targets[s:s + chunk_size]
+            keep = y != ignore_index
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            y_safe = y.clamp(min=0)
+            loss += ((lse - logits.gather(1, y_safe[:, None]).squeeze(1)) * keep).sum()
+            if need_grad:
+                g = torch.softmax(logits, dim=-1)  # d(lse - logit_y)/dlogits = softmax - onehot
+                g[torch.arange(len(y), device=y.device), y_safe] -= 1.0
+                g *= keep[:, None]
+                grad_h[s:s + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_w += g.t() @ h.float()
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+
+
+def chunked_cross_entropy(hidden, weight, targets, chunk_size=1024, ignore_index=-100, reduction="mean"):
+    """Cross-entropy of lm_head(hidden) against targets, never materialising [N, V] logits.
+    hidden [..., D], targets [...] (ignore_index = masked). reduction 'mean' (over kept tokens) or 'sum'."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    loss = _ChunkedCE.apply(hidden, weight, targets, chunk_size, ignore_index)
+    if reduction == "sum":
+        return loss
+    return loss / (targets != ignore_index).sum().clamp(min=1)
+
+
+def _chunk_logprobs(h, weight, y, temperature):
+    logits = (h @ weight.t()).float() / temperature
+    return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logprobs(hidden, weight, targets, chunk_size=1024, temperature=1.0):
+    """log p(targets) under lm_head(hidden)/temperature, in fp32, shape of targets. Differentiable with any
+    upstream gradient (GRPO weights tokens by advantages): each chunk's logits are recomputed in backward
+    (activation checkpointing) instead of being stored."""
+    shape = targets.shape
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).clamp(min=0)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    out = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[s:s + chunk_size], weight, targets[s:s + chunk_size], temperature)
+        out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+    return torch.cat(out).view(shape)
