@@ -1,0 +1,1 @@
+"""nanoR1 data: the embedded tiny task, JSONL helpers, and prepare scripts for real datasets."""
