@@ -527,23 +527,24 @@ class _ChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
-        need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        grad_h = torch.zeros_like(hidden) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # grad mode is off inside forward()
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits for bf16 models, fp64 stays fp64
+        loss = torch.zeros((), device=hidden.device, dtype=acc)
+        grad_h = torch.empty_like(hidden) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
         for s in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[s:s + chunk_size], targets[s:s + chunk_size]
             keep = y != ignore_index
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
             y_safe = y.clamp(min=0)
+            logits = (h @ weight.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, y_safe[:, None]).squeeze(1)) * keep).sum()
             if need_grad:
                 g = torch.softmax(logits, dim=-1)  # d(lse - logit_y)/dlogits = softmax - onehot
                 g[torch.arange(len(y), device=y.device), y_safe] -= 1.0
                 g *= keep[:, None]
                 grad_h[s:s + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-                grad_w += g.t() @ h.float()
+                grad_w += g.t() @ h.to(acc)
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
@@ -565,7 +566,7 @@ def chunked_cross_entropy(hidden, weight, targets, chunk_size=1024, ignore_index
 
 
 def _chunk_logprobs(h, weight, y, temperature):
-    logits = (h @ weight.t()).float() / temperature
+    logits = (h @ weight.t()).to(torch.promote_types(h.dtype, torch.float32)) / temperature
     return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
