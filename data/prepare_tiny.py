@@ -1,0 +1,148 @@
+"""Write the embedded world: the tiny arithmetic task's splits, cold-start set, pretraining corpus
+and tokenizer. Seeded and deterministic; the default output is committed under data/tiny/.
+
+    python data/prepare_tiny.py                      # -> data/tiny/ (a few seconds)
+    python data/prepare_tiny.py --max_ops=6 --out_dir=/tmp/hard
+
+Files (see data/tiny/README.md):
+  test.jsonl       held-out RL/eval prompts  {"prompt", "messages", "answer"}
+  train.jsonl      RL prompts                {"prompt", "messages", "answer"}
+  coldstart.jsonl  R1-format SFT rows        {"messages": [user, assistant "<think>\\n...\\n</think>\\n\\boxed{N}"]}
+  pretrain.jsonl   plain-text LM corpus      {"text"}  (worked steps, no chat / <think> / \\boxed)
+  tokenizer/       tokenizer.json + tokenizer_config.json (ChatML, Qwen-style digit splitting)
+Every problem appears in at most one file, so nothing held out was ever seen in training.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from data import tiny_task
+from data.jsonl import write_jsonl
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # special: skipped by decode(skip_special_tokens)
+THINK_TOKENS = ["<think>", "</think>"]  # added but not "special" (as in Qwen3), so decoded text keeps them
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Qwen2's pre-tokenizer split: every digit is its own token (\p{N}), words keep their leading space.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Prompt text other scripts put around a question (R1-Zero template); in the tokenizer's training
+# text so it encodes to a few dozen tokens instead of one per character.
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
+    "</answer>. User: prompt. Assistant:"
+)
+EXTRA_TEXT = [R1_ZERO_TEMPLATE, "Please reason step by step, and put your final answer within \\boxed{}.",
+              "system user assistant"]
+
+
+def build_tokenizer(texts, vocab_size):
+    """Byte-level BPE (all 256 bytes in the base alphabet, so ANY text round-trips) + 5 added tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    n_added = len(SPECIAL_TOKENS) + len(THINK_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - n_added, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    return tok
+
+
+def tokenizer_config(tok):
+    decoder = {}
+    for t in SPECIAL_TOKENS + THINK_TOKENS:
+        decoder[str(tok.token_to_id(t))] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                            "single_word": False, "special": t in SPECIAL_TOKENS}
+    return {
+        "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": decoder,
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": 2048,
+        "split_special_tokens": False, "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def prompt_row(expr):
+    q = tiny_task.question(expr)
+    return {"prompt": q, "messages": [{"role": "user", "content": q}], "answer": str(tiny_task.answer(expr))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny"))
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--min_ops", type=int, default=2, help="fewest operators per problem (operands = ops + 1)")
+    p.add_argument("--max_ops", type=int, default=4)
+    p.add_argument("--max_num", type=int, default=20, help="operands are drawn from 0..max_num")
+    p.add_argument("--max_value", type=int, default=100, help="reject problems with an intermediate beyond +-this")
+    p.add_argument("--paren_prob", type=float, default=0.3)
+    p.add_argument("--n_test", type=int, default=500)
+    p.add_argument("--n_train", type=int, default=10000)
+    p.add_argument("--n_coldstart", type=int, default=3000)
+    p.add_argument("--n_pretrain", type=int, default=40000)
+    p.add_argument("--vocab_size", type=int, default=512)
+    args = p.parse_args(argv)
+    if not 1 <= args.min_ops <= args.max_ops:
+        p.error("need 1 <= --min_ops <= --max_ops")
+
+    rng = random.Random(args.seed)
+    sizes = {"test": args.n_test, "train": args.n_train, "coldstart": args.n_coldstart, "pretrain": args.n_pretrain}
+    # One pool of distinct problems, dealt out in a fixed order: the splits are disjoint by construction.
+    seen, splits = set(), {}
+    for name, n in sizes.items():
+        splits[name], tries = [], 0
+        while len(splits[name]) < n:
+            expr = tiny_task.generate(rng, args.min_ops, args.max_ops, args.max_num, args.max_value, args.paren_prob)
+            tries += 1
+            if tries > 50 * n + 1000:
+                sys.exit(f"error: cannot find {n} distinct new problems for {name}; widen --max_ops/--max_num")
+            if expr not in seen:
+                seen.add(expr)
+                splits[name].append(expr)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+    write_jsonl(out("test.jsonl"), [prompt_row(e) for e in splits["test"]])
+    write_jsonl(out("train.jsonl"), [prompt_row(e) for e in splits["train"]])
+    coldstart = [{"messages": [{"role": "user", "content": tiny_task.question(e)},
+                               {"role": "assistant", "content": tiny_task.r1_completion(e)}]}
+                 for e in splits["coldstart"]]
+    write_jsonl(out("coldstart.jsonl"), coldstart)
+    pretrain = [{"text": tiny_task.pretrain_text(e, rng)} for e in splits["pretrain"]]
+    write_jsonl(out("pretrain.jsonl"), pretrain)
+
+    # Tokenizer trained on everything the tiny model will read, chat-rendered cold-start rows included.
+    texts = [r["text"] for r in pretrain] + EXTRA_TEXT
+    texts += [m["content"] for r in coldstart for m in r["messages"]] + ["user\n", "assistant\n"] * len(coldstart)
+    tok = build_tokenizer(texts, args.vocab_size)
+    tok_dir = out("tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    tok.save(os.path.join(tok_dir, "tokenizer.json"), pretty=True)
+    with open(os.path.join(tok_dir, "tokenizer_config.json"), "w", encoding="utf-8", newline="\n") as f:
+        json.dump(tokenizer_config(tok), f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+    for name, n in sizes.items():
+        print(f"{name:>9}: {n} rows")
+    print(f"tokenizer: {tok.get_vocab_size()} tokens -> {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
