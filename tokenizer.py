@@ -189,7 +189,7 @@ class Tokenizer:
             if message.get("tool_calls"):
                 raise ValueError(f"message {i}: tool calls are not supported")
 
-    def _segments(self, messages, add_generation_prompt: bool) -> list[tuple[str, bool]]:
+    def _segments(self, messages, add_generation_prompt: bool, keep_final_thinking: bool = False) -> list[tuple[str, bool]]:
         """The rendered conversation as (text, learned) pieces; learned = assistant content + turn end."""
         self._validate(messages)
         segments = []
@@ -204,13 +204,15 @@ class Tokenizer:
             # R1 puts the (last) system message right after bos, whatever its position in the list.
             system = [m["content"] for m in messages if m["role"] == "system"]
             segments.append(((self.bos_token or "") + (system[-1] if system else ""), False))
-            for message in messages:
+            for i, message in enumerate(messages):
                 if message["role"] == "user":
                     segments.append((R1_USER + message["content"], False))
                 elif message["role"] == "assistant":
                     # The template keeps only what follows the last </think> of every assistant
-                    # turn (including the final one when there is no generation prompt).
-                    content = message["content"].split(THINK_END)[-1]
+                    # turn (including the final one when there is no generation prompt). Training
+                    # on reasoning traces needs the final turn whole: that is what the model generates.
+                    final = keep_final_thinking and i == len(messages) - 1
+                    content = message["content"] if final else message["content"].split(THINK_END)[-1]
                     segments += [(R1_ASSISTANT, False), (content, True), (R1_EOS, True)]
         if add_generation_prompt:
             segments.append((self.generation_prompt, False))
@@ -222,16 +224,19 @@ class Tokenizer:
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt))
 
-    def encode_chat_with_mask(self, messages) -> tuple[list[int], list[int]]:
+    def encode_chat_with_mask(self, messages, keep_final_thinking: bool = True) -> tuple[list[int], list[int]]:
         """Ids of the whole conversation and a 0/1 mask: 1 on what the model must produce in each
         assistant turn (content + <|im_end|> / <｜end▁of▁sentence｜>), 0 elsewhere.
 
-        The ids come from ONE encode of the rendered string, so they are exactly
-        apply_chat_template(messages, add_generation_prompt=False); the mask is mapped onto them
+        keep_final_thinking (R1 template only): keep the `<think>...</think>` of the final assistant
+        turn, which the template would drop; SFT on reasoning traces must learn it. With False the ids
+        are exactly apply_chat_template(messages, add_generation_prompt=False).
+
+        The ids come from ONE encode of the rendered string; the mask is mapped onto them
         through character offsets. A token that mixes header and content characters (ChatML content
         starting with a newline merges with the header's "\\n") counts as learned.
         """
-        segments = self._segments(messages, add_generation_prompt=False)
+        segments = self._segments(messages, add_generation_prompt=False, keep_final_thinking=keep_final_thinking)
         learned_chars = bytearray()
         for text, learned in segments:
             learned_chars += bytes([learned]) * len(text)

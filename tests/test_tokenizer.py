@@ -171,7 +171,7 @@ def test_random_conversations_match_transformers(pair, conversation):
     system, turns, add_generation_prompt = conversation
     messages = ([sys_(system)] if system is not None else []) + [m for u, a in turns for m in (user(u), asst(a))]
     assert ours.apply_chat_template(messages, add_generation_prompt) == hf_ids(hf, messages, add_generation_prompt)
-    ids, mask = ours.encode_chat_with_mask(messages)
+    ids, mask = ours.encode_chat_with_mask(messages, keep_final_thinking=False)
     assert ids == hf_ids(hf, messages, False) and len(mask) == len(ids)
 
 
@@ -180,7 +180,7 @@ def test_random_conversations_match_transformers(pair, conversation):
 def test_mask_ids_equal_chat_template(pair, name):
     _, ours, hf = pair
     messages = CONVERSATIONS[name]
-    ids, mask = ours.encode_chat_with_mask(messages)
+    ids, mask = ours.encode_chat_with_mask(messages, keep_final_thinking=False)
     assert ids == ours.apply_chat_template(messages, add_generation_prompt=False) == hf_ids(hf, messages, False)
     assert len(mask) == len(ids) and set(mask) <= {0, 1}
 
@@ -201,7 +201,7 @@ def learned_runs(tok, ids, mask):
 def test_mask_covers_exactly_assistant_content_and_turn_end(pair, name):
     _, ours, _ = pair
     messages = CONVERSATIONS[name]
-    ids, mask = ours.encode_chat_with_mask(messages)
+    ids, mask = ours.encode_chat_with_mask(messages, keep_final_thinking=False)
     if ours.chat_format == CHATML:
         expected = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
     else:  # the R1 template drops everything up to the last </think> of each assistant turn
@@ -325,3 +325,15 @@ def test_template_from_chat_template_jinja_or_named_list(tmp_path):
     assert Tokenizer.from_pretrained(folder).render_chat([user("hi")]) == "<|im_start|>user\nhi<|im_end|>\n"
     folder = make_variant(tmp_path / "named", QWEN_DIR, [{"name": "default", "template": PLAIN_CHATML}])
     assert Tokenizer.from_pretrained(folder).generation_prompt == "<|im_start|>assistant\n"
+
+
+def test_mask_keeps_final_turn_thinking_for_training(r1, qwen):
+    """SFT on reasoning traces: the R1 template would drop the final turn's <think> block; training keeps it
+    (earlier turns are still rendered as the template does)."""
+    messages = [user("q1"), asst("<think>\nold</think>\n\na1"), user("q2"), asst("<think>\nsteps\n</think>\n\n42")]
+    ids, mask = r1.encode_chat_with_mask(messages)
+    assert learned_runs(r1, ids, mask) == ["\n\na1<｜end▁of▁sentence｜>", "<think>\nsteps\n</think>\n\n42<｜end▁of▁sentence｜>"]
+    prompt = r1.apply_chat_template(messages[:3], add_generation_prompt=True)
+    assert ids[:len(prompt)] == prompt  # the trained sequence extends exactly what generation is prompted with
+    ids_q, mask_q = qwen.encode_chat_with_mask(messages)  # ChatML never drops anything
+    assert (ids_q, mask_q) == qwen.encode_chat_with_mask(messages, keep_final_thinking=False)
