@@ -306,11 +306,15 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self._inv_freq_cache = None
 
-    def _inv_freq(self, device=None):
-        d = self.config.head_dim
-        return 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    def rope_inv_freq(self, device):
+        """RoPE frequencies in fp32. A plain attribute, not a buffer, so model.to(bfloat16) cannot round them."""
+        if self._inv_freq_cache is None or self._inv_freq_cache.device != device:
+            d = self.config.head_dim
+            exponent = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+            self._inv_freq_cache = 1.0 / (self.config.rope_theta ** exponent)
+        return self._inv_freq_cache
 
     def init_weights(self, std=0.02):
         """Random init for training from scratch (N(0, std) linears/embeddings, ones for norms)."""
@@ -321,7 +325,6 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
-        self.inv_freq = self._inv_freq(self.inv_freq.device)
         return self
 
     def num_params(self):
@@ -358,7 +361,7 @@ class Transformer(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
 
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.rope_inv_freq(x.device), x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
@@ -394,7 +397,6 @@ class Transformer(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True broke the tie; restore it
-        model.inv_freq = model._inv_freq(device)
         if dtype is None:
             config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         return model

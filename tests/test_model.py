@@ -73,7 +73,9 @@ def test_dtype_and_device_arguments(tmp_path):
     m = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert all(p.device.type == "cpu" for p in m.parameters())
-    assert not any(p.is_meta for p in m.parameters()) and not m.inv_freq.is_meta
+    assert not any(p.is_meta for p in m.parameters())
+    m.to(torch.bfloat16)  # RoPE frequencies stay fp32 whatever the parameter dtype
+    assert m.rope_inv_freq(torch.device("cpu")).dtype == torch.float32
 
 
 def test_tied_checkpoint_has_no_lm_head_and_stays_tied(tmp_path):
