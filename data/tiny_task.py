@@ -49,11 +49,13 @@ def evaluate(expr):
 
     def take():
         nonlocal pos
+        if pos == len(tokens):
+            raise ValueError(f"unexpected end of {expr!r}")
         pos += 1
         return tokens[pos - 1]
 
     def atom():
-        tok = take() if pos < len(tokens) else None
+        tok = take()
         if tok == "(":
             value = additive()
             if take() != ")":
