@@ -232,24 +232,49 @@ class KVCache:
     so left-padded prompts of different lengths share one batch. Positions for RoPE are the count of valid
     tokens before a column, so no output depends on how much padding a row got.
     `select(rows)` reindexes the batch: fan a prefilled prompt out to G samples, or compact away finished rows.
+    It works in place inside buffers of `capacity` rows (>= batch_size), so memory and addresses stay fixed;
+    `self.k`/`self.v`/`self.valid`/`self.n_valid` are views of the first `batch_size` rows.
+
+    Two ways to attend. Dynamic (default): new tokens see columns [0, pos+T), sliced with the Python int `pos`.
+    Static (`static = True`, one new token per row): write at column `pos_t` (a device tensor) and attend over
+    all max_seq_len columns with the `valid` mask, so every shape and address is fixed and the decode step
+    can be captured in a CUDA graph (sample.py). The two give the same logits (tests/test_sample.py).
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size, max_seq_len, device=None, dtype=torch.float32):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch_size, max_seq_len, device=device, dtype=torch.bool)
-        self.n_valid = torch.zeros(batch_size, device=device, dtype=torch.long)  # next RoPE position per row
-        self.pos = 0
+    def __init__(self, cfg: ModelConfig, batch_size, max_seq_len, device=None, dtype=torch.float32, capacity=None):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
         self.max_seq_len = max_seq_len
+        self.pos = 0
+        self.pos_t = torch.zeros(1, device=device, dtype=torch.long)  # == pos, for the static path
+        self.static = False
+        self._alloc(max(batch_size, capacity or 0))
+        self._view(batch_size)
+
+    def _alloc(self, capacity):
+        cfg = self.cfg
+        shape = (cfg.num_hidden_layers, capacity, cfg.num_key_value_heads, self.max_seq_len, cfg.head_dim)
+        self._k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self._v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self._valid = torch.zeros(capacity, self.max_seq_len, device=self.device, dtype=torch.bool)
+        self._n_valid = torch.zeros(capacity, device=self.device, dtype=torch.long)  # next RoPE position per row
+
+    def _view(self, b):
+        self.k, self.v = self._k[:, :b], self._v[:, :b]
+        self.valid, self.n_valid = self._valid[:b], self._n_valid[:b]
 
     @property
     def batch_size(self):
         return self.k.shape[1]
 
+    @property
+    def capacity(self):
+        return self._k.shape[1]
+
     def prepare(self, attention_mask):
         """Called once per forward, before the layers: record which new columns are real tokens and
-        return (position_ids [B, T], attention mask [B, 1, T, pos+T]) for the new tokens."""
+        return (position_ids [B, T], attention mask [B, 1, T, pos+T] or [B, 1, 1, max_seq_len] if static)."""
+        if self.static:
+            return self._prepare_static(attention_mask)
         B, T = attention_mask.shape
         start, end = self.pos, self.pos + T
         if end > self.max_seq_len:
@@ -264,7 +289,26 @@ class KVCache:
         mask |= keys[None, None, :] == torch.arange(start, end, device=new.device)[None, :, None]  # see self
         return position_ids.clamp(min=0), mask[:, None]
 
+    def _prepare_static(self, attention_mask):
+        # no Python ints and no host syncs in here: it is recorded once into a CUDA graph and replayed
+        if attention_mask.shape[1] != 1:
+            raise ValueError("the static KV-cache path decodes exactly one token per row")
+        if self.pos >= self.max_seq_len:
+            raise ValueError(f"KVCache overflow: {self.pos + 1} tokens > max_seq_len={self.max_seq_len}")
+        new = attention_mask.bool()
+        self.valid.index_copy_(1, self.pos_t, new)
+        self.n_valid += new[:, 0].long()
+        position_ids = (self.n_valid[:, None] - 1).clamp(min=0)
+        # causality is implied: columns after pos are not valid yet. The query always sees itself (no NaN).
+        keys = torch.arange(self.max_seq_len, device=new.device)
+        mask = self.valid | (keys == self.pos_t)[None, :]
+        return position_ids, mask[:, None, None, :]
+
     def update(self, layer_idx, k, v):
+        if self.static:
+            self.k[layer_idx].index_copy_(2, self.pos_t, k)
+            self.v[layer_idx].index_copy_(2, self.pos_t, v)
+            return self.k[layer_idx], self.v[layer_idx]
         T = k.shape[2]
         self.k[layer_idx, :, :, self.pos:self.pos + T] = k
         self.v[layer_idx, :, :, self.pos:self.pos + T] = v
@@ -272,12 +316,28 @@ class KVCache:
 
     def advance(self, T):
         self.pos += T
+        self.pos_t += T
 
     def select(self, rows: torch.Tensor):
-        """Keep/repeat batch rows (index tensor). Copies only the filled part of the cache."""
-        rows = rows.to(self.k.device)
-        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
-        self.valid, self.n_valid = self.valid.index_select(0, rows), self.n_valid.index_select(0, rows)
+        """Keep/repeat batch rows (index tensor). Copies only the filled columns, layer by layer, into the
+        first len(rows) rows of the same buffers (grown only if len(rows) > capacity)."""
+        rows = rows.to(self._k.device)
+        n, end = rows.numel(), self.pos
+        if n > self.capacity:  # grow: a fresh, larger buffer (the only case that allocates)
+            old_k, old_v, old_valid, old_n = self._k, self._v, self._valid, self._n_valid
+            self._alloc(n)
+            for i in range(old_k.shape[0]):
+                self._k[i, :, :, :end] = old_k[i, rows, :, :end]
+                self._v[i, :, :, :end] = old_v[i, rows, :, :end]
+            self._valid.copy_(old_valid[rows])
+            self._n_valid.copy_(old_n[rows])
+        else:  # gather first (index_select copies), then write into the first n rows
+            for i in range(self._k.shape[0]):
+                self._k[i, :n, :, :end] = self._k[i, rows, :, :end]
+                self._v[i, :n, :, :end] = self._v[i, rows, :, :end]
+            self._valid[:n] = self._valid[rows]
+            self._n_valid[:n] = self._n_valid[rows]
+        self._view(n)
 
 
 def padding_mask_4d(attention_mask):

@@ -1,0 +1,541 @@
+"""
+Sampling for nanoR1: the rollout Engine GRPO runs on, plus a CLI to chat with / evaluate a checkpoint.
+
+    python sample.py                                                  # the embedded tiny model, one test problem
+    python sample.py --init_from=DIR --prompt="What is 2+3?" --chat=1 --temperature=0
+    python sample.py --init_from=DIR --eval --data=data/tiny/test.jsonl --num_samples=8 --temperature=0.6
+    torchrun --nproc_per_node=8 sample.py --init_from=DIR --eval --data=FILE.jsonl --num_samples=16
+
+In code (prompts are token-id lists; out[i][j] is sample j of prompt i):
+
+    engine = Engine(model, tokenizer)
+    out = engine.generate([ids_a, ids_b], num_samples=8, max_new_tokens=512, temperature=1.0, seed=0)
+    out[0][3].tokens, out[0][3].text, out[0][3].logprobs, out[0][3].finish_reason
+
+What makes it fast, in the order it happens:
+  1. all prompts are left-padded into one batch and prefilled once into a static, preallocated KV cache
+     (model.KVCache: positions count real tokens only, so padding never changes an output);
+  2. each prompt's cache rows are fanned out to its num_samples rows (the GRPO group) -- no G-fold prefill;
+  3. decoding runs sync_every steps between host syncs; rows that finished are compacted away;
+  4. on CUDA the one-token decode step is captured in a CUDA graph per batch size (static cache path:
+     full-length masked attention, write position held in a device tensor), removing per-op launch cost.
+
+Randomness is per row: row r draws all its uniforms up front from torch.Generator().manual_seed(seed_r) and
+samples by inverse CDF, so a row's tokens depend only on its seed and its logits -- not on the batch it is
+in, on which rows finished, or on the device. With generate(seed=s), row r = i*num_samples + j gets
+seed_r = s + r; pass a list of seeds to choose them yourself (sample.py --eval uses s + problem*K + j).
+"""
+import ast
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_CKPT = "data/tiny/model"  # the embedded tiny SFT model that `python sample.py` samples from
+DEFAULT_DATA = "data/tiny/test.jsonl"
+
+# -----------------------------------------------------------------------------
+# one sampling step
+
+
+def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """Pick one token per row. logits [B, V]; u [B] uniforms in [0, 1) (ignored when temperature == 0).
+
+    Returns (tokens [B], logprobs [B]). logprobs are log softmax(logits / T) at the chosen token: the
+    *unfiltered* temperature-scaled policy, which is what GRPO's log pi_old must be (top-k/top-p/min-p only
+    decide which tokens can be drawn). Greedy (T=0) reports T=1 log-probs.
+    Sampling is by inverse CDF over the filtered probabilities: exact, and one uniform per row per token.
+    """
+    logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+    else:
+        probs = logp.exp()
+        V = probs.shape[-1]
+        if 0 < top_k < V:
+            kth = probs.topk(top_k, dim=-1).values[:, -1:]
+            probs = probs.masked_fill(probs < kth, 0.0)
+        if min_p > 0:
+            probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+        if top_p < 1:  # keep the smallest head of the sorted distribution whose mass reaches top_p
+            sp, si = probs.sort(-1, descending=True)
+            cum = sp.cumsum(-1)
+            sp = sp.masked_fill(cum - sp >= top_p * cum[:, -1:], 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+        cdf = probs.double().cumsum(-1)  # fp64: a 150k-word fp32 cumsum drifts enough to bias the tail
+        target = u.to(cdf) * cdf[:, -1]
+        tokens = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=V - 1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# the engine
+
+
+@dataclass
+class Completion:
+    tokens: list  # generated ids, including the stop token that ended it (GRPO trains on emitting it)
+    text: str  # decoded; the stop token's text is left out, a stop *string* is kept (text ends with it)
+    logprobs: list  # per token: log softmax(logits / T) of the sampled token (see sample_tokens)
+    finish_reason: str  # "stop" (stop token or stop string) or "length" (hit max_new_tokens)
+    seed: int = 0  # this row's seed: generate([prompt], seed=this) reproduces the completion
+
+
+@dataclass
+class _Row:  # host-side bookkeeping of one output row
+    seed: int
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish: str = ""
+    by_string: bool = False  # stopped by a stop string (text is cut after it)
+
+
+def _buckets(n):
+    """Batch sizes compaction rounds up to under CUDA graphs (one captured graph each): 1,2,3,4,6,8,12,16,..."""
+    out, p = [], 1
+    while p < n:
+        out += [p] if p < 2 else [p, p * 3 // 2]
+        p *= 2
+    return sorted(set(b for b in out if b < n)) + [n]
+
+
+class Engine:
+    """Batched generation with a static KV cache, prefix sharing, per-row stops/seeds and compaction.
+
+    cuda_graphs: capture the decode step per batch size (default: on for CUDA). static: use the static-shape
+    cache path without graphs (what graphs capture; the CPU tests check it equals the dynamic path).
+    sync_every: decode steps between host syncs (stop checks, compaction); a row that stops mid-chunk costs
+    at most sync_every-1 wasted steps. Default 16 on CUDA (the host runs ahead of the GPU), 1 on CPU.
+    compact_frac: compact the batch once at least this fraction of its rows has finished.
+    """
+
+    def __init__(self, model, tokenizer=None, cuda_graphs=None, static=None, sync_every=None, compact_frac=0.25):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
+        self.static = self.cuda_graphs if static is None else bool(static) or self.cuda_graphs
+        self.sync_every = sync_every or (16 if on_cuda else 1)
+        self.compact_frac = compact_frac
+        self._cache, self._graphs, self._pool = None, {}, None
+
+    def free(self):
+        """Drop the kept KV cache and CUDA graphs (e.g. before a training step needs the memory)."""
+        self._cache, self._graphs, self._pool = None, {}, None
+
+    # ---- cache and decode step ----
+
+    def _get_cache(self, prefill_rows, rows, seq_len):
+        from model import KVCache
+
+        if not self.cuda_graphs:  # fresh per call: nothing to keep
+            return KVCache(self.model.config, prefill_rows, seq_len, self.device, self.dtype, capacity=rows)
+        # Graphs hold the cache's addresses, so keep one cache (and its graphs) across calls while it fits.
+        # Lengths are rounded up to 256 so GRPO steps with slightly different prompt lengths reuse it.
+        seq_len = -(-seq_len // 256) * 256
+        c = self._cache
+        if c is None or c.capacity != rows or c.max_seq_len != seq_len:
+            self.free()
+            c = self._cache = KVCache(self.model.config, rows, seq_len, self.device, self.dtype)
+        c.static, c.pos = False, 0
+        c.pos_t.zero_()
+        c._valid.zero_()
+        c._n_valid.zero_()
+        c._view(prefill_rows)
+        return c
+
+    def _graph(self, cache, b):
+        """Capture the one-token decode step at batch b (cache rows [0, b)); returns (graph, tokens in, logits out)."""
+        if b in self._graphs:
+            return self._graphs[b]
+        saved = (cache.pos, cache.pos_t.clone(), cache.valid.clone(), cache.n_valid.clone())
+
+        def restore():  # warmup really runs the step; capture runs the Python side (pos += 1). Undo both.
+            cache.pos = saved[0]
+            cache.pos_t.copy_(saved[1]), cache.valid.copy_(saved[2]), cache.n_valid.copy_(saved[3])
+
+        tok = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.model(tok, kv_cache=cache, logits_to_keep=1)
+                restore()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.model(tok, kv_cache=cache, logits_to_keep=1)[:, -1].float()
+        restore()
+        self._graphs[b] = (graph, tok, logits)
+        return self._graphs[b]
+
+    def _decode(self, cache, tokens):
+        """Feed one token per row; returns next-token logits [b, V] (fp32)."""
+        if self.cuda_graphs:
+            graph, tok_in, logits = self._graph(cache, tokens.shape[0])
+            tok_in.copy_(tokens[:, None])
+            graph.replay()
+            cache.pos += 1  # the graph advanced pos_t on the device; keep the host copy in step
+            return logits
+        return self.model(tokens[:, None], kv_cache=cache, logits_to_keep=1)[:, -1].float()
+
+    # ---- generate ----
+
+    @torch.inference_mode()
+    def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                 stop=None, seed=None, ignore_eos=False, on_tokens=None):
+        """prompts: list of token-id lists. Returns out[i][j]: Completion of sample j of prompt i.
+
+        stop: extra stop token ids (ints) and/or stop strings (strs), on top of the tokenizer's stop ids
+        (ignore_eos=True drops those, for benchmarks). seed: int (row r gets seed + r), a list with one seed
+        per row (len(prompts) * num_samples), or None (drawn from torch's global RNG).
+        on_tokens(row, ids): called at each host sync with the row's newly accepted token ids (streaming).
+        """
+        P, G = len(prompts), num_samples
+        B = P * G
+        if P == 0:
+            return []
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty (need at least one token)")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        seeds = [seed + r for r in range(B)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != B:
+            raise ValueError(f"got {len(seeds)} seeds for {P} prompts x {G} samples = {B} rows")
+        tok = self.tokenizer
+        stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
+        stop_ids = set() if ignore_eos or tok is None else set(tok.stop_ids)
+        stop_ids |= {s for s in stop if isinstance(s, int)}
+        stop_strs = [s for s in stop if isinstance(s, str) and s]
+        if stop_strs and tok is None:
+            raise ValueError("stop strings need a tokenizer")
+        lookback = 4 * max(map(len, stop_strs), default=0) + 1  # tokens covering a stop string (>= 1 byte each)
+        rows = [_Row(s) for s in seeds]
+        if max_new_tokens <= 0:
+            return [[self._finish(r, stop_strs) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
+
+        # prefill: every prompt once, left-padded to the longest
+        L = max(map(len, prompts))
+        pad = tok.pad_id if tok is not None and tok.pad_id is not None else 0
+        ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        cache = self._get_cache(P, B, L + max_new_tokens)
+        logits = self.model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1].float()
+        if G > 1:  # prefix sharing: fan each prompt's cache rows out to its G samples
+            fan = torch.arange(P, device=self.device).repeat_interleave(G)
+            cache.select(fan)
+            logits = logits[fan]
+        cache.static = self.static
+        u = None
+        if temperature != 0:  # all of a row's uniforms, drawn once from its own generator
+            u = torch.stack([torch.rand(max_new_tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+                             for s in seeds]).to(self.device)
+
+        live = list(range(B))  # batch row k holds output row live[k] (None: padding for a graph bucket)
+        buckets = _buckets(B)
+        step = 0
+        while step < max_new_tokens:
+            n = min(self.sync_every, max_new_tokens - step)
+            toks, lps = [], []
+            for i in range(n):
+                t, lp = sample_tokens(logits, None if u is None else u[:, step + i], temperature, top_k, top_p, min_p)
+                toks.append(t), lps.append(lp)
+                if step + i + 1 < max_new_tokens:  # the last token never needs to be fed back
+                    logits = self._decode(cache, t)
+            step += n
+            toks, lps = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # the host sync
+            for k, r in enumerate(live):
+                if r is None or rows[r].finish:
+                    continue
+                before = len(rows[r].tokens)
+                self._accept(rows[r], toks[k], lps[k], stop_ids, stop_strs, lookback)
+                if on_tokens is not None and len(rows[r].tokens) > before:
+                    on_tokens(r, rows[r].tokens[before:])
+            keep = [k for k, r in enumerate(live) if r is not None and not rows[r].finish]
+            if not keep or step >= max_new_tokens:
+                break
+            if len(live) - len(keep) >= max(1, self.compact_frac * len(live)):  # compaction
+                # under CUDA graphs round up to a bucket size (one graph each), padding with dummy rows
+                target = next(b for b in buckets if b >= len(keep)) if self.cuda_graphs else len(keep)
+                if target < len(live):
+                    sel = keep + [keep[0]] * (target - len(keep))
+                    live = [live[k] for k in keep] + [None] * (target - len(keep))
+                    idx = torch.tensor(sel, device=self.device)
+                    cache.select(idx)
+                    logits = logits[idx]
+                    u = None if u is None else u[idx]
+        for r in rows:
+            r.finish = r.finish or "length"
+        return [[self._finish(r, stop_strs) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
+
+    def _accept(self, row, toks, lps, stop_ids, stop_strs, lookback):
+        """Append a chunk of sampled tokens to a row, up to and including the first stop token / string."""
+        for t, lp in zip(toks, lps):
+            row.tokens.append(t), row.logprobs.append(lp)
+            if t in stop_ids:
+                row.finish = "stop"
+                return
+            if stop_strs:
+                tail = self.tokenizer.decode(row.tokens[-lookback:])
+                if any(s in tail for s in stop_strs):
+                    row.finish, row.by_string = "stop", True  # the exact cut is made on the full text
+                    return
+
+    def _finish(self, row, stop_strs):
+        text = None
+        if self.tokenizer is not None:
+            ids = row.tokens[:-1] if row.finish == "stop" and not row.by_string else row.tokens
+            text = self.tokenizer.decode(ids)
+            if row.by_string:  # cut right after the earliest-ending stop string
+                text = text[:min(text.find(s) + len(s) for s in stop_strs if s in text)]
+        return Completion(row.tokens, text, row.logprobs, row.finish or "length", row.seed)
+
+
+# -----------------------------------------------------------------------------
+# eval metrics: `correct` is per problem a list of K bools, `answers` the extracted answers (None = none)
+
+
+def pass_at_1(correct):
+    """Mean over problems of the fraction of correct samples (the unbiased pass@1 estimate)."""
+    return sum(sum(c) / len(c) for c in correct) / len(correct)
+
+
+def pass_at_k(correct):
+    """Fraction of problems with at least one correct sample among its K."""
+    return sum(any(c) for c in correct) / len(correct)
+
+
+def majority_vote(answers, equiv=None):
+    """Index of the sample whose answer is the most common one (None if no sample has an answer).
+    Answers are grouped with equiv(a, b) (default ==); a tie goes to the answer seen first."""
+    equiv = equiv or (lambda a, b: a == b)
+    groups = []  # [first index, count, representative answer]
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        for g in groups:
+            if equiv(a, g[2]):
+                g[1] += 1
+                break
+        else:
+            groups.append([i, 1, a])
+    if not groups:
+        return None
+    return max(groups, key=lambda g: (g[1], -g[0]))[0]
+
+
+def maj_at_k(correct, answers, equiv=None):
+    """Fraction of problems whose majority answer is correct."""
+    hits = 0
+    for c, a in zip(correct, answers):
+        i = majority_vote(a, equiv)
+        hits += i is not None and bool(c[i])
+    return hits / len(correct)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def load_problems(path):
+    """JSONL rows with `answer` and `prompt` (str) or `messages` (list); errors name file:line."""
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if "answer" not in row:
+                raise ValueError(f"{path}:{lineno}: missing 'answer'")
+            if not isinstance(row.get("messages"), list) and not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}:{lineno}: needs 'prompt' (a string) or 'messages' (a list)")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no problems")
+    return rows
+
+
+def encode_problem(tok, row, chat):
+    """messages -> chat template; prompt -> chat template as one user turn if chat else raw text."""
+    if isinstance(row.get("messages"), list):
+        return tok.apply_chat_template(row["messages"], add_generation_prompt=True)
+    if chat:
+        return tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
+    return tok.encode(row["prompt"])
+
+
+def parse_args(argv, config):
+    """nanoGPT-style `--key=value` overrides of `config` (values parsed as Python literals; `--flag` = True)."""
+    config = dict(config)
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: options are --key=value")
+        key, _, val = arg[2:].partition("=")
+        if key not in config:
+            raise SystemExit(f"unknown option --{key}; options: {', '.join('--' + k for k in config)}")
+        if not _:
+            val = "True"
+        try:
+            val = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            pass  # a bare string
+        default = config[key]
+        if isinstance(default, bool):
+            val = bool(val)
+        elif isinstance(default, float) and isinstance(val, int):
+            val = float(val)
+        elif default is not None and not isinstance(val, type(default)):
+            raise SystemExit(f"--{key}={val!r}: expected {type(default).__name__}")
+        config[key] = val
+    return config
+
+
+CONFIG = dict(
+    init_from=DEFAULT_CKPT,  # HF-layout checkpoint dir with tokenizer files
+    prompt="",  # text to continue; empty: the first problem of --data
+    chat=0,  # 1: wrap --prompt as a user turn in the chat template (rows with `messages` always use it)
+    num_samples=1,
+    max_new_tokens=256,
+    temperature=0.8,  # 0 = greedy
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    stop="",  # extra stop string
+    seed=1337,
+    eval=False,  # score --data with reward.py: pass@1, maj@K, pass@K
+    data=DEFAULT_DATA,
+    out="",  # eval output JSONL (default out/eval/<data name>.jsonl)
+    batch_size=32,  # problems per generate call in --eval (x num_samples rows)
+    device="auto",
+    dtype="auto",  # float32 | bfloat16 | auto (bf16 on CUDA)
+    cuda_graphs=1,
+)
+USAGE = __doc__.split("\n\nIn code")[0]
+
+
+def main(argv):
+    cfg = parse_args(argv, CONFIG)
+    if not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):
+        if not argv:  # bare `python sample.py` before the tiny model exists
+            print(f"no checkpoint at {cfg['init_from']}/ yet (train one with train_sft.py).\nusage:{USAGE}")
+            return 0
+        raise SystemExit(f"{cfg['init_from']}: no config.json (expected a checkpoint directory)")
+    from model import Transformer
+    from tokenizer import Tokenizer
+
+    # torchrun: one process per device; --eval splits the problems
+    ddp = "RANK" in os.environ and cfg["eval"]
+    rank, world = 0, 1
+    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
+    model = Transformer.from_pretrained(cfg["init_from"], dtype=dtype, device=device).eval()
+    tok = Tokenizer.from_pretrained(cfg["init_from"])
+    engine = Engine(model, tok, cuda_graphs=bool(cfg["cuda_graphs"]) and device.startswith("cuda"))
+    gen = dict(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
+               top_p=cfg["top_p"], min_p=cfg["min_p"], stop=[cfg["stop"]] if cfg["stop"] else None)
+    if cfg["eval"]:
+        return run_eval(engine, tok, cfg, gen, rank, world)
+
+    if cfg["prompt"]:
+        row = {"prompt": cfg["prompt"]}
+    elif os.path.isfile(cfg["data"]):
+        row = load_problems(cfg["data"])[0]
+    else:
+        raise SystemExit("give --prompt=... (or --data with problems)")
+    ids = encode_problem(tok, row, cfg["chat"])
+    print(tok.decode(ids), end="", flush=True)
+    if cfg["num_samples"] == 1:  # stream: print the new suffix whenever it is whole characters
+        got = []
+        shown = [0]
+
+        def on_tokens(_, new):
+            got.extend(new)
+            text = tok.decode(got)
+            if not text.endswith("\ufffd"):  # a partial UTF-8 sequence: wait for the rest of it
+                print(text[shown[0]:], end="", flush=True)
+                shown[0] = len(text)
+
+        c = engine.generate([ids], seed=cfg["seed"], on_tokens=on_tokens, **gen)[0][0]
+        print(c.text[shown[0]:] if len(c.text) > shown[0] else "")
+        print(f"\n--- finish_reason={c.finish_reason} tokens={len(c.tokens)}")
+    else:
+        for j, c in enumerate(engine.generate([ids], num_samples=cfg["num_samples"], seed=cfg["seed"], **gen)[0]):
+            print(f"\n--- sample {j} (finish_reason={c.finish_reason} tokens={len(c.tokens)})\n{c.text}")
+    return 0
+
+
+def run_eval(engine, tok, cfg, gen, rank, world):
+    from tqdm import tqdm
+
+    from data.jsonl import write_jsonl
+    from reward import accuracy_reward, extract_answer, is_equiv
+
+    problems = load_problems(cfg["data"])
+    K = cfg["num_samples"]
+    mine = list(range(rank, len(problems), world))  # rank r takes problems r, r+world, ...
+    results = []  # (problem index, [sample dicts])
+    t0, n_tokens = time.time(), 0
+    bar = tqdm(total=len(problems), desc="eval", disable=rank != 0, dynamic_ncols=True)
+    for s in range(0, len(mine), cfg["batch_size"]):
+        idx = mine[s:s + cfg["batch_size"]]
+        prompts = [encode_problem(tok, problems[i], cfg["chat"]) for i in idx]
+        seeds = [cfg["seed"] + i * K + j for i in idx for j in range(K)]  # independent of the rank split
+        outs = engine.generate(prompts, num_samples=K, seed=seeds, **gen)
+        for i, samples in zip(idx, outs):
+            gold = str(problems[i]["answer"])
+            rows = []
+            for j, c in enumerate(samples):
+                reward = float(accuracy_reward(c.text, gold))
+                rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(c.text), reward=reward,
+                                 correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
+                                 completion=c.text))
+                n_tokens += len(c.tokens)
+            results.append((i, rows))
+        bar.update(len(idx) * world)  # the other ranks advance at about the same pace
+    bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (results, n_tokens))
+        results = [r for part, _ in gathered for r in part]
+        n_tokens = sum(n for _, n in gathered)
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    results.sort(key=lambda r: r[0])
+    correct = [[s["correct"] for s in rows] for _, rows in results]
+    answers = [[s["pred"] for s in rows] for _, rows in results]
+    dt = time.time() - t0
+    out = cfg["out"] or os.path.join("out", "eval", os.path.splitext(os.path.basename(cfg["data"]))[0] + ".jsonl")
+    write_jsonl(out, [s for _, rows in results for s in rows])
+    print(f"{cfg['data']}: {len(problems)} problems x {K} samples  "
+          f"pass@1 {pass_at_1(correct):.4f}  maj@{K} {maj_at_k(correct, answers, is_equiv):.4f}  "
+          f"pass@{K} {pass_at_k(correct):.4f}  ({n_tokens} tokens in {dt:.1f}s, {n_tokens / dt:.0f} tok/s)")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
