@@ -33,3 +33,73 @@ def tiny_hf_checkpoint(path, model_type="qwen2", seed=0, dtype=torch.float32, ma
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kw)
     return model
+
+
+# ---- train_sft helpers: a tiny BPE tokenizer + random checkpoint, built without transformers (fast)
+
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
+
+
+def make_tiny_tokenizer(path, vocab_size=300):
+    """A byte-level BPE (~300 tokens) with ChatML special tokens and a plain ChatML chat template
+    (no default system prompt), written as tokenizer.json + tokenizer_config.json into `path`."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    os.makedirs(path, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [f"What is {a} + {b}? <think>{a} plus {b} is {a + b}.</think> The answer is \\boxed{{{a + b}}}."
+              for a in range(20) for b in range(0, 20, 3)] + ["user assistant system"] * 5
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+                   "chat_template": CHATML_TEMPLATE}, f)
+    return path
+
+
+def make_sft_checkpoint(path, seed=0, vocab_size=320, **overrides):
+    """A random tiny nanoR1 Transformer + the tiny tokenizer in one HF-layout dir (what train_sft.py loads)."""
+    from model import ModelConfig, Transformer
+
+    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, dtype="float32")
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**kw)).init_weights()
+    model.save_pretrained(path)
+    make_tiny_tokenizer(path)
+    return model
+
+
+# ---- sample.py helpers
+
+def make_tiny_checkpoint(path, seed=0, std=0.1, **overrides):
+    """A random tiny nanoR1 Transformer + the tiny byte-level ChatML tokenizer in one HF-layout dir; returns path.
+    The model's vocab is exactly the tokenizer's (every id decodes); std > the usual 0.02 makes next-token
+    distributions peaked enough that greedy parity checks are not decided by float noise."""
+    import json
+    import os
+
+    from model import ModelConfig, Transformer
+
+    make_tiny_tokenizer(path)
+    with open(os.path.join(path, "tokenizer.json")) as f:
+        tj = json.load(f)
+    vocab = max([*tj["model"]["vocab"].values(), *(t["id"] for t in tj["added_tokens"])]) + 1
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, dtype="float32")
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**kw)).init_weights(std=std)
+    model.save_pretrained(path)  # replaces the directory atomically: the tokenizer goes in afterwards
+    make_tiny_tokenizer(path)
+    return path

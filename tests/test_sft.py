@@ -1,0 +1,335 @@
+"""train_sft.py: loss masks, packing, data errors, mixing, exact resume, DDP == one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import train_sft
+from helpers import make_sft_checkpoint, make_tiny_tokenizer
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "tokenizers")
+
+
+def _chat(a, b, think=True):
+    body = f"<think>\n{a}+{b}={a + b}\n</think>\n" if think else ""
+    return [{"role": "user", "content": f"What is {a}+{b}?"},
+            {"role": "assistant", "content": body + f"\\boxed{{{a + b}}}"}]
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    make_sft_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"messages": _chat(a, b)} for a in range(12) for b in range(0, 12, 2)]  # 72 chats of ~30-40 tokens
+    rows += [{"prompt": f"What is {a}*2?", "completion": f"\\boxed{{{2 * a}}}"} for a in range(8)]
+    return _write_jsonl(d / "sft.jsonl", rows)
+
+
+def _cfg(**kw):
+    return train_sft.configure([f"--{k}={v}" for k, v in kw.items()])
+
+
+# -----------------------------------------------------------------------------
+# configurator
+
+
+def test_configure_types_and_errors():
+    cfg = _cfg(lr=3e-4, batch_size="1e1", pack=0, out_dir="x")
+    assert cfg.lr == 3e-4 and cfg.batch_size == 10 and cfg.pack == 0 and cfg.out_dir == "x"
+    assert train_sft.configure([]).mode == "sft"
+    for bad in (["--nope=1"], ["--batch_size=0.5"], ["lr=1"], ["--mode=rl"]):
+        with pytest.raises(SystemExit):
+            train_sft.configure(bad)
+
+
+def test_parse_data_spec():
+    assert train_sft.parse_data_spec("a.jsonl,b.jsonl") == [("a.jsonl", None), ("b.jsonl", None)]
+    got = train_sft.parse_data_spec("a.jsonl:3,b.jsonl:1")
+    assert got == [("a.jsonl", 0.75), ("b.jsonl", 0.25)]
+    with pytest.raises(ValueError, match="weight for every file"):
+        train_sft.parse_data_spec("a.jsonl:1,b.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# loss masks: exactly the assistant tokens (+ the turn-closing token), for each template family
+
+
+def _learned_text(tok, rows):
+    """Decode the tokens that get a loss, per example, through the same path training uses."""
+    texts = []
+    for row in rows:
+        ids, mask = train_sft.row_to_example(row, tok, "sft", "x:1")
+        batch = train_sft.collate([[(ids, mask)]], tok.pad_id)
+        t = batch["targets"][0]
+        keep = t != -100
+        # a target is always the next input token
+        assert torch.equal(t[:-1][keep[:-1]], batch["input_ids"][0, 1:][keep[:-1]])
+        texts.append(tok.decode(t[keep].tolist()))
+    return texts
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "deepseek-r1-distill-qwen", "tiny-chatml"])
+def test_loss_mask_is_exactly_the_assistant_tokens(tmp_path, family):
+    if family == "tiny-chatml":  # ChatML without a default system prompt
+        tok = Tokenizer.from_pretrained(make_tiny_tokenizer(tmp_path))
+    else:
+        tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, family))
+    end = "<｜end▁of▁sentence｜>" if "deepseek" in family else "<|im_end|>"
+    answer = "<think>\n3+4=7\n</think>\n\\boxed{7}"
+    rows = [
+        {"messages": [{"role": "user", "content": "What is 3+4?"}, {"role": "assistant", "content": answer}]},
+        {"prompt": "What is 3+4?", "completion": answer},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "3+4?"},
+                      {"role": "assistant", "content": answer}]},
+    ]
+    got = _learned_text(tok, rows)
+    assert got[0] == got[1] == answer + end
+    assert got[2] == "Hello." + end + answer + end  # both assistant turns, nothing of system/user
+
+
+# -----------------------------------------------------------------------------
+# packing
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 32), min_size=1, max_size=60), st.integers(32, 64))
+def test_best_fit_packs_every_example_once_within_max_len(lengths, max_len):
+    rows = train_sft.pack_best_fit(lengths, max_len)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= max_len for r in rows)
+    # best fit never leaves two rows that could have been merged... at least it beats one-per-row
+    assert len(rows) <= len(lengths) and len(rows) >= -(-sum(lengths) // max_len)
+
+
+def test_packed_loss_and_grads_equal_unpacked():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, dtype="float32")).init_weights(0.1)
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (5, 17, 9, 30, 3, 12, 22, 8):
+        ids = torch.randint(0, 96, (n,), generator=g).tolist()
+        mask = [0] * (n // 3) + [1] * (n - n // 3)  # prompt then answer
+        examples.append((ids, mask))
+    rows = [[examples[i] for i in r] for r in train_sft.pack_best_fit([len(e[0]) for e in examples], 40)]
+    assert len(rows) < len(examples) and any(len(r) > 1 for r in rows)
+
+    def grads():
+        return [p.grad.clone() for p in model.parameters()]
+
+    # packed: the training path (block-diagonal mask, positions reset per document, fused chunked CE)
+    batch = train_sft.collate(rows, pad_id=0)
+    n = (batch["targets"] != -100).sum()
+    model.zero_grad()
+    packed = train_sft.batch_loss_sum(model, model.lm_head.weight, batch, chunk=16) / n
+    packed.backward()
+    g_packed = grads()
+    # unpacked: every example alone, full logits, F.cross_entropy
+    model.zero_grad()
+    total, count = 0.0, 0
+    for ids, mask in examples:
+        x = torch.tensor(ids)[None]
+        y = torch.where(torch.tensor(mask[1:], dtype=torch.bool), x[0, 1:], -100)
+        total = total + F.cross_entropy(model(x)[0, :-1], y, reduction="sum")
+        count += int((y != -100).sum())
+    assert count == n
+    (total / count).backward()
+    torch.testing.assert_close(packed, total / count, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_packed, grads()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_collate_targets_positions_and_mask():
+    rows = [[([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])], [([6, 7, 8, 9], [0, 0, 1, 1])]]
+    b = train_sft.collate(rows, pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert b["targets"].tolist() == [[2, 3, -100, 5, -100], [-100, 8, 9, -100, -100]]  # never across docs
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    m = train_sft.packed_attention_mask(b["doc_ids"])[:, 0]
+    assert not m[0, 3, 2] and m[0, 4, 3] and not m[0, 3, 4]  # doc 2 can't see doc 1; causal inside
+    assert m.diagonal(dim1=1, dim2=2).all()  # padding sees itself: no NaN rows
+    single = train_sft.collate([[([1, 2, 3], [0, 1, 1])]], pad_id=0)
+    assert train_sft.packed_attention_mask(single["doc_ids"]) is None  # plain causal fast path
+
+
+# -----------------------------------------------------------------------------
+# data errors: file:line, or a counted skip
+
+
+def test_bad_rows_name_file_and_line(tmp_path, ckpt):
+    tok = Tokenizer.from_pretrained(ckpt)
+    good = json.dumps({"messages": _chat(1, 2)})
+    cases = {
+        "malformed": ([good, '{"messages": [', good], ":2: invalid JSON"),
+        "no_assistant": ([good, "", json.dumps({"messages": [{"role": "user", "content": "hi"}]})],
+                         ":3: no assistant turn"),
+        "bad_content": ([json.dumps({"messages": [{"role": "user", "content": 3},
+                                                  {"role": "assistant", "content": "x"}]})], ":1: message 0"),
+        "no_fields": ([json.dumps({"text": "hello"})], ":1: expected a 'messages'"),
+    }
+    for name, (lines, msg) in cases.items():
+        path = _write_jsonl(tmp_path / f"{name}.jsonl", lines)
+        with pytest.raises(ValueError, match=f"{name}.jsonl{msg}"):
+            train_sft.load_examples([path], tok, _cfg())
+    # the same files with --skip_bad_rows=1: counted, and the good rows are kept
+    path = _write_jsonl(tmp_path / "mixed.jsonl", [good, '{"messages": [', good, json.dumps({"messages": []}), good])
+    (examples,), stats = train_sft.load_examples([path], tok, _cfg(skip_bad_rows=1), log=lambda *a: None)
+    assert len(examples) == 3 and stats["skipped"] == 1  # (read_jsonl counts the JSON error itself)
+    empty = _write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match="empty.jsonl"):
+        train_sft.load_examples([empty], tok, _cfg())
+
+
+def test_truncation_is_counted_never_silent(tmp_path, ckpt):
+    tok = Tokenizer.from_pretrained(ckpt)
+    long_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "7 " * 60}]}
+    long_prompt = {"messages": [{"role": "user", "content": "1 " * 80}, {"role": "assistant", "content": "7"}]}
+    path = _write_jsonl(tmp_path / "long.jsonl", [{"messages": _chat(1, 2)}, long_answer, long_prompt])
+    logs = []
+    (examples,), stats = train_sft.load_examples([path], tok, _cfg(max_seq_len=48), log=logs.append)
+    assert stats["truncated"] == 2 and stats["dropped"] == 1 and len(examples) == 2
+    assert all(len(ids) <= 48 for ids, _ in examples)
+    assert any("long.jsonl:2" in line for line in logs) and any("dropped" in line for line in logs)
+    # pretrain: long documents are split, every token still predicted exactly once
+    pieces, truncated = train_sft.fit_length(list(range(100)), [1] * 100, 32, "pretrain")
+    assert not truncated and all(len(p[0]) <= 32 for p in pieces)
+    assert sum(len(p[0]) - 1 for p in pieces) == 99
+
+
+# -----------------------------------------------------------------------------
+# mixing and the data stream
+
+
+def test_mixing_weights_and_determinism():
+    a = [([i, 0], [0, 1]) for i in range(10)]
+    b = [([i, 1], [0, 1]) for i in range(100, 200)]
+    rows = train_sft.epoch_rows([a, b], [0.5, 0.5], 8, seed=3, epoch=0, do_pack=False)
+    src = [r[0][0][1] for r in rows]
+    assert len(rows) == 110 and src.count(0) == 55 and src.count(1) == 55  # small file repeated
+    counts = [sum(r[0][0][0] == i for r in rows) for i in range(10)]
+    assert set(counts) <= {5, 6}  # repeats spread evenly: whole passes, then part of one
+    assert rows == train_sft.epoch_rows([a, b], [0.5, 0.5], 8, seed=3, epoch=0, do_pack=False)
+    assert rows != train_sft.epoch_rows([a, b], [0.5, 0.5], 8, seed=3, epoch=1, do_pack=False)
+    once = train_sft.epoch_rows([a, b], None, 8, seed=3, epoch=0, do_pack=True)
+    assert sorted(ex[0][0] for r in once for ex in r) == list(range(10)) + list(range(100, 200))
+
+
+def test_row_stream_position_resumes_exactly():
+    src = [[([i, i + 1, i + 2], [0, 1, 1]) for i in range(13)]]
+    s = train_sft.RowStream(src, None, 8, 0, True)
+    s.take(3)
+    s.take(4)  # straddles the epoch boundary (5 packed rows per epoch)
+    t = train_sft.RowStream(src, None, 8, 0, True, **s.state())
+    assert s.take(7) == t.take(7) and s.state() == t.state()
+
+
+# -----------------------------------------------------------------------------
+# end to end: exact resume, grad accumulation, pretrain mode, DDP
+
+
+def _run(ckpt, data, out, **kw):
+    args = dict(init_from=ckpt, data=data, out_dir=out, max_seq_len=96, batch_size=2, max_steps=6,
+                lr=3e-3, warmup_steps=2, eval_frac=0.1, eval_every=2, progress=0, log_every=1)
+    args.update(kw)
+    return train_sft.main([f"--{k}={v}" for k, v in args.items()])
+
+
+def _params(out):
+    return load_file(os.path.join(out, "ckpt", "model.safetensors"))
+
+
+def test_kill_and_resume_reaches_the_same_parameters(tmp_path, ckpt, sft_data, capsys):
+    full = _run(ckpt, sft_data, str(tmp_path / "full"), save_every=3)
+    crashed = _run(ckpt, sft_data, str(tmp_path / "resumed"), save_every=3, stop_after=4)
+    assert crashed["step"] == 4  # ran past its checkpoint at 3, then died without saving step 4
+    resumed = _run(ckpt, sft_data, str(tmp_path / "resumed"), save_every=3, resume=1)
+    assert resumed["step"] == 6 and "resumed from" in capsys.readouterr().out
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "resumed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full["eval_loss"] == resumed["eval_loss"]
+    sa = torch.load(tmp_path / "full" / "ckpt" / "trainer_state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "resumed" / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert sa["data"] == sb["data"] and sa["step"] == sb["step"] == 6
+    # metrics: one line per step, the crashed run's step 4 replaced by the resumed one's
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # the checkpoint is self-contained: model + tokenizer load from it
+    ck = tmp_path / "full" / "ckpt"
+    Transformer.from_pretrained(ck)
+    assert Tokenizer.from_pretrained(ck).vocab_size == Tokenizer.from_pretrained(ckpt).vocab_size
+
+
+def test_grad_accum_equals_bigger_batch(tmp_path, ckpt, sft_data):
+    _run(ckpt, sft_data, str(tmp_path / "a"), batch_size=4, grad_accum=1, max_steps=3, eval_frac=0)
+    _run(ckpt, sft_data, str(tmp_path / "b"), batch_size=1, grad_accum=4, max_steps=3, eval_frac=0)
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_pretrain_mode_from_scratch(tmp_path, ckpt):
+    data = _write_jsonl(tmp_path / "text.jsonl", [{"text": f"{a}+{b}={a + b}. " * 3} for a in range(9) for b in range(9)])
+    out = str(tmp_path / "pt")
+    conf = json.dumps(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1))
+    res = train_sft.main([f"--mode=pretrain", "--init_from=scratch", f"--tokenizer={ckpt}", f"--model_config={conf}",
+                          f"--data={data}", f"--out_dir={out}", "--max_seq_len=64", "--batch_size=4",
+                          "--max_steps=8", "--lr=1e-2", "--warmup_steps=1", "--progress=0", "--eval_every=4"])
+    assert res["step"] == 8
+    m = Transformer.from_pretrained(os.path.join(out, "ckpt"))
+    assert m.config.vocab_size == 320 and m.config.hidden_size == 32  # tokenizer's 300 rounded up to 64
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert recs[-1]["loss"] < recs[0]["loss"] and "eval_loss" in recs[-1]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_equal_one_process(tmp_path, ckpt, sft_data):
+    """torchrun --nproc_per_node=2 (gloo) == one process with the same global batch."""
+    common = dict(init_from=ckpt, data=sft_data, max_seq_len=96, max_steps=3, lr=3e-3, warmup_steps=1,
+                  eval_frac=0.1, eval_every=2, progress=0, grad_accum=2)
+    ddp_out = str(tmp_path / "ddp")
+    args = [f"--{k}={v}" for k, v in {**common, "out_dir": ddp_out, "batch_size": 2}.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", os.path.join(ROOT, "train_sft.py"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    single = train_sft.main([f"--{k}={v}" for k, v in {**common, "out_dir": str(tmp_path / "one"),
+                                                        "batch_size": 4}.items()])
+    a, b = _params(ddp_out), _params(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    last = [json.loads(line) for line in open(os.path.join(ddp_out, "metrics.jsonl"))][-1]
+    assert last["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)

@@ -1,0 +1,684 @@
+"""
+Supervised fine-tuning for nanoR1 -- and plain language-model pretraining with the same loop.
+
+R1's cold start, its stage-3 SFT on rejection-sampled data and sequence-level distillation are all this:
+next-token cross-entropy on the assistant tokens of chat transcripts. `--mode=pretrain` puts the loss on
+every token of raw text instead, which is how the embedded tiny base model (data/tiny/model) was made.
+
+Launch:
+    # default: cold-start SFT of the tiny model on the shipped CoT data, CPU, a few minutes
+    python train_sft.py
+    # a real model, two data files mixed 70/30, bf16 on one GPU
+    python train_sft.py --init_from=/models/Qwen2.5-1.5B-Instruct --data=a.jsonl:0.7,b.jsonl:0.3 \\
+        --max_seq_len=4096 --batch_size=4 --grad_accum=8 --lr=1e-5 --min_lr=1e-6 --out_dir=out/sft_1.5b
+    # the same on 8 GPUs (each rank collates only its own rows; rank 0 logs and saves)
+    torchrun --standalone --nproc_per_node=8 train_sft.py --init_from=... --batch_size=4 --grad_accum=1
+    # continue a run that stopped or was killed, exactly where its last checkpoint left off
+    python train_sft.py --out_dir=out/sft --resume=1
+    # language-model mode from random init (how data/tiny/model was made; see README)
+    python train_sft.py --mode=pretrain --init_from=scratch --tokenizer=data/tiny/tokenizer \\
+        --model_config='{"hidden_size":192,"num_hidden_layers":4}' --data=data/tiny/pretrain.jsonl
+
+Config: every module-level value below is overridable with --key=value (bools are 0/1).
+
+Data: JSONL rows with "messages" (chat) or "prompt"/"completion" (sft), or "text" (pretrain; .txt files
+are one document each). The chat template of the tokenizer being trained is applied and only assistant
+content + the turn-closing token are learned. `--data=a.jsonl:0.7,b.jsonl:0.3` mixes files: a weight is
+the fraction of each epoch's example stream drawn from that file (an epoch has as many examples as all
+files together; a file that is too small for its share is repeated as whole shuffled passes plus a
+partial one). With no weights each row is seen once per epoch. Epoch e's order is a deterministic
+function of (seed, e), which is what makes --resume exact: the checkpoint only stores (epoch, position).
+
+Loss normalisation: every optimizer step divides the summed token loss by the number of target tokens
+in the whole step (all micro-batches of all ranks; the count is all-reduced first). So the gradient is
+the same whatever the split into ranks x grad_accum x batch_size, and a packed row weighs its tokens
+exactly like the unpacked examples would.
+"""
+import bisect
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.jsonl import read_jsonl
+from model import ModelConfig, Transformer, chunked_cross_entropy
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# config (defaults = cold-start SFT of the embedded tiny model on CPU)
+_globals_before_config = set(globals())
+init_from = "data/tiny/model"  # HF-layout checkpoint dir, or "scratch" (random init from --model_config)
+model_config = ""  # scratch only: JSON dict of ModelConfig fields, or a path to a config.json
+tokenizer = ""  # tokenizer dir; "" -> the init_from dir
+data = "data/tiny/coldstart.jsonl"  # comma-separated files, each optionally path:weight
+eval_data = ""  # held-out file(s); "" -> hold out eval_frac of every training file
+eval_frac = 0.05
+eval_max_examples = 256  # cap on held-out examples, so eval stays cheap
+mode = "sft"  # sft: loss on assistant tokens | pretrain: loss on all tokens of "text" rows
+out_dir = "out/sft"
+max_seq_len = 512  # longer sft examples are truncated (counted + reported); pretrain docs are split
+pack = 1  # best-fit packing of several examples per row (0: one example per row, padded)
+batch_size = 8  # rows per micro-batch per rank
+grad_accum = 1  # micro-batches per optimizer step
+max_steps = 0  # optimizer steps; 0 -> derived from epochs
+epochs = 3.0
+lr = 1e-3
+min_lr = 1e-4  # cosine decays to this
+warmup_steps = 10
+weight_decay = 0.1  # decoupled (AdamW); matrices and embeddings only, never norms or biases
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 disables
+dtype = "auto"  # auto: bf16 autocast (fp32 master weights) on cuda, fp32 on cpu | float32 | bfloat16
+device = "auto"  # auto | cpu | cuda
+compile = 0  # torch.compile the model
+grad_checkpointing = 0  # recompute each block in backward: less activation memory, ~30% more compute
+ce_chunk = 1024  # positions per chunk of the fused cross-entropy (peak logits memory = ce_chunk x vocab)
+eval_every = 50  # 0 disables periodic eval (a final eval still runs when there is a held-out split)
+save_every = 0  # 0 -> only at the end
+log_every = 1
+resume = 0  # 1: continue from out_dir/ckpt (model, optimizer, step, RNG, data position)
+seed = 1337
+skip_bad_rows = 0  # 1: skip (and count) malformed rows instead of stopping at the first one
+stop_after = 0  # >0: exit right after step k without the final save, like a crash (resume tests)
+progress = 1  # tqdm progress bar on rank 0
+CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k.startswith("_")]
+# -----------------------------------------------------------------------------
+
+
+class Config(dict):
+    __getattr__ = dict.__getitem__
+
+
+def configure(argv):
+    """Module defaults overridden by --key=value arguments, typed like the default (bools as 0/1)."""
+    cfg = Config({k: globals()[k] for k in CONFIG_KEYS})
+    for arg in argv:
+        key, sep, val = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep:
+            raise SystemExit(f"bad argument {arg!r}: expected --key=value")
+        if key not in cfg:
+            raise SystemExit(f"unknown config key {key!r}; known keys: {', '.join(CONFIG_KEYS)}")
+        kind = type(cfg[key])
+        try:
+            if kind is int:  # accept 1e4 for ints, but not 0.5
+                f = float(val)
+                if not f.is_integer():
+                    raise ValueError
+                val = int(f)
+            cfg[key] = kind(val)
+        except ValueError:
+            raise SystemExit(f"--{key}={val}: expected a {kind.__name__}") from None
+    if cfg.mode not in ("sft", "pretrain"):
+        raise SystemExit(f"--mode={cfg.mode}: expected sft or pretrain")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# data: files -> (ids, mask) examples. mask[i] = 1 means token i is predicted (from token i-1).
+
+
+def parse_data_spec(spec):
+    """'a.jsonl:0.7,b.jsonl:0.3' -> [(path, weight)], weights normalised; no weights -> None weights."""
+    items = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        path, sep, w = part.rpartition(":")
+        try:
+            items.append((path, float(w)) if sep else (part, None))
+        except ValueError:
+            items.append((part, None))
+    if not items:
+        raise ValueError("no data files given")
+    weights = [w for _, w in items]
+    if all(w is None for w in weights):
+        return items
+    if any(w is None or w <= 0 for w in weights):
+        raise ValueError(f"--data={spec}: give a positive weight for every file, or for none")
+    total = sum(weights)
+    return [(p, w / total) for p, w in items]
+
+
+def _is_json_object(line):
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def read_rows(path, skip_bad_rows=False):
+    """[(\"path:line\", row)] -- read_jsonl does the validation; we only recover each row's line number
+    so that later errors (no assistant turn, ...) can point at it too."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise ValueError(f"{path}: empty file")
+        return [(f"{path}:1", {"text": text})]
+    rows = read_jsonl(path, skip_bad_rows=bool(skip_bad_rows))
+    with open(path, encoding="utf-8") as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    if len(lines) != len(rows):  # read_jsonl skipped bad lines: keep the numbers of the ones it kept
+        lines = [(i, line) for i, line in lines if _is_json_object(line)]
+    return [(f"{path}:{i}", row) for (i, _), row in zip(lines, rows)]
+
+
+def row_to_example(row, tok, mode, where):
+    """One JSONL row -> (ids, mask). Raises ValueError('file:line: why') on anything unusable."""
+    if mode == "pretrain":
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: pretrain rows need a non-empty 'text' string")
+        ids = tok.encode(text) + [tok.eos_id]  # eos so the model learns where a document ends
+        return ids, [1] * len(ids)
+    if "messages" in row:
+        messages = row["messages"]
+    elif "prompt" in row and "completion" in row:
+        p, c = row["prompt"], row["completion"]
+        messages = ([{"role": "user", "content": p}] if isinstance(p, str) else list(p)) + \
+                   ([{"role": "assistant", "content": c}] if isinstance(c, str) else list(c))
+    else:
+        raise ValueError(f"{where}: expected a 'messages' list or 'prompt' + 'completion' "
+                         f"(got keys {sorted(row)})")
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant"
+                                                 for m in messages):
+        raise ValueError(f"{where}: no assistant turn, so nothing to learn")
+    try:
+        ids, mask = tok.encode_chat_with_mask(messages)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if not any(mask[1:]):
+        raise ValueError(f"{where}: the assistant turns are empty")
+    return ids, mask
+
+
+def fit_length(ids, mask, max_len, mode):
+    """-> list of examples that fit in max_len, and whether anything was truncated away.
+    pretrain: split into windows overlapping by one token, so every token is still predicted once.
+    sft: keep the first max_len tokens (the caller counts it; an example with no learned token left
+    is dropped and counted separately, never trained on silently)."""
+    if len(ids) <= max_len:
+        return [(ids, mask)], False
+    if mode == "pretrain":
+        step = max_len - 1
+        return [(ids[s:s + max_len], mask[s:s + max_len]) for s in range(0, len(ids) - 1, step)], False
+    return [(ids[:max_len], mask[:max_len])], True
+
+
+def load_examples(paths, tok, cfg, log=print):
+    """Tokenise every file. -> list (one per file) of example lists, and a stats dict."""
+    out, stats = [], dict(rows=0, skipped=0, truncated=0, dropped=0)
+    for path in paths:
+        examples, truncated_where = [], []
+        for where, row in read_rows(path, cfg.skip_bad_rows):
+            stats["rows"] += 1
+            try:
+                ids, mask = row_to_example(row, tok, cfg.mode, where)
+            except ValueError:
+                if not cfg.skip_bad_rows:
+                    raise
+                stats["skipped"] += 1
+                continue
+            pieces, truncated = fit_length(ids, mask, cfg.max_seq_len, cfg.mode)
+            if truncated:
+                stats["truncated"] += 1
+                truncated_where.append(where)
+                if not any(pieces[0][1][1:]):
+                    stats["dropped"] += 1  # the answer was entirely past max_seq_len
+                    continue
+            examples += [p for p in pieces if len(p[0]) >= 2]
+        if truncated_where:
+            log(f"warning: {len(truncated_where)} example(s) in {path} longer than max_seq_len={cfg.max_seq_len} "
+                f"were truncated, e.g. {', '.join(truncated_where[:3])}")
+        if not examples:
+            raise ValueError(f"{path}: no usable examples")
+        out.append(examples)
+    if stats["dropped"]:
+        log(f"warning: {stats['dropped']} truncated example(s) lost all their assistant tokens and were dropped")
+    if stats["skipped"]:
+        log(f"warning: skipped {stats['skipped']} bad row(s) (--skip_bad_rows=1)")
+    return out, stats
+
+
+# -----------------------------------------------------------------------------
+# packing and batching
+
+
+def pack_best_fit(lengths, max_len):
+    """Best-fit decreasing: longest first, each into the open row with the least room that still fits.
+    -> list of rows, each a list of indices into lengths. Rows hold <= max_len tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows, free = [], []  # free: sorted (room left, row index) of rows that still have room
+    for i in order:
+        n = lengths[i]
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            room, r = free.pop(j)
+        else:
+            room, r = max_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def epoch_rows(sources, weights, max_len, seed, epoch, do_pack):
+    """The packed rows of one epoch, a deterministic function of (seed, epoch). Each row is a list of
+    examples. weights None -> every example once; else weight w_i -> round(w_i * total) draws from file i."""
+    rng = np.random.default_rng([seed, epoch])
+    total = sum(len(s) for s in sources)
+    stream = []
+    for src, w in zip(sources, weights or [None] * len(sources)):
+        n = len(src) if w is None else round(w * total)
+        while n > 0:  # whole shuffled passes, then part of one: repeats are spread evenly
+            take = rng.permutation(len(src))[:n]
+            stream += [src[i] for i in take]
+            n -= len(take)
+    if do_pack:
+        rows = [[stream[i] for i in row] for row in pack_best_fit([len(ex[0]) for ex in stream], max_len)]
+    else:
+        rows = [[ex] for ex in stream]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+class RowStream:
+    """Endless stream of packed rows across epochs; its position is (epoch, index) -- all a resume needs."""
+
+    def __init__(self, sources, weights, max_len, seed, do_pack, epoch=0, pos=0):
+        self.sources, self.weights, self.max_len, self.seed, self.do_pack = sources, weights, max_len, seed, do_pack
+        self.epoch, self.pos, self._rows = epoch, pos, None
+
+    def rows_in_epoch(self, epoch):
+        return epoch_rows(self.sources, self.weights, self.max_len, self.seed, epoch, self.do_pack)
+
+    def take(self, n):
+        out = []
+        while len(out) < n:
+            if self._rows is None:
+                self._rows = self.rows_in_epoch(self.epoch)
+            chunk = self._rows[self.pos:self.pos + n - len(out)]
+            out += chunk
+            self.pos += len(chunk)
+            if self.pos >= len(self._rows):  # a step may straddle two epochs
+                self.epoch, self.pos, self._rows = self.epoch + 1, 0, None
+        return out
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+def collate(rows, pad_id):
+    """Packed rows -> tensors. targets[t] = next token when it is learned and in the same document,
+    else -100; position_ids restart at 0 for each document; doc_ids (-1 = padding) build the mask."""
+    T = max(sum(len(ids) for ids, _ in row) for row in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), -100, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    doc_ids = torch.full((B, T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        off = 0
+        for d, (ids, mask) in enumerate(row):
+            n = len(ids)
+            ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+            input_ids[b, off:off + n] = ids_t
+            targets[b, off:off + n - 1] = torch.where(mask_t[1:], ids_t[1:], -100)
+            position_ids[b, off:off + n] = torch.arange(n)
+            doc_ids[b, off:off + n] = d
+            off += n
+    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "doc_ids": doc_ids}
+
+
+def packed_attention_mask(doc_ids):
+    """[B, T] doc ids -> [B, 1, T, T] bool block-diagonal causal mask; None when every row is one
+    unpadded document (then plain causal attention, the fast kernel path, is exactly right).
+    Padding (-1) forms its own block, so every query sees at least itself (no all-masked softmax)."""
+    if bool((doc_ids == 0).all()):
+        return None
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+
+
+def batch_loss_sum(model, lm_head_weight, batch, chunk):
+    """Summed token cross-entropy of a collated batch (on the batch's device), via the fused chunked CE."""
+    hidden = model(batch["input_ids"], position_ids=batch["position_ids"],
+                   attention_mask=packed_attention_mask(batch["doc_ids"]), return_hidden=True)
+    return chunked_cross_entropy(hidden, lm_head_weight, batch["targets"], chunk_size=chunk, reduction="sum")
+
+
+# -----------------------------------------------------------------------------
+# optimizer, schedule, checkpoints
+
+
+def make_optimizer(model, cfg, fused):
+    # decoupled weight decay only on matrices/embeddings: decaying norm gains or biases towards 0 just hurts
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+
+
+def lr_at(step, total, cfg):
+    """Linear warmup over warmup_steps, then cosine from lr to min_lr at the last step. step is 0-based."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def save_checkpoint(path, model, tok_dir, trainer_state):
+    """model (HF layout) + tokenizer files + trainer_state.pt, swapped in as one directory so a crash
+    at any moment leaves either the previous checkpoint or this one, never a mix."""
+    staging = path + ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    for name in TOKENIZER_FILES:
+        src = os.path.join(tok_dir, name)
+        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(staging, name)):
+            shutil.copy2(src, os.path.join(staging, name))
+    torch.save(trainer_state, os.path.join(staging, "trainer_state.pt"))
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    """out_dir/ckpt, or ckpt.old when a crash hit between the two renames of save_checkpoint."""
+    for p in (path, path + ".old"):
+        if os.path.isfile(os.path.join(p, "trainer_state.pt")):
+            return p
+    return None
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# peak dense bf16 FLOP/s per GPU, for MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "4090": 165e12, "A10": 125e12}
+
+
+def peak_flops(device_name):
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), 312e12)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = configure(sys.argv[1:] if argv is None else argv)
+
+    # ---- distributed setup: torchrun sets RANK/WORLD_SIZE; plain python is world size 1
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    dev_type = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if dev_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if dev_type == "cuda" else "gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if dev_type == "cuda" else dev_type)
+    log = print if master else (lambda *a, **k: None)
+    amp_dtype = {"auto": torch.bfloat16 if dev_type == "cuda" else None, "float32": None,
+                 "bfloat16": torch.bfloat16}[cfg.dtype]
+    autocast = torch.autocast(dev_type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    if dev_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # ---- checkpoint to resume from?
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt")
+    resume_from = find_checkpoint(ckpt_path) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log(f"--resume=1 but no checkpoint in {ckpt_path}; starting fresh")
+
+    # ---- tokenizer and data
+    tok_dir = cfg.tokenizer or (resume_from or cfg.init_from)
+    if tok_dir == "scratch":
+        raise SystemExit("--init_from=scratch needs --tokenizer=DIR")
+    tok = Tokenizer.from_pretrained(tok_dir)
+    train_spec = parse_data_spec(cfg.data)
+    sources, stats = load_examples([p for p, _ in train_spec], tok, cfg, log)
+    weights = None if train_spec[0][1] is None else [w for _, w in train_spec]
+    eval_examples = []
+    if cfg.eval_data:
+        eval_sources, _ = load_examples([p for p, _ in parse_data_spec(cfg.eval_data)], tok, cfg, lambda *a: None)
+        eval_examples = [ex for src in eval_sources for ex in src]
+    elif cfg.eval_frac > 0:
+        held = []
+        for i, src in enumerate(sources):  # hold out the same examples of every file in every run
+            perm = np.random.default_rng([cfg.seed, 10_000 + i]).permutation(len(src))
+            n_eval = min(int(len(src) * cfg.eval_frac), len(src) - 1)
+            held += [src[j] for j in perm[:n_eval]]
+            sources[i] = [src[j] for j in sorted(perm[n_eval:])]
+        eval_examples = held
+    eval_examples = eval_examples[:cfg.eval_max_examples]
+    eval_rows = [[ex] for ex in eval_examples]
+    if cfg.pack:
+        eval_rows = [[eval_examples[i] for i in r] for r in pack_best_fit([len(e[0]) for e in eval_examples],
+                                                                          cfg.max_seq_len)]
+
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world
+    stream = RowStream(sources, weights, cfg.max_seq_len, cfg.seed, bool(cfg.pack))
+    epoch0 = stream.rows_in_epoch(0)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(epoch0) / rows_per_step))
+    n_tok = sum(len(ex[0]) for row in epoch0 for ex in row)
+    n_learn = sum(sum(ex[1][1:]) for row in epoch0 for ex in row)
+    log(f"data: {stats['rows']} rows from {len(sources)} file(s) -> {sum(map(len, sources))} train / "
+        f"{len(eval_examples)} eval examples; epoch = {len(epoch0)} rows of <= {cfg.max_seq_len}, "
+        f"{n_tok} tokens ({n_learn} learned, fill {n_tok / (len(epoch0) * cfg.max_seq_len):.0%}); "
+        f"truncated {stats['truncated']}, dropped {stats['dropped']}, skipped {stats['skipped']}")
+
+    # ---- model
+    if resume_from:
+        model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=device)
+    elif cfg.init_from == "scratch":
+        mc = cfg.model_config
+        over = json.load(open(mc)) if mc and os.path.isfile(mc) else json.loads(mc or "{}")
+        if "model_type" in over and "hidden_size" in over and "architectures" in over:
+            mconf = ModelConfig.from_hf(over)  # a full HF config.json
+        else:
+            over.setdefault("vocab_size", -(-tok.vocab_size // 64) * 64)  # round up: faster matmuls
+            mconf = ModelConfig(**over)
+        mconf.dtype = "float32"
+        with torch.device(device):
+            model = Transformer(mconf).init_weights()
+    else:
+        # fp32 master weights: bf16 compute comes from autocast, so tiny updates are not rounded away
+        model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
+    if model.config.vocab_size < tok.vocab_size:
+        raise SystemExit(f"model vocab {model.config.vocab_size} < tokenizer vocab {tok.vocab_size}")
+    model.gradient_checkpointing = bool(cfg.grad_checkpointing)
+    raw_model = model
+    log(f"model: {model.num_params() / 1e6:.2f}M params, {model.config.num_hidden_layers} layers, "
+        f"hidden {model.config.hidden_size}, vocab {model.config.vocab_size}; device {device}, world {world}, "
+        f"{'bf16 autocast' if amp_dtype else 'fp32'}")
+    optimizer = make_optimizer(raw_model, cfg, fused=dev_type == "cuda")
+
+    step = 0
+    if resume_from:
+        # our own file, written by save_checkpoint: it holds numpy/python RNG tuples, hence weights_only=False
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        stream.epoch, stream.pos = state["data"]["epoch"], state["data"]["pos"]
+        total_steps = state["total_steps"] if not cfg.max_steps else total_steps
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        log(f"resumed from {resume_from} at step {step} (epoch {stream.epoch}, row {stream.pos})")
+
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if dev_type == "cuda" else None)
+
+    # ---- metrics file: on resume keep only what happened up to the checkpoint
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if master:
+        kept = []
+        if resume_from and os.path.isfile(metrics_path):
+            kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def all_sum(x):
+        t = torch.tensor(x, dtype=torch.float64, device=device)
+        if ddp:
+            dist.all_reduce(t)
+        return t.item()
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        loss_sum, count = 0.0, 0
+        mine = eval_rows[rank::world]
+        for i in range(0, len(mine), cfg.batch_size):
+            batch = {k: v.to(device) for k, v in collate(mine[i:i + cfg.batch_size], tok.pad_id).items()}
+            with autocast:
+                loss_sum += batch_loss_sum(raw_model, raw_model.lm_head.weight, batch, cfg.ce_chunk).item()
+            count += int((batch["targets"] != -100).sum())
+        model.train()
+        return all_sum(loss_sum) / max(1.0, all_sum(count))
+
+    def checkpoint():
+        rngs = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if master:
+            save_checkpoint(ckpt_path, raw_model, tok_dir, {
+                "optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps,
+                "data": stream.state(), "rng": rngs, "config": dict(cfg), "world_size": world})
+        if ddp:
+            dist.barrier()
+
+    def write_metrics(rec):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    flops_per_tok = raw_model.flops_per_token(cfg.max_seq_len)
+    peak = peak_flops(torch.cuda.get_device_name(device)) * world if dev_type == "cuda" else None
+    bar = None
+    if master and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, desc="pretrain" if cfg.mode == "pretrain" else "sft")
+    eval_loss = None
+    model.train()
+    t_last, tok_since = time.time(), 0
+    while step < total_steps:
+        # ---- one optimizer step over batch_size x grad_accum rows on each rank
+        lr_now = lr_at(step, total_steps, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_now
+        rows = stream.take(rows_per_step)  # every rank advances the same stream ...
+        mine = rows[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]
+        micro = [collate(mine[a * cfg.batch_size:(a + 1) * cfg.batch_size], tok.pad_id)  # ... collates its share
+                 for a in range(cfg.grad_accum)]
+        n_targets = all_sum(sum(int((m["targets"] != -100).sum()) for m in micro))
+        loss_sum = torch.zeros((), device=device)
+        for a, mb in enumerate(micro):
+            mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+            # sync gradients across ranks only on the last micro-batch
+            sync = nullcontext() if (not ddp or a == cfg.grad_accum - 1) else model.no_sync()
+            with sync:
+                with autocast:
+                    loss = batch_loss_sum(model, raw_model.lm_head.weight, mb, cfg.ce_chunk)
+                # DDP averages gradients over ranks; x world turns that into a sum, / n_targets into the
+                # mean over every target token of the step
+                (loss * (world / max(1.0, n_targets))).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
+                                                   else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_loss = all_sum(loss_sum.item()) / max(1.0, n_targets)
+        tok_since += all_sum(sum(int((m["doc_ids"] >= 0).sum()) for m in micro))
+
+        # ---- log / eval / save
+        last = step == total_steps
+        if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            eval_loss = evaluate()
+        if step % cfg.log_every == 0 or last:
+            if dev_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t_last
+            tps = tok_since / max(dt, 1e-9)
+            rec = {"step": step, "loss": round(train_loss, 5), "lr": lr_now, "grad_norm": round(float(grad_norm), 4),
+                   "tokens_per_s": round(tps, 1), "epoch": stream.epoch, "target_tokens": int(n_targets)}
+            if eval_loss is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+                rec["eval_loss"] = round(eval_loss, 5)
+            if peak:
+                rec["mfu"] = round(flops_per_tok * tps / peak, 4)
+            write_metrics(rec)
+            if bar is not None:
+                post = {"loss": f"{train_loss:.4f}", "lr": f"{lr_now:.2e}", "tok/s": f"{tps:.0f}"}
+                if "eval_loss" in rec:
+                    post["eval"] = f"{eval_loss:.4f}"
+                if peak:
+                    post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+                bar.set_postfix(post, refresh=False)
+            elif master:
+                print(json.dumps(rec))
+            if peak and master:
+                print(f"step {step}: loss {train_loss:.4f} | {tps:.0f} tok/s | MFU {100 * rec['mfu']:.1f}%",
+                      file=sys.stderr if bar is not None else sys.stdout)
+            t_last, tok_since = time.time(), 0
+        if bar is not None:
+            bar.update(1)
+        if (cfg.save_every and step % cfg.save_every == 0) or last:
+            checkpoint()
+        if cfg.stop_after and step >= cfg.stop_after and not last:
+            log(f"stopping after step {step} (--stop_after), without a final save")
+            break
+    if bar is not None:
+        bar.close()
+    if master and step == total_steps:
+        log(f"done: {step} steps, train loss {train_loss:.4f}"
+            f"{f', eval loss {eval_loss:.4f}' if eval_loss is not None else ''}; checkpoint in {ckpt_path}")
+    if ddp:
+        dist.destroy_process_group()
+    return {"step": step, "train_loss": train_loss, "eval_loss": eval_loss, "stats": stats}
+
+
+if __name__ == "__main__":
+    main()
