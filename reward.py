@@ -782,15 +782,14 @@ SANDBOX_MARKER = "nanor1-sandbox"  # in the child's argv, so tests can look for 
 
 
 def _extract_code(completion: str) -> str:
-    """Last ```python (or ```py / bare ```) fenced block; else the text after
-    </think>; else the whole completion."""
-    parts = completion.split("```")
-    for block in reversed(parts[1:-1:2]):  # odd pieces are inside complete fences
+    """After the last </think> (if any): the last ```python / ```py / bare ```
+    fenced block, else all of that text."""
+    text = completion[completion.rfind("</think>") + 8 :] if "</think>" in completion else completion
+    for block in reversed(text.split("```")[1:-1:2]):  # odd pieces lie inside complete fences
         first, _, body = block.partition("\n")
         if first.strip().lower() in ("", "python", "py", "python3"):
             return body
-    i = completion.rfind("</think>")
-    return completion[i + 8 :] if i >= 0 else completion
+    return text
 
 
 def _sandbox_ids() -> tuple[int, int]:
