@@ -249,7 +249,11 @@ class _Inexact(Exception):
     """Exact (Fraction) evaluation is impossible; fall back to complex floats."""
 
 
-def _tokenize(s: str, arith: bool):
+_KIND = {**dict.fromkeys(_FUNCS, "func"), **dict.fromkeys(_CONSTS, "const"), **dict.fromkeys(_GREEK, "var"),
+         "frac": "frac", "sqrt": "sqrt"}
+
+
+def _tokenize(s: str, arith: bool) -> list:
     toks, pos, s = [], 0, s.strip()
     while pos < len(s):
         m = _TOKEN.match(s, pos)
@@ -265,136 +269,109 @@ def _tokenize(s: str, arith: bool):
             toks.append(("op", "^" if op == "**" else op))
         elif arith:
             raise _ParseError("only numbers and + - * / ( ) are allowed")
-        elif cmd is not None:
-            name = cmd[1:]
-            kind = {"frac": "frac", "sqrt": "sqrt"}.get(name) or ("func" if name in _FUNCS else "const" if name in _CONSTS else "var" if name in _GREEK else None)
-            if kind is None:
-                raise _ParseError(cmd)
-            toks.append((kind, name))
-        elif word in _FUNCS or word in ("pi", "sqrt"):
-            toks.append(("sqrt" if word == "sqrt" else "func" if word in _FUNCS else "const", word))
-        elif len(word) <= 2:  # "xy" is x*y; longer unknown words are text, not algebra
+        elif (cmd or word).lstrip("\\") in _KIND:
+            name = (cmd or word).lstrip("\\")
+            toks.append((_KIND[name], name))
+        elif word and len(word) <= 2:  # "xy" is x*y; longer unknown words are text, not algebra
             toks.extend(("const" if ch in "ei" else "var", ch) for ch in word)
         else:
-            raise _ParseError(word)
+            raise _ParseError(cmd or word)
         if len(toks) > MAX_TOKENS:
             raise _ParseError("too many tokens")
-    return toks
+    return toks + [("end", None)]
 
 
 class _Parser:
-    """expr := term (+|- term)*; term := unary ((*|/|implicit) power)*;
-    unary := (+|-) unary | power; power := postfix (^ unary)?; postfix := primary !*"""
+    """Recursive descent; precedence from low to high:
+    expr := term (+|- term)*          term := unary ((*|/) unary | implicit power)*
+    unary := (+|-) unary | power      power := primary !* (^ unary)?
+    In `arith` mode (Countdown) only numbers, + - * / and parentheses exist."""
 
-    def __init__(self, toks, arith: bool):
+    def __init__(self, toks: list, arith: bool):
         self.toks, self.i, self.depth, self.arith = toks, 0, 0, arith
 
-    def peek(self):
-        return self.toks[self.i] if self.i < len(self.toks) else ("end", None)
+    def peek(self, *wanted) -> bool:
+        return self.toks[self.i] in [("op", w) for w in wanted]
 
-    def take(self):
-        tok = self.peek()
+    def take(self, wanted=None):
+        tok = self.toks[self.i]
+        if tok[0] == "end" or (wanted and tok != ("op", wanted)):
+            raise _ParseError(f"expected {wanted or 'more input'}")
         self.i += 1
         return tok
 
-    def expect(self, op):
-        if self.take() != ("op", op):
-            raise _ParseError(f"expected {op}")
-
-    def parse(self):
-        node = self.expr()
-        if self.i != len(self.toks):
-            raise _ParseError("trailing tokens")
+    def nested(self, method):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _ParseError("too deeply nested")
+        node = method()
+        self.depth -= 1
         return node
 
     def expr(self):
         terms = [(1, self.term())]
-        while self.peek() in (("op", "+"), ("op", "-")):
+        while self.peek("+", "-"):
             terms.append((1 if self.take()[1] == "+" else -1, self.term()))
         return terms[0][1] if len(terms) == 1 else ("sum", terms)
 
     def term(self):
         factors = [(False, self.unary())]
         while True:
-            kind, val = self.peek()
-            if kind == "op" and val in "*/":
+            kind, val = self.toks[self.i]
+            if self.peek("*", "/"):
                 self.take()
                 factors.append((val == "/", self.unary()))
-            elif not self.arith and (kind in ("var", "const", "func", "frac", "sqrt") or (kind, val) in (("op", "("), ("op", "{"))):
+            elif not self.arith and (kind in ("var", "const", "func", "frac", "sqrt") or self.peek("(", "{")):
                 factors.append((False, self.power()))  # implicit product: 2x, 2\pi, (x+1)(x-1)
             else:
-                break
-        return factors[0][1] if len(factors) == 1 else ("prod", factors)
+                return factors[0][1] if len(factors) == 1 else ("prod", factors)
 
     def unary(self):
-        if self.peek() in (("op", "+"), ("op", "-")):
+        if self.peek("+", "-"):
             sign = self.take()[1]
-            self.depth += 1
-            if self.depth > MAX_DEPTH:
-                raise _ParseError("too deep")
-            node = self.unary()
-            self.depth -= 1
+            node = self.nested(self.unary)
             return ("neg", node) if sign == "-" else node
         return self.power()
 
     def power(self):
-        base = self.postfix()
-        if self.peek() == ("op", "^") and not self.arith:
-            self.take()
-            return ("pow", base, self.unary())
-        return base
-
-    def postfix(self):
-        node = self.primary()
-        while self.peek() == ("op", "!") and not self.arith:
+        node = self.nested(self.primary)
+        while not self.arith and self.peek("!"):
             self.take()
             node = ("fact", node)
+        if not self.arith and self.peek("^"):
+            self.take()
+            return ("pow", node, self.unary())
         return node
 
     def primary(self):
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise _ParseError("too deep")
         kind, val = self.take()
-        if kind == "num":
-            node = ("num", val)
-        elif kind in ("var", "const"):
-            node = (kind, val)
-        elif (kind, val) in (("op", "("), ("op", "{")):
+        if kind in ("num", "var", "const"):
+            return (kind, val)
+        if (kind, val) in (("op", "("), ("op", "{")):
             node = self.expr()
-            self.expect(")" if val == "(" else "}")
-        elif kind == "frac":
-            node = ("prod", [(False, self.primary()), (True, self.primary())])
-        elif kind == "sqrt":
+            self.take(")" if val == "(" else "}")
+            return node
+        if kind == "frac":
+            return ("prod", [(False, self.nested(self.primary)), (True, self.nested(self.primary))])
+        if kind == "sqrt":  # \sqrt{x}, \sqrt[n]{x}: a power with exponent 1/n
             index = ("num", Fraction(2))
-            if self.peek() == ("op", "["):
+            if self.peek("["):
                 self.take()
                 index = self.expr()
-                self.expect("]")
-            node = ("pow", self.primary(), ("prod", [(False, ("num", Fraction(1))), (True, index)]))
-        elif kind == "func":
-            node = ("fn", val, self.primary())
-        else:
-            raise _ParseError(f"unexpected {val}")
-        self.depth -= 1
-        return node
+                self.take("]")
+            return ("pow", self.nested(self.primary), ("prod", [(False, ("num", Fraction(1))), (True, index)]))
+        if kind == "func":
+            return ("fn", val, self.nested(self.primary))
+        raise _ParseError(f"unexpected {val}")
 
 
 def _parse(s: str, arith: bool = False):
-    return _Parser(_tokenize(s, arith), arith).parse()
-
-
-def _free_vars(node) -> set:
-    if node[0] == "var":
-        return {node[1]}
-    out = set()
-    for child in node[1:]:
-        if isinstance(child, list):
-            for _, sub in child:
-                out |= _free_vars(sub)
-        elif isinstance(child, tuple):
-            out |= _free_vars(child)
-    return out
+    """(tree, set of variable names); raises on anything it does not understand."""
+    parser = _Parser(_tokenize(s, arith), arith)
+    tree = parser.expr()
+    if parser.toks[parser.i][0] != "end":
+        raise _ParseError("trailing input")
+    return tree, {v for k, v in parser.toks if k == "var"}
 
 
 def _iroot(n: int, q: int) -> int | None:
@@ -482,10 +459,9 @@ def _value(s: str):
     """Exact Fraction for rational constants, else a tuple of complex values at
     N_POINTS fixed points (None where evaluation failed); None if unparseable."""
     try:
-        tree = _parse(s)
+        tree, names = _parse(s)
     except Exception:
         return None
-    names = _free_vars(tree)
     if not names:
         try:
             return _ev(tree, None, True)
@@ -524,7 +500,8 @@ def _same_value(a, b) -> bool:
 # numeric or algebraic comparison.
 # ----------------------------------------------------------------------------
 _GOLD_CHOICE = re.compile(r"\(?([A-J])\)?")
-_PRED_CHOICE = re.compile(r"(?:(?:option|choice|answer) ?:? ?)?\(?([A-Ja-j])(?:[).:]|\s|$)", re.IGNORECASE)
+_PRED_CHOICE = re.compile(r"(?:(?i:option|choice|answer) ?:? ?)?\(?([A-Ja-j])(?:[).:]|\s|$)")
+_OTHER_CHOICE = re.compile(r"(?<![A-Za-z])[A-J](?![A-Za-z])")
 _OPEN, _CLOSE = "([{\x01", ")]}\x02"
 
 
@@ -589,8 +566,8 @@ def _equiv(pred: str, gold: str, budget: list) -> bool:
         return False
     m = _GOLD_CHOICE.fullmatch(g)
     if m:  # multiple choice: "B", "(B)", "B) 42", "Option B"
-        c = _PRED_CHOICE.match(p)
-        return bool(c) and c.group(1).upper() == m.group(1)
+        c = _PRED_CHOICE.match(p)  # hedging ("A or B") names a second letter: wrong
+        return bool(c) and c.group(1).upper() == m.group(1) and not _OTHER_CHOICE.search(p, c.end())
     for sep in ("∪", ","):  # unions and bare lists ("1, 2"): order-free
         ps, gs = _split_top(p, sep), _split_top(g, sep)
         if len(ps) > 1 or len(gs) > 1:
@@ -705,7 +682,7 @@ def countdown_reward(completion: str, numbers, target) -> float:
             return 0.0
         for old, new in _REPLACE:
             expr = expr.replace(old, new)
-        tree = _parse(expr.split("=")[0], arith=True)  # "(1+2)*3 = 9" -> left side
+        tree, _ = _parse(expr.split("=")[0], arith=True)  # "(1+2)*3 = 9" -> left side
 
         def leaves(node):
             if node[0] == "num":
@@ -774,6 +751,8 @@ def main(write=os.write, dumps=json.dumps, exit=os._exit):
     exit(0)
 main()
 '''
+
+
 class SandboxError(RuntimeError):
     """The sandbox itself could not be set up (configuration, not model output)."""
 
@@ -792,16 +771,6 @@ def _extract_code(completion: str) -> str:
     return text
 
 
-def _sandbox_ids() -> tuple[int, int]:
-    try:
-        import pwd
-
-        entry = pwd.getpwnam("nobody")
-        return entry.pw_uid, entry.pw_gid
-    except (ImportError, KeyError):
-        return 65534, 65534
-
-
 def code_reward(completion: str, tests, timeout: float = 5.0, memory_mb: int = 1024) -> float:
     """Fraction of `tests` (Python statements, usually asserts) that pass after
     running the completion's code in a sandboxed subprocess. 0.0 on syntax error,
@@ -815,7 +784,12 @@ def code_reward(completion: str, tests, timeout: float = 5.0, memory_mb: int = 1
             ast.parse(code)  # cheap syntax check; parsing is not executing
         except Exception:
             return 0.0
-        uid, gid = _sandbox_ids()
+        try:
+            import pwd
+
+            uid, gid = pwd.getpwnam("nobody")[2:4]
+        except (ImportError, KeyError):
+            uid = gid = 65534
         nonce = secrets.token_hex(16)
         limits = {
             "RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1,

@@ -140,3 +140,8 @@ def test_extract_answer(text, expected):
 ])
 def test_accuracy_reward(completion, answer, expected):
     assert accuracy_reward(completion, answer) == expected
+
+
+@pytest.mark.parametrize("pred", ["A or B", "B, maybe C", "(B) or (C)", "A B C D", "B) 42 (D) 7"])
+def test_multiple_choice_hedging_gets_no_credit(pred):
+    assert not any(is_equiv(pred, letter) for letter in "ABCD")
