@@ -94,21 +94,22 @@ def _gsm8k(text: str) -> str | None:
     return text[i + 4 : i + 204].split("\n")[0].strip() if i >= 0 else None
 
 
-def _answer_is(text: str) -> str | None:
+def _last_match(pattern: re.Pattern, text: str):
     last = None
-    for last in _ANSWER_IS.finditer(text):
+    for last in pattern.finditer(text):
         pass
-    if last is None:
-        return None
-    tail = text[last.end() : last.end() + 300].split("\n")[0]
-    return _SENTENCE_END.split(tail)[0].strip(" :$")
+    return last
+
+
+def _answer_is(text: str) -> str | None:
+    m = _last_match(_ANSWER_IS, text)
+    tail = text[m.end() : m.end() + 300].split("\n")[0] if m else ""
+    return _SENTENCE_END.split(tail)[0].strip(" :$") or None
 
 
 def _last_number(text: str) -> str | None:
-    last = None
-    for last in _NUMBER.finditer(text):
-        pass
-    return last.group() if last else None
+    m = _last_match(_NUMBER, text)
+    return m.group() if m else None
 
 
 def extract_answer(text) -> str | None:
@@ -164,31 +165,21 @@ _ASSIGN = re.compile(r"(?:[A-Za-z](?:_\{?\w{1,5}\}?)?|\\[A-Za-z]+)\s*(?:=|\\in(?
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
-def _brace_end(s: str, i: int) -> int:
-    """Index just past the '}' that closes the '{' at s[i]; -1 if unbalanced."""
-    depth = 0
-    for j in range(i, len(s)):
-        depth += (s[j] == "{") - (s[j] == "}")
-        if depth == 0:
-            return j + 1
-    return -1
-
-
 def _normalize(s: str) -> str:
     s = s.strip()
     if len(s) > MAX_ANSWER_CHARS:
         return s
     m = _BOX.match(s)
-    if m and s.startswith("{", m.end()) and _brace_end(s, m.end()) == len(s):
+    if m and _matching_braces(s).get(m.end()) == len(s) - 1:
         s = s[m.end() + 1 : -1]
     for old, new in _REPLACE:
         s = s.replace(old, new)
     for _ in range(20):  # \text{..}: trailing unit text is dropped, anything else unwrapped
         m = _WRAPPER.search(s)
-        end = _brace_end(s, m.end() - 1) if m else -1
-        if end < 0:
+        close = _matching_braces(s).get(m.end() - 1) if m else None
+        if close is None:
             break
-        inner, rest = s[m.end() : end - 1], s[end:]
+        inner, rest = s[m.end() : close], s[close + 1 :]
         if s[: m.start()].strip() and _UNIT_TEXT.fullmatch(inner) and _UNIT_REST.fullmatch(rest):
             s = s[: m.start()]
         else:
@@ -882,9 +873,6 @@ class RewardFn:
     def __call__(self, completion: str, example: dict) -> tuple[float, dict[str, float]]:
         parts = {name: float(REWARDS[name](completion, example)) for name in self.weights}
         return sum(self.weights[n] * v for n, v in parts.items()), parts
-
-    def __repr__(self) -> str:
-        return "RewardFn(" + ",".join(f"{n}:{w:g}" for n, w in self.weights.items()) + ")"
 
 
 def combine_rewards(spec) -> RewardFn:

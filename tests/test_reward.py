@@ -1,6 +1,7 @@
 """Tests for the non-math rewards (format, language, countdown), the reward
 combiner, and property/fuzz tests: no reward raises or takes over 50 ms on
 arbitrary text up to 20k characters."""
+import gc
 import os
 import sys
 import time
@@ -163,12 +164,28 @@ def _all_rewards(text, other):
     ]
 
 
-def _check_fast_and_total(text, other):
-    for call in _all_rewards(text, other):
+def _timed(call):
+    reward._canon.cache_clear()  # always time the cold path: no help from earlier calls
+    reward._value.cache_clear()
+    gc.disable()  # a collection triggered by hypothesis' garbage is not the reward's time
+    try:
         start = time.perf_counter()
         out = call()
-        elapsed = time.perf_counter() - start
+        return out, time.perf_counter() - start
+    finally:
+        gc.enable()
+
+
+def _check_fast_and_total(text, other):
+    for call in _all_rewards(text, other):
+        out, elapsed = _timed(call)
         assert out is None or isinstance(out, (bool, float, str))
+        # The work is deterministic, so a slow input is slow on every try; re-timing
+        # (best of 3) only filters scheduler noise from other processes on the machine.
+        for _ in range(2):
+            if elapsed < LIMIT_S:
+                break
+            elapsed = min(elapsed, _timed(call)[1])
         assert elapsed < LIMIT_S, f"{elapsed * 1e3:.1f} ms on {text[:60]!r}..."
 
 
