@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-DEFAULT_CKPT = "data/tiny/model"  # the embedded tiny SFT model that `python sample.py` samples from
-DEFAULT_DATA = "data/tiny/test.jsonl"
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CKPT = os.path.join(REPO, "data/tiny/model")  # the embedded tiny SFT model `python sample.py` samples from
+DEFAULT_DATA = os.path.join(REPO, "data/tiny/test.jsonl")
 
 # -----------------------------------------------------------------------------
 # one sampling step
@@ -148,39 +149,47 @@ class Engine:
         return c
 
     def _graph(self, cache, b):
-        """Capture the one-token decode step at batch b (cache rows [0, b)); returns (graph, tokens in, logits out)."""
+        """The one-token decode step at batch b (cache rows [0, b)), captured once: (replay, tokens in, out)."""
         if b in self._graphs:
             return self._graphs[b]
         saved = (cache.pos, cache.pos_t.clone(), cache.valid.clone(), cache.n_valid.clone())
 
-        def restore():  # warmup really runs the step; capture runs the Python side (pos += 1). Undo both.
+        def restore():  # warmup really runs the step, capture runs its Python side (pos += 1): undo both
             cache.pos = saved[0]
             cache.pos_t.copy_(saved[1]), cache.valid.copy_(saved[2]), cache.n_valid.copy_(saved[3])
 
-        tok = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        tok, out = torch.zeros(b, 1, dtype=torch.long, device=self.device), {}
+
+        def step():  # static shapes, no host syncs: every tensor it touches lives at a fixed address
+            out["logits"] = self.model(tok, kv_cache=cache, logits_to_keep=1)[:, -1].float()
+
+        self._graphs[b] = (self._capture(step, restore), tok, out)
+        return self._graphs[b]
+
+    def _capture(self, step, restore):
+        """Record step() into a CUDA graph after a warmup on a side stream; returns its replay."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.model(tok, kv_cache=cache, logits_to_keep=1)
+                step()
                 restore()
         torch.cuda.current_stream().wait_stream(stream)
-        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        self._pool = self._pool or torch.cuda.graph_pool_handle()  # all batch sizes share one memory pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.model(tok, kv_cache=cache, logits_to_keep=1)[:, -1].float()
+            step()
         restore()
-        self._graphs[b] = (graph, tok, logits)
-        return self._graphs[b]
+        return graph.replay
 
     def _decode(self, cache, tokens):
         """Feed one token per row; returns next-token logits [b, V] (fp32)."""
         if self.cuda_graphs:
-            graph, tok_in, logits = self._graph(cache, tokens.shape[0])
+            replay, tok_in, out = self._graph(cache, tokens.shape[0])
             tok_in.copy_(tokens[:, None])
-            graph.replay()
+            replay()
             cache.pos += 1  # the graph advanced pos_t on the device; keep the host copy in step
-            return logits
+            return out["logits"]
         return self.model(tokens[:, None], kv_cache=cache, logits_to_keep=1)[:, -1].float()
 
     # ---- generate ----
@@ -512,7 +521,7 @@ def run_eval(engine, tok, cfg, gen, rank, world):
                                  completion=c.text))
                 n_tokens += len(c.tokens)
             results.append((i, rows))
-        bar.update(len(idx) * world)  # the other ranks advance at about the same pace
+        bar.update(min(len(idx) * world, bar.total - bar.n))  # the other ranks keep about the same pace
     bar.close()
     if world > 1:
         import torch.distributed as dist
