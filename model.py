@@ -181,6 +181,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
+            if T == 1 and self.n_kv_head != self.n_head:
+                # decoding one token: the query heads sharing a KV head become query rows of that one head,
+                # so the cache is read once (masked GQA has no fused CUDA kernel; the math fallback would
+                # copy K/V n_head/n_kv_head times per layer per step)
+                qg = q.reshape(B, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
+                y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+                return self.o_proj(y.reshape(B, T, -1))
         # mask None means plain causal attention over T (training without padding): the fast kernel path
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_head != self.n_head)
