@@ -245,7 +245,8 @@ class KVCache:
     Two ways to attend. Dynamic (default): new tokens see columns [0, pos+T), sliced with the Python int `pos`.
     Static (`static = True`, one new token per row): write at column `pos_t` (a device tensor) and attend over
     all max_seq_len columns with the `valid` mask, so every shape and address is fixed and the decode step
-    can be captured in a CUDA graph (sample.py). The two give the same logits (tests/test_sample.py).
+    can be captured in a CUDA graph (sample.py); the caller advances the host `pos` itself and checks
+    pos < max_seq_len. The two give the same logits (tests/test_sample.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size, max_seq_len, device=None, dtype=torch.float32, capacity=None):
@@ -298,10 +299,10 @@ class KVCache:
 
     def _prepare_static(self, attention_mask):
         # no Python ints and no host syncs in here: it is recorded once into a CUDA graph and replayed
+        # nor does it read or write the host-side `pos` (torch.compile would guard on its value): the
+        # caller checks there is room and does `pos += 1` after each step (sample.Engine does both)
         if attention_mask.shape[1] != 1:
             raise ValueError("the static KV-cache path decodes exactly one token per row")
-        if self.pos >= self.max_seq_len:
-            raise ValueError(f"KVCache overflow: {self.pos + 1} tokens > max_seq_len={self.max_seq_len}")
         new = attention_mask.bool()
         self.valid.index_copy_(1, self.pos_t, new)
         self.n_valid += new[:, 0].long()
@@ -322,8 +323,9 @@ class KVCache:
         return self.k[layer_idx, :, :, :self.pos + T], self.v[layer_idx, :, :, :self.pos + T]
 
     def advance(self, T):
-        self.pos += T
         self.pos_t += T
+        if not self.static:  # static: the caller keeps the host copy (see _prepare_static)
+            self.pos += T
 
     def select(self, rows: torch.Tensor):
         """Keep/repeat batch rows (index tensor). Copies only the filled columns, layer by layer, into the

@@ -110,9 +110,12 @@ class Engine:
     sync_every: decode steps between host syncs (stop checks, compaction); a row that stops mid-chunk costs
     at most sync_every-1 wasted steps. Default 16 on CUDA (the host runs ahead of the GPU), 1 on CPU.
     compact_frac: compact the batch once at least this fraction of its rows has finished.
+    compile: torch.compile the captured step (fuses the norm/RoPE/SiLU elementwise kernels, which dominate a
+    batch-1 step of a small model); only called at capture (once per batch bucket), never per token.
     """
 
-    def __init__(self, model, tokenizer=None, cuda_graphs=None, static=None, sync_every=None, compact_frac=0.25):
+    def __init__(self, model, tokenizer=None, cuda_graphs=None, static=None, sync_every=None, compact_frac=0.25,
+                 compile=False):
         self.model, self.tokenizer = model.eval(), tokenizer
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -121,6 +124,7 @@ class Engine:
         self.static = self.cuda_graphs if static is None else bool(static) or self.cuda_graphs
         self.sync_every = sync_every or (16 if on_cuda else 1)
         self.compact_frac = compact_frac
+        self._step_model = torch.compile(model) if compile and self.cuda_graphs else model
         self._cache, self._graphs, self._pool = None, {}, None
 
     def free(self):
@@ -152,16 +156,15 @@ class Engine:
         """The one-token decode step at batch b (cache rows [0, b)), captured once: (replay, tokens in, out)."""
         if b in self._graphs:
             return self._graphs[b]
-        saved = (cache.pos, cache.pos_t.clone(), cache.valid.clone(), cache.n_valid.clone())
+        saved = (cache.pos_t.clone(), cache.valid.clone(), cache.n_valid.clone())
 
-        def restore():  # warmup really runs the step, capture runs its Python side (pos += 1): undo both
-            cache.pos = saved[0]
-            cache.pos_t.copy_(saved[1]), cache.valid.copy_(saved[2]), cache.n_valid.copy_(saved[3])
+        def restore():  # warmup really runs the step (pos_t += 1, writes valid/n_valid): undo it
+            cache.pos_t.copy_(saved[0]), cache.valid.copy_(saved[1]), cache.n_valid.copy_(saved[2])
 
         tok, out = torch.zeros(b, 1, dtype=torch.long, device=self.device), {}
 
         def step():  # static shapes, no host syncs: every tensor it touches lives at a fixed address
-            out["logits"] = self.model(tok, kv_cache=cache, logits_to_keep=1)[:, -1].float()
+            out["logits"] = self._step_model(tok, kv_cache=cache, logits_to_keep=1)[:, -1].float()
 
         self._graphs[b] = (self._capture(step, restore), tok, out)
         return self._graphs[b]
@@ -184,13 +187,18 @@ class Engine:
 
     def _decode(self, cache, tokens):
         """Feed one token per row; returns next-token logits [b, V] (fp32)."""
+        if cache.pos >= cache.max_seq_len:
+            raise ValueError(f"KVCache overflow: {cache.pos + 1} tokens > max_seq_len={cache.max_seq_len}")
         if self.cuda_graphs:
             replay, tok_in, out = self._graph(cache, tokens.shape[0])
             tok_in.copy_(tokens[:, None])
             replay()
-            cache.pos += 1  # the graph advanced pos_t on the device; keep the host copy in step
-            return out["logits"]
-        return self.model(tokens[:, None], kv_cache=cache, logits_to_keep=1)[:, -1].float()
+            logits = out["logits"]
+        else:
+            logits = self.model(tokens[:, None], kv_cache=cache, logits_to_keep=1)[:, -1].float()
+        if cache.static:  # the step advanced pos_t on the device; the host copy is ours to keep in step
+            cache.pos += 1
+        return logits
 
     # ---- generate ----
 
@@ -430,6 +438,7 @@ CONFIG = dict(
     device="auto",
     dtype="auto",  # float32 | bfloat16 | auto (bf16 on CUDA)
     cuda_graphs=1,
+    compile=0,  # 1: torch.compile the CUDA-graph decode step (experimental)
 )
 USAGE = __doc__.split("\n\nIn code")[0]
 
@@ -460,7 +469,8 @@ def main(argv):
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
     model = Transformer.from_pretrained(cfg["init_from"], dtype=dtype, device=device).eval()
     tok = Tokenizer.from_pretrained(cfg["init_from"])
-    engine = Engine(model, tok, cuda_graphs=bool(cfg["cuda_graphs"]) and device.startswith("cuda"))
+    engine = Engine(model, tok, cuda_graphs=bool(cfg["cuda_graphs"]) and device.startswith("cuda"),
+                    compile=bool(cfg["compile"]))
     gen = dict(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
                top_p=cfg["top_p"], min_p=cfg["min_p"], stop=[cfg["stop"]] if cfg["stop"] else None)
     if cfg["eval"]:

@@ -77,7 +77,7 @@ def worker(args):
         model = Transformer.from_pretrained(args.ckpt, dtype=dtype, device=device).eval()
         vocab = model.config.vocab_size
         ps = prompts(args, batch, vocab)
-        engine = Engine(model, None, cuda_graphs=bool(args.cuda_graphs) and device == "cuda")
+        engine = Engine(model, None, cuda_graphs=bool(args.cuda_graphs) and device == "cuda", compile=bool(args.compile))
 
         def run(n):
             out = engine.generate(ps, max_new_tokens=n, temperature=0, ignore_eos=True)
@@ -123,6 +123,7 @@ def main():
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per point; the fastest is kept")
     p.add_argument("--cuda_graphs", type=int, default=1)
+    p.add_argument("--compile", type=int, default=0, help="1: torch.compile the captured decode step (CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per side (0: torch's default); use 1 "
                    "on a shared machine, where OpenMP spin-waiting makes multi-threaded timings meaningless")
     p.add_argument("--hbm_bandwidth", type=float, default=3.35e12, help="bytes/s for the roofline (H100 SXM)")

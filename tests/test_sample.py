@@ -322,13 +322,7 @@ def test_graph_mode_logic_on_cpu(mt, prompts, monkeypatch):
 
     def fake_capture(self, step, restore):
         step(), restore()  # warmup, undone
-        cache = self._cache
-
-        def replay():  # a real replay runs no Python: the host-side pos += 1 must not happen
-            pos = cache.pos
-            step()
-            cache.pos = pos
-        return replay
+        return step  # replaying = rerunning the step on the same static buffers
 
     monkeypatch.setattr(Engine, "_capture", fake_capture)
     N = 20
