@@ -26,6 +26,7 @@ in, on which rows finished, or on the device. With generate(seed=s), row r = i*n
 seed_r = s + r; pass a list of seeds to choose them yourself (sample.py --eval uses s + problem*K + j).
 """
 import ast
+import functools
 import os
 import sys
 import time
@@ -102,6 +103,21 @@ def _buckets(n):
     return sorted(set(b for b in out if b < n)) + [n]
 
 
+def _eval_mode(method):
+    """Run an Engine method in eval + inference mode, then put a training model back in train mode
+    (GRPO alternates rollouts and updates on the same model)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return method(self, *args, **kwargs)
+        finally:
+            self.model.train(training)
+    return wrapper
+
+
 class Engine:
     """Batched generation with a static KV cache, prefix sharing, per-row stops/seeds and compaction.
 
@@ -116,7 +132,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, cuda_graphs=None, static=None, sync_every=None, compact_frac=0.25,
                  compile=False):
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         on_cuda = self.device.type == "cuda"
@@ -202,7 +218,7 @@ class Engine:
 
     # ---- generate ----
 
-    @torch.inference_mode()
+    @_eval_mode
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                  stop=None, seed=None, ignore_eos=False, on_tokens=None):
         """prompts: list of token-id lists. Returns out[i][j]: Completion of sample j of prompt i.

@@ -144,6 +144,18 @@ def test_seed_reproducibility(mt, prompts):
     assert [[s.logprobs for s in g] for g in a] == [[s.logprobs for s in g] for g in b]
 
 
+def test_generate_restores_train_mode(mt, prompts):
+    model, tok = mt
+    ref = Engine(model, tok).generate(prompts[:2], max_new_tokens=6, temperature=0)
+    model.train()
+    try:
+        out = Engine(model, tok).generate(prompts[:2], max_new_tokens=6, temperature=0)
+        assert model.training  # GRPO alternates rollouts and updates on one model
+    finally:
+        model.eval()
+    assert [g[0].tokens for g in out] == [g[0].tokens for g in ref]
+
+
 def test_fanout_equals_separate_sampling(mt, prompts):
     model, tok = mt
     engine = Engine(model, tok)
