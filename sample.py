@@ -542,7 +542,8 @@ def run_eval(engine, tok, cfg, gen, rank, world):
             rows = []
             for j, c in enumerate(samples):
                 reward = float(accuracy_reward(c.text, gold))
-                rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(c.text), reward=reward,
+                final = c.text[c.text.rfind("</think>") + 8:] if "</think>" in c.text else c.text  # as reward.py
+                rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(final), reward=reward,
                                  correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
                                  completion=c.text))
                 n_tokens += len(c.tokens)
