@@ -505,7 +505,7 @@ def main(argv):
         shown = [0]
 
         def on_tokens(_, new):
-            got.extend(new)
+            got.extend(t for t in new if t not in tok.stop_ids)  # as in Completion.text: no stop token
             text = tok.decode(got)
             if not text.endswith("\ufffd"):  # a partial UTF-8 sequence: wait for the rest of it
                 print(text[shown[0]:], end="", flush=True)
