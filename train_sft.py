@@ -85,7 +85,7 @@ grad_checkpointing = 0  # recompute each block in backward: less activation memo
 ce_chunk = 1024  # positions per chunk of the fused cross-entropy (peak logits memory = ce_chunk x vocab)
 eval_every = 50  # 0 disables periodic eval (a final eval still runs when there is a held-out split)
 save_every = 0  # 0 -> only at the end
-log_every = 1
+log_every = 10  # metrics.jsonl line (+ MFU line on GPU) every this many steps; the bar updates every step
 resume = 0  # 1: continue from out_dir/ckpt (model, optimizer, step, RNG, data position)
 seed = 1337
 skip_bad_rows = 0  # 1: skip (and count) malformed rows instead of stopping at the first one
@@ -318,10 +318,11 @@ class RowStream:
         return {"epoch": self.epoch, "pos": self.pos}
 
 
-def collate(rows, pad_id):
-    """Packed rows -> tensors. targets[t] = next token when it is learned and in the same document,
+def collate(rows, pad_id, pad_to=0):
+    """Packed rows -> tensors, padded to the longest row (or to pad_to: static shapes under compile).
+    targets[t] = next token when it is learned and in the same document,
     else -100; position_ids restart at 0 for each document; doc_ids (-1 = padding) build the mask."""
-    T = max(sum(len(ids) for ids, _ in row) for row in rows)
+    T = max(pad_to, max(sum(len(ids) for ids, _ in row) for row in rows))
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     targets = torch.full((B, T), -100, dtype=torch.long)
@@ -601,17 +602,20 @@ def main(argv=None):
     if master and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, desc="pretrain" if cfg.mode == "pretrain" else "sft")
-    eval_loss = None
+    eval_loss = train_loss = None
+    post = {}  # progress-bar fields
     model.train()
-    t_last, tok_since = time.time(), 0
+    train_time, tok_since = 0.0, 0  # since the last log line; eval and checkpoint time excluded
     while step < total_steps:
+        t0 = time.time()
         # ---- one optimizer step over batch_size x grad_accum rows on each rank
         lr_now = lr_at(step, total_steps, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr_now
         rows = stream.take(rows_per_step)  # every rank advances the same stream ...
         mine = rows[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]
-        micro = [collate(mine[a * cfg.batch_size:(a + 1) * cfg.batch_size], tok.pad_id)  # ... collates its share
+        micro = [collate(mine[a * cfg.batch_size:(a + 1) * cfg.batch_size], tok.pad_id,  # ... collates its share
+                         pad_to=cfg.max_seq_len if cfg.compile else 0)  # static shapes: no recompiles
                  for a in range(cfg.grad_accum)]
         n_targets = all_sum(sum(int((m["targets"] != -100).sum()) for m in micro))
         loss_sum = torch.zeros((), device=device)
@@ -633,16 +637,16 @@ def main(argv=None):
         step += 1
         train_loss = all_sum(loss_sum.item()) / max(1.0, n_targets)
         tok_since += all_sum(sum(int((m["doc_ids"] >= 0).sum()) for m in micro))
+        if dev_type == "cuda":
+            torch.cuda.synchronize()
+        train_time += time.time() - t0
 
         # ---- log / eval / save
         last = step == total_steps
         if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
             eval_loss = evaluate()
         if step % cfg.log_every == 0 or last:
-            if dev_type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t_last
-            tps = tok_since / max(dt, 1e-9)
+            tps = tok_since / max(train_time, 1e-9)
             rec = {"step": step, "loss": round(train_loss, 5), "lr": lr_now, "grad_norm": round(float(grad_norm), 4),
                    "tokens_per_s": round(tps, 1), "epoch": stream.epoch, "target_tokens": int(n_targets)}
             if eval_loss is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
@@ -650,20 +654,20 @@ def main(argv=None):
             if peak:
                 rec["mfu"] = round(flops_per_tok * tps / peak, 4)
             write_metrics(rec)
-            if bar is not None:
-                post = {"loss": f"{train_loss:.4f}", "lr": f"{lr_now:.2e}", "tok/s": f"{tps:.0f}"}
-                if "eval_loss" in rec:
-                    post["eval"] = f"{eval_loss:.4f}"
-                if peak:
-                    post["mfu"] = f"{100 * rec['mfu']:.1f}%"
-                bar.set_postfix(post, refresh=False)
-            elif master:
+            post["tok/s"] = f"{tps:.0f}"
+            if "eval_loss" in rec:
+                post["eval"] = f"{eval_loss:.4f}"
+            if peak:
+                post["mfu"] = f"{100 * rec['mfu']:.1f}%"
+            if bar is None and master:
                 print(json.dumps(rec))
             if peak and master:
-                print(f"step {step}: loss {train_loss:.4f} | {tps:.0f} tok/s | MFU {100 * rec['mfu']:.1f}%",
-                      file=sys.stderr if bar is not None else sys.stdout)
-            t_last, tok_since = time.time(), 0
+                line = f"step {step}: loss {train_loss:.4f} | {tps:.0f} tok/s | MFU {100 * rec['mfu']:.1f}%"
+                bar.write(line) if bar is not None else print(line)
+            train_time, tok_since = 0.0, 0
         if bar is not None:
+            post.update(loss=f"{train_loss:.4f}", lr=f"{lr_now:.2e}")
+            bar.set_postfix(post, refresh=False)
             bar.update(1)
         if (cfg.save_every and step % cfg.save_every == 0) or last:
             checkpoint()
@@ -672,7 +676,7 @@ def main(argv=None):
             break
     if bar is not None:
         bar.close()
-    if master and step == total_steps:
+    if master and step == total_steps and train_loss is not None:
         log(f"done: {step} steps, train loss {train_loss:.4f}"
             f"{f', eval loss {eval_loss:.4f}' if eval_loss is not None else ''}; checkpoint in {ckpt_path}")
     if ddp:

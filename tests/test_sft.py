@@ -300,7 +300,8 @@ def test_pretrain_mode_from_scratch(tmp_path, ckpt):
                            num_key_value_heads=1))
     res = train_sft.main([f"--mode=pretrain", "--init_from=scratch", f"--tokenizer={ckpt}", f"--model_config={conf}",
                           f"--data={data}", f"--out_dir={out}", "--max_seq_len=64", "--batch_size=4",
-                          "--max_steps=8", "--lr=1e-2", "--warmup_steps=1", "--progress=0", "--eval_every=4"])
+                          "--max_steps=8", "--lr=1e-2", "--warmup_steps=1", "--progress=0", "--eval_every=4",
+                          "--log_every=1"])
     assert res["step"] == 8
     m = Transformer.from_pretrained(os.path.join(out, "ckpt"))
     assert m.config.vocab_size == 320 and m.config.hidden_size == 32  # tokenizer's 300 rounded up to 64
