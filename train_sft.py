@@ -15,9 +15,10 @@ Launch:
     torchrun --standalone --nproc_per_node=8 train_sft.py --init_from=... --batch_size=4 --grad_accum=1
     # continue a run that stopped or was killed, exactly where its last checkpoint left off
     python train_sft.py --out_dir=out/sft --resume=1
-    # language-model mode from random init (how data/tiny/model was made; see README)
+    # language-model mode from random init (data/tiny/model was made so: exact commands in its README.md)
     python train_sft.py --mode=pretrain --init_from=scratch --tokenizer=data/tiny/tokenizer \\
-        --model_config='{"hidden_size":192,"num_hidden_layers":4}' --data=data/tiny/pretrain.jsonl
+        --model_config='{"hidden_size":192,"intermediate_size":512,"num_hidden_layers":4}' \\
+        --data=data/tiny/pretrain.jsonl --out_dir=out/tiny_base --batch_size=16 --lr=3e-3
 
 Config: every module-level value below is overridable with --key=value (bools are 0/1).
 
