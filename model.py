@@ -137,10 +137,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32, cast back before the weight multiply: the order HF uses, so bf16 matches too
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(position_ids, inv_freq, dtype):
