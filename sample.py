@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import torch
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CKPT = os.path.join(REPO, "data/tiny/model")  # the embedded tiny SFT model `python sample.py` samples from
+TINY_BASE = os.path.join(REPO, "data/tiny/model")  # shipped: pretrained on plain-text worked solutions only
+TINY_SFT = os.path.join(REPO, "out/sft/ckpt")  # what the quickstart's `python train_sft.py` writes (chat + <think>)
 DEFAULT_DATA = os.path.join(REPO, "data/tiny/test.jsonl")
 
 # -----------------------------------------------------------------------------
@@ -436,7 +437,7 @@ def parse_args(argv, config):
 
 
 CONFIG = dict(
-    init_from=DEFAULT_CKPT,  # HF-layout checkpoint dir with tokenizer files
+    init_from="",  # HF-layout checkpoint dir with tokenizer files; "": TINY_SFT if trained, else TINY_BASE
     prompt="",  # text to continue; empty: the first problem of --data
     chat=0,  # 1: wrap --prompt as a user turn in the chat template (rows with `messages` always use it)
     num_samples=1,
@@ -461,6 +462,8 @@ USAGE = __doc__.split("\n\nIn code")[0]
 
 def main(argv):
     cfg = parse_args(argv, CONFIG)
+    if not cfg["init_from"]:
+        cfg["init_from"] = TINY_SFT if os.path.isfile(os.path.join(TINY_SFT, "config.json")) else TINY_BASE
     if not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):
         if not argv:  # bare `python sample.py` before the tiny model exists
             print(f"no checkpoint at {cfg['init_from']}/ yet (train one with train_sft.py).\nusage:{USAGE}")
@@ -496,6 +499,8 @@ def main(argv):
         row = {"prompt": cfg["prompt"]}
     elif os.path.isfile(cfg["data"]):
         row = load_problems(cfg["data"])[0]
+        if os.path.isdir(TINY_BASE) and os.path.samefile(cfg["init_from"], TINY_BASE):  # a base model continues its pretraining format
+            row = {"prompt": f"Q: {row['prompt']}\nA:"}
     else:
         raise SystemExit("give --prompt=... (or --data with problems)")
     ids = encode_problem(tok, row, cfg["chat"])

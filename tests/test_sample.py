@@ -292,6 +292,14 @@ def test_cli_without_checkpoint_prints_usage(tmp_path, monkeypatch, capsys):
     assert "usage" in capsys.readouterr().out
 
 
+def test_cli_default_samples_the_shipped_base_model_in_its_pretraining_format(monkeypatch, capsys):
+    monkeypatch.setattr(sample, "TINY_SFT", "/nonexistent/out/sft/ckpt")  # as on a fresh clone
+    assert sample.main(["--max_new_tokens=24", "--temperature=0"]) == 0
+    printed = capsys.readouterr().out
+    first = sample.load_problems(sample.DEFAULT_DATA)[0]["prompt"]
+    assert printed.startswith(f"Q: {first}\nA:") and "finish_reason=" in printed
+
+
 def test_cli_streams_prompt(ckpt, mt, capsys):
     model, tok = mt
     assert sample.main([f"--init_from={ckpt}", "--prompt=What is 1 + 2?", "--chat=1", "--temperature=0",
