@@ -125,6 +125,15 @@ class ModelConfig:
         return d
 
 
+# Published Qwen2.5 shapes (their config.json files), for benchmarks with random weights of a real size
+QWEN25_SHAPES = {
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2),
+}
+
+
 # -----------------------------------------------------------------------------
 # modules (names mirror HF's Qwen2 so state dicts match key for key)
 
@@ -505,11 +514,12 @@ class Transformer(nn.Module):
             total = sum(v.numel() * v.element_size() for v in state.values())
             with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        _replace_dir(tmp, path)
+        swap_in_dir(tmp, path)
 
 
-def _replace_dir(tmp, path):
-    """Swap a finished temp dir into place so readers never see a half-written checkpoint."""
+def swap_in_dir(tmp, path):
+    """Swap a finished temp dir into place so readers never see a half-written checkpoint
+    (a crash leaves the previous directory, or this one at path.old / path, never a mix)."""
     old = path + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):

@@ -378,26 +378,13 @@ def maj_at_k(correct, answers, equiv=None):
 
 def load_problems(path):
     """JSONL rows with `answer` and `prompt` (str) or `messages` (list); errors name file:line."""
-    import json
+    from data.jsonl import iter_jsonl
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            if "answer" not in row:
-                raise ValueError(f"{path}:{lineno}: missing 'answer'")
-            if not isinstance(row.get("messages"), list) and not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{lineno}: needs 'prompt' (a string) or 'messages' (a list)")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no problems")
+    for lineno, row in iter_jsonl(path, required=("answer",)):
+        if not isinstance(row.get("messages"), list) and not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{lineno}: needs 'prompt' (a string) or 'messages' (a list)")
+        rows.append(row)
     return rows
 
 
@@ -579,4 +566,8 @@ def run_eval(engine, tok, cfg, gen, rank, world):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    rc = main(sys.argv[1:])
+    if "RANK" in os.environ:  # torchrun: gloo's worker threads can SIGABRT during interpreter teardown even after
+        sys.stdout.flush(), sys.stderr.flush()  # destroy_process_group (pytorch PR 179291), so skip it: all is written
+        os._exit(rc or 0)
+    sys.exit(rc)

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.jsonl import read_jsonl
-from model import ModelConfig, Transformer, chunked_cross_entropy
+from model import ModelConfig, Transformer, chunked_cross_entropy, swap_in_dir
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -395,12 +395,7 @@ def save_checkpoint(path, model, tok_dir, trainer_state):
         if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(staging, name)):
             shutil.copy2(src, os.path.join(staging, name))
     torch.save(trainer_state, os.path.join(staging, "trainer_state.pt"))
-    old = path + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(staging, path)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in_dir(staging, path)
 
 
 def find_checkpoint(path):
@@ -687,3 +682,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if "RANK" in os.environ:  # torchrun: gloo's worker threads can SIGABRT during interpreter teardown even after
+        sys.stdout.flush(), sys.stderr.flush()  # destroy_process_group (pytorch PR 179291), so skip it: all is saved
+        os._exit(0)

@@ -19,14 +19,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import QWEN25_SHAPES  # noqa: E402
 
 PRESETS = {  # Qwen2-shaped configs; "small" fits a 2-core CPU in about a minute
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2),
-    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2),
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2),
+    "0.5b": QWEN25_SHAPES["0.5b"],
+    "1.5b": QWEN25_SHAPES["1.5b"],
 }
 
 

@@ -272,7 +272,7 @@ def test_load_problems_errors_name_file_and_line(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a", "answer": "1"}\n\n{"messages": [{"role": "user", "content": "b"}], "answer": 2}\n')
     assert len(load_problems(f)) == 2
-    for bad, why in [('{"prompt": "a"}', "missing 'answer'"), ('{"answer": "1"}', "'prompt'"),
+    for bad, why in [('{"prompt": "a"}', r"missing field\(s\) 'answer'"), ('{"answer": "1"}', "'prompt'"),
                      ("{not json", "invalid JSON"), ("[1]", "JSON object")]:
         f.write_text('{"prompt": "a", "answer": "1"}\n' + bad + "\n")
         with pytest.raises(ValueError, match=rf"p.jsonl:2: .*{why}"):
