@@ -205,6 +205,44 @@ def test_bad_rows_name_file_and_line(tmp_path, ckpt):
         train_sft.load_examples([empty], tok, _cfg())
 
 
+def _sharded_load(rank, world, init_file, tok_dir, paths, counts, results):
+    """One DDP rank of test_each_rank_tokenizes_only_its_shard."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    tok = Tokenizer.from_pretrained(tok_dir)
+    calls = []
+    original = train_sft.row_to_example
+    train_sft.row_to_example = lambda row, *a: calls.append(row) or original(row, *a)
+    try:
+        (examples,), _ = train_sft.load_examples(paths[:1], tok, _cfg(), lambda *a: None, rank, world)
+        results[rank] = [(ids.tolist(), mask.tolist()) for ids, mask in examples]
+        counts[rank] = len(calls)
+        try:
+            train_sft.load_examples(paths[1:], tok, _cfg(), lambda *a: None, rank, world)
+        except ValueError as e:  # the bad row is on rank 1's shard; rank 0 must raise it too, not hang
+            results[f"error{rank}"] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_tokenizes_only_its_shard(tmp_path, ckpt):
+    """Under DDP each rank tokenises every world-th row, yet all ranks end with the one-process examples."""
+    import torch.multiprocessing as mp
+
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"messages": _chat(a, a + 1)} for a in range(9)])
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": _chat(1, 2)}, {"text": "x"}, {"messages": _chat(3, 4)}])
+    (single,), _ = train_sft.load_examples([good], Tokenizer.from_pretrained(ckpt), _cfg(), lambda *a: None)
+    with mp.Manager() as manager:
+        counts, results = manager.dict(), manager.dict()
+        mp.spawn(_sharded_load, args=(2, str(tmp_path / "store"), str(ckpt), [good, bad], counts, results), nprocs=2)
+        counts, results = dict(counts), dict(results)
+    assert counts == {0: 5, 1: 4}  # rows 0,2,4,6,8 and 1,3,5,7
+    expected = [(ids.tolist(), mask.tolist()) for ids, mask in single]
+    assert results[0] == results[1] == expected
+    assert results["error0"] == results["error1"] and "bad.jsonl:2: expected a 'messages'" in results["error0"]
+
+
 def test_truncation_is_counted_never_silent(tmp_path, ckpt):
     tok = Tokenizer.from_pretrained(ckpt)
     long_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "7 " * 60}]}
