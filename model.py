@@ -14,10 +14,9 @@ Also here, because every training script needs them next to the lm_head:
     materialise the full [tokens, vocab] fp32 logits.
 """
 import json
-import math
 import os
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -109,7 +108,6 @@ class ModelConfig:
         """The published config.json form, which transformers 4.x and 5.x both read."""
         arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
         d = {"architectures": [arch], "hidden_act": "silu", "use_sliding_window": False, **self.extra}
-        d.pop("rope_scaling", None)
         d.update(
             model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
@@ -297,11 +295,7 @@ class KVCache:
         self.valid[:, start:end] = new
         position_ids = self.n_valid[:, None] + new.long().cumsum(-1) - 1
         self.n_valid += new.long().sum(-1)
-        keys = torch.arange(end, device=new.device)
-        causal = keys[None, :] <= torch.arange(start, end, device=new.device)[:, None]  # [T, end]
-        mask = causal[None] & self.valid[:, None, :end]
-        mask |= keys[None, None, :] == torch.arange(start, end, device=new.device)[None, :, None]  # see self
-        return position_ids.clamp(min=0), mask[:, None]
+        return position_ids.clamp(min=0), causal_mask(self.valid[:, :end], start)
 
     def _prepare_static(self, attention_mask):
         # no Python ints and no host syncs in here: it is recorded once into a CUDA graph and replayed
@@ -355,14 +349,14 @@ class KVCache:
         self._view(n)
 
 
-def padding_mask_4d(attention_mask):
-    """[B, T] 0/1 padding mask -> [B, 1, T, T] bool causal mask that also ignores padded keys.
-    Every query also sees itself, so a pad row never has an all-masked softmax (which gives NaN)."""
-    T = attention_mask.shape[1]
-    idx = torch.arange(T, device=attention_mask.device)
-    causal = idx[None, :] <= idx[:, None]
-    mask = causal[None] & attention_mask.bool()[:, None, :]
-    mask |= torch.eye(T, dtype=torch.bool, device=attention_mask.device)[None]
+def causal_mask(valid, start=0):
+    """Bool attention mask [B, 1, S - start, S] for queries at columns start..S-1 over keys 0..S-1, where
+    S = valid.shape[1]: causal, and keys with valid[b, key] False (padding) are ignored. Every query also
+    sees itself, so a padded query never has an all-masked softmax (which gives NaN)."""
+    keys = torch.arange(valid.shape[1], device=valid.device)
+    queries = keys[start:, None]
+    mask = (keys[None, :] <= queries)[None] & valid[:, None, :]
+    mask |= (keys[None, :] == queries)[None]
     return mask[:, None]
 
 
@@ -429,7 +423,7 @@ class Transformer(nn.Module):
         elif attention_mask is not None and attention_mask.dim() == 2:
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            mask = padding_mask_4d(attention_mask)
+            mask = causal_mask(attention_mask.bool())
         elif attention_mask is not None:
             mask = attention_mask
         if position_ids is None:
