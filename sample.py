@@ -25,7 +25,6 @@ samples by inverse CDF, so a row's tokens depend only on its seed and its logits
 in, on which rows finished, or on the device. With generate(seed=s), row r = i*num_samples + j gets
 seed_r = s + r; pass a list of seeds to choose them yourself (sample.py --eval uses s + problem*K + j).
 """
-import ast
 import functools
 import os
 import sys
@@ -33,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from configurator import parse_overrides
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY_BASE = os.path.join(REPO, "data/tiny/model")  # shipped: pretrained on plain-text worked solutions only
@@ -397,32 +398,6 @@ def encode_problem(tok, row, chat):
     return tok.encode(row["prompt"])
 
 
-def parse_args(argv, config):
-    """nanoGPT-style `--key=value` overrides of `config` (values parsed as Python literals; `--flag` = True)."""
-    config = dict(config)
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}: options are --key=value")
-        key, _, val = arg[2:].partition("=")
-        if key not in config:
-            raise SystemExit(f"unknown option --{key}; options: {', '.join('--' + k for k in config)}")
-        if not _:
-            val = "True"
-        try:
-            val = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            pass  # a bare string
-        default = config[key]
-        if isinstance(default, bool):
-            val = bool(val)
-        elif isinstance(default, float) and isinstance(val, int):
-            val = float(val)
-        elif default is not None and not isinstance(val, type(default)):
-            raise SystemExit(f"--{key}={val!r}: expected {type(default).__name__}")
-        config[key] = val
-    return config
-
-
 CONFIG = dict(
     init_from="",  # HF-layout checkpoint dir with tokenizer files; "": TINY_SFT if trained, else TINY_BASE
     prompt="",  # text to continue; empty: the first problem of --data
@@ -448,7 +423,7 @@ USAGE = __doc__.split("\n\nIn code")[0]
 
 
 def main(argv):
-    cfg = parse_args(argv, CONFIG)
+    cfg = parse_overrides(argv, CONFIG)
     if not cfg["init_from"]:
         cfg["init_from"] = TINY_SFT if os.path.isfile(os.path.join(TINY_SFT, "config.json")) else TINY_BASE
     if not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from configurator import parse_overrides
 from data.jsonl import read_jsonl
 from model import ModelConfig, Transformer, chunked_cross_entropy, swap_in_dir
 from tokenizer import Tokenizer
@@ -102,23 +103,7 @@ class Config(dict):
 
 def configure(argv):
     """Module defaults overridden by --key=value arguments, typed like the default (bools as 0/1)."""
-    cfg = Config({k: globals()[k] for k in CONFIG_KEYS})
-    for arg in argv:
-        key, sep, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
-            raise SystemExit(f"bad argument {arg!r}: expected --key=value")
-        if key not in cfg:
-            raise SystemExit(f"unknown config key {key!r}; known keys: {', '.join(CONFIG_KEYS)}")
-        kind = type(cfg[key])
-        try:
-            if kind is int:  # accept 1e4 for ints, but not 0.5
-                f = float(val)
-                if not f.is_integer():
-                    raise ValueError
-                val = int(f)
-            cfg[key] = kind(val)
-        except ValueError:
-            raise SystemExit(f"--{key}={val}: expected a {kind.__name__}") from None
+    cfg = Config(parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS}))
     if cfg.mode not in ("sft", "pretrain"):
         raise SystemExit(f"--mode={cfg.mode}: expected sft or pretrain")
     return cfg

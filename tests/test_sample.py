@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sample  # noqa: E402
+from configurator import parse_overrides  # noqa: E402
 from helpers import make_tiny_checkpoint  # noqa: E402
 from model import Transformer  # noqa: E402
 from sample import Engine, load_problems, maj_at_k, majority_vote, pass_at_1, pass_at_k, sample_tokens  # noqa: E402
@@ -280,10 +281,14 @@ def test_load_problems_errors_name_file_and_line(tmp_path):
 
 
 def test_parse_args():
-    cfg = sample.parse_args(["--temperature=0", "--eval", "--prompt=What is 2+3?", "--top_k=5"], sample.CONFIG)
+    cfg = parse_overrides(["--temperature=0", "--eval", "--prompt=What is 2+3?", "--top_k=5"], sample.CONFIG)
     assert cfg["temperature"] == 0.0 and cfg["eval"] is True and cfg["prompt"] == "What is 2+3?" and cfg["top_k"] == 5
     with pytest.raises(SystemExit, match="unknown option"):
-        sample.parse_args(["--nope=1"], sample.CONFIG)
+        parse_overrides(["--nope=1"], sample.CONFIG)
+    assert parse_overrides(["--prompt=123", "--eval=0"], sample.CONFIG)["prompt"] == "123"  # text stays text
+    for bad in (["--top_k=0.5"], ["--eval=maybe"], ["--top_k"], ["top_k=1"]):
+        with pytest.raises(SystemExit):
+            parse_overrides(bad, sample.CONFIG)
 
 
 def test_cli_without_checkpoint_prints_usage(tmp_path, monkeypatch, capsys):
