@@ -584,6 +584,13 @@ def is_equiv(pred, gold) -> bool:
 # ----------------------------------------------------------------------------
 # Rewards on a completion.
 # ----------------------------------------------------------------------------
+def answer_part(completion: str) -> str:
+    """The text after the last </think>, or the whole completion when there is none: the answer is what
+    the model gives after thinking, not what it considered on the way."""
+    i = completion.rfind("</think>")
+    return completion[i + len("</think>") :] if i >= 0 else completion
+
+
 def accuracy_reward(completion: str, answer) -> float:
     """1.0 if the completion's final answer matches `answer`, else 0.0.
     Only the text after the last </think> is searched when there is one (the
@@ -593,8 +600,7 @@ def accuracy_reward(completion: str, answer) -> float:
         gold = str(answer)
         if "####" in gold or _BOX.search(gold):
             gold = extract_answer(gold) or gold
-        i = completion.rfind("</think>")
-        pred = extract_answer(completion[i + 8 :] if i >= 0 else completion)
+        pred = extract_answer(answer_part(completion))
         return float(pred is not None and is_equiv(pred, gold))
     except Exception:
         return 0.0
@@ -754,7 +760,7 @@ SANDBOX_MARKER = "nanor1-sandbox"  # in the child's argv, so tests can look for 
 def _extract_code(completion: str) -> str:
     """After the last </think> (if any): the last ```python / ```py / bare ```
     fenced block, else all of that text."""
-    text = completion[completion.rfind("</think>") + 8 :] if "</think>" in completion else completion
+    text = answer_part(completion)
     for block in reversed(text.split("```")[1:-1:2]):  # odd pieces lie inside complete fences
         first, _, body = block.partition("\n")
         if first.strip().lower() in ("", "python", "py", "python3"):

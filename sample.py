@@ -491,7 +491,7 @@ def run_eval(engine, tok, cfg, gen, rank, world):
     from tqdm import tqdm
 
     from data.jsonl import write_jsonl
-    from reward import accuracy_reward, extract_answer, is_equiv
+    from reward import accuracy_reward, answer_part, extract_answer, is_equiv
 
     problems = load_problems(cfg["data"])
     K = cfg["num_samples"]
@@ -509,8 +509,7 @@ def run_eval(engine, tok, cfg, gen, rank, world):
             rows = []
             for j, c in enumerate(samples):
                 reward = float(accuracy_reward(c.text, gold))
-                final = c.text[c.text.rfind("</think>") + 8:] if "</think>" in c.text else c.text  # as reward.py
-                rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(final), reward=reward,
+                rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)), reward=reward,
                                  correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
                                  completion=c.text))
                 n_tokens += len(c.tokens)

@@ -222,3 +222,10 @@ def test_fuzz_is_equiv_is_reflexive_on_nonempty_answers(text):
     # an answer always equals itself (unless it normalises to nothing)
     if reward._canon(text.strip()):
         assert is_equiv(text, text)
+
+
+def test_answer_part_is_what_follows_the_last_think_close():
+    assert reward.answer_part("<think>\\boxed{1}</think> so \\boxed{2}") == " so \\boxed{2}"
+    assert reward.answer_part("a</think>b</think>c") == "c"
+    assert reward.answer_part("no thinking \\boxed{3}") == "no thinking \\boxed{3}"
+    assert reward.answer_part("</think>") == ""
