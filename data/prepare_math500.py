@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
 from data.jsonl import convert_jsonl, download, write_jsonl
+from data.prepare_gsm8k import to_sft  # same R1 form: solution as the thinking, boxed answer
 
 URL = "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"
 INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -36,12 +37,6 @@ def convert_math500_row(row, instruction=INSTRUCTION):
         if key in row:
             out[key] = row[key]
     return out
-
-
-def to_sft(row):
-    """R1 format: the reference solution as the thinking, then the boxed gold answer."""
-    content = f"<think>\n{row['solution']}\n</think>\n\\boxed{{{row['answer']}}}"
-    return {"messages": row["messages"] + [{"role": "assistant", "content": content}]}
 
 
 def main(argv=None):

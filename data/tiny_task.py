@@ -20,7 +20,6 @@ steps wrong, which leaves RL something to fix. Answers are checked exactly (`eva
 Nothing here calls eval(): `evaluate` is a 20-line recursive-descent parser.
 """
 
-import random
 import re
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
