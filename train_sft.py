@@ -401,7 +401,7 @@ def save_checkpoint(path, model, tok_dir, trainer_state):
     model.save_pretrained(staging)
     for name in TOKENIZER_FILES:
         src = os.path.join(tok_dir, name)
-        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(os.path.join(staging, name)):
+        if os.path.isfile(src):
             shutil.copy2(src, os.path.join(staging, name))
     torch.save(trainer_state, os.path.join(staging, "trainer_state.pt"))
     swap_in_dir(staging, path)
@@ -649,13 +649,14 @@ def main(argv=None):
 
         # ---- log / eval / save
         last = step == total_steps
-        if eval_rows and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+        evaluated = bool(eval_rows) and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
+        if evaluated:
             eval_loss = evaluate()
         if step % cfg.log_every == 0 or last:
             tps = tok_since / max(train_time, 1e-9)
             rec = {"step": step, "loss": round(train_loss, 5), "lr": lr_now, "grad_norm": round(float(grad_norm), 4),
                    "tokens_per_s": round(tps, 1), "epoch": stream.epoch, "target_tokens": int(n_targets)}
-            if eval_loss is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+            if evaluated:
                 rec["eval_loss"] = round(eval_loss, 5)
             if peak:
                 rec["mfu"] = round(flops_per_tok * tps / peak, 4)
