@@ -12,14 +12,12 @@ Both sides compute the loss from full logits with F.cross_entropy, so this measu
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import QWEN25_SHAPES  # noqa: E402
+from common import hardware, peak_memory_bytes, run_worker  # noqa: E402  (bench/common.py)
 
 PRESETS = {  # Qwen2-shaped configs; "small" fits a 2-core CPU in about a minute
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -72,11 +70,11 @@ def worker(args):
         model.zero_grad(set_to_none=True)
     sync()
     dt = (time.perf_counter() - t0) / args.steps
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = peak_memory_bytes(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(json.dumps(dict(impl=args.impl, tok_s=args.batch_size * args.seq_len / dt, step_s=dt,
-                          peak_bytes=peak, device=device, n_params=n_params)))
+                          peak_bytes=peak, device=device, n_params=n_params,
+                          flops_per_token=model.flops_per_token(args.seq_len) if args.impl != "hf" else None)))
 
 
 def main():
@@ -93,23 +91,17 @@ def main():
         return worker(args)
     rows = {}
     for impl in ("hf", "ours", "ours+chunkedCE"):
-        cmd = [sys.executable, __file__, f"--impl={impl}"] + sys.argv[1:]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows[impl] = json.loads(out.strip().splitlines()[-1])
+        rows[impl] = run_worker([__file__, f"--impl={impl}"] + sys.argv[1:])
     import torch
 
-    hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
-    print(f"hardware: {hw} | torch {torch.__version__} | preset={args.preset} batch={args.batch_size} "
+    print(f"hardware: {hardware()} | torch {torch.__version__} | preset={args.preset} batch={args.batch_size} "
           f"seq={args.seq_len} params={rows['ours']['n_params'] / 1e6:.1f}M device={rows['hf']['device']}")
     ref = rows["hf"]
     for impl, r in rows.items():
         line = (f"{impl:>15}: {r['tok_s']:10.0f} tok/s  peak {r['peak_bytes'] / 2**20:8.0f} MiB  "
                 f"speed x{r['tok_s'] / ref['tok_s']:.2f}  memory x{r['peak_bytes'] / ref['peak_bytes']:.2f}")
-        if r["device"] == "cuda":
-            from model import ModelConfig, Transformer  # noqa: F401  (flops formula lives with the model)
-            n = r["n_params"]
-            flops = 6 * n * r["tok_s"]
-            line += f"  MFU {100 * flops / args.peak_flops:.1f}%"
+        if r["device"] == "cuda":  # same model FLOPs for every row: Transformer.flops_per_token
+            line += f"  MFU {100 * rows['ours']['flops_per_token'] * r['tok_s'] / args.peak_flops:.1f}%"
         print(line)
 
 

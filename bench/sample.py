@@ -16,15 +16,13 @@ memory-bandwidth roofline: (bytes of weights + bytes of KV cache read per step) 
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import QWEN25_SHAPES  # noqa: E402
+from common import hardware, peak_memory_bytes, run_worker  # noqa: E402  (bench/common.py)
 
 PRESETS = {  # Qwen2-shaped; "tiny" ~ the embedded world's model, "small" a shrunk Qwen (32k vocab) for a CPU
     "tiny": dict(vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
@@ -95,8 +93,7 @@ def worker(args):
             sync()
             best = min(best, time.perf_counter() - t0)
         times[n] = best
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = peak_memory_bytes(device)
     cfg = json.load(open(os.path.join(args.ckpt, "config.json")))
     print(json.dumps(dict(impl=args.impl, batch=batch, tok_s=batch * N / times[N],
                           decode_tok_s=batch * (N - 1) / max(times[N] - times[1], 1e-9),
@@ -146,12 +143,8 @@ def main():
         rows = []
         for b in map(int, args.batch_sizes.split(",")):
             for impl in ("hf", "ours"):
-                cmd = [sys.executable, __file__, f"--impl={impl}", f"--batch={b}", f"--ckpt={ckpt}"] + sys.argv[1:]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
-    hw = (torch.cuda.get_device_name() if cuda
-          else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()} ({args.threads or torch.get_num_threads()} threads)")
-    print(f"hardware: {hw} | torch {torch.__version__} | preset={args.preset} "
+                rows.append(run_worker([__file__, f"--impl={impl}", f"--batch={b}", f"--ckpt={ckpt}"] + sys.argv[1:]))
+    print(f"hardware: {hardware(args.threads)} | torch {torch.__version__} | preset={args.preset} "
           f"params={rows[0]['n_params'] / 1e6:.1f}M prompt_len<={args.prompt_len} new={args.max_new_tokens} greedy")
     for hf, ours in zip(rows[0::2], rows[1::2]):
         line = (f"batch {ours['batch']:>3}: ours {ours['tok_s']:9.0f} tok/s (decode {ours['decode_tok_s']:9.0f})  "

@@ -15,14 +15,12 @@ imported here, never by train_sft.py.
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import hardware, peak_memory_bytes, run_worker  # noqa: E402  (bench/common.py)
 
 
 def rss_mb():
@@ -92,13 +90,9 @@ def worker(a):
     dt = time.perf_counter() - t
     out = {"impl": a.impl, "tokens_per_s": a.steps * a.batch * a.seq / dt, "loss": loss,
            "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    if dev.type == "cuda":
-        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["peak_over_start_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-        out["peak_over_start_mb"] = out["peak_mb"] - rss_before
-    print("RESULT " + json.dumps(out))
+    out["peak_mb"] = peak_memory_bytes(dev) / 2**20
+    out["peak_over_start_mb"] = out["peak_mb"] - (base / 2**20 if dev.type == "cuda" else rss_before)
+    print(json.dumps(out))
 
 
 def main():
@@ -124,16 +118,10 @@ def main():
 
     res = {}
     for impl in ("hf", "ours"):
-        args = [sys.executable, os.path.abspath(__file__), f"--impl={impl}"] + \
-               [f"--{k}={v}" for k, v in vars(a).items() if k != "impl"]
-        proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{impl} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        res[impl] = json.loads(line[0][7:])
+        res[impl] = run_worker([os.path.abspath(__file__), f"--impl={impl}"] +
+                               [f"--{k}={v}" for k, v in vars(a).items() if k != "impl"])
     import torch
-    hw = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or platform.machine()}, " \
-        f"{os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"
+    hw = hardware()
     print(f"hardware: {hw}; torch {torch.__version__}")
     print(f"config: vocab {a.vocab}, hidden {a.hidden}, layers {a.layers}, heads {a.heads}/{a.kv_heads}, "
           f"batch {a.batch} x seq {a.seq}, {a.steps} timed steps, {'bf16 autocast' if a.device == 'cuda' else 'fp32'}, "
