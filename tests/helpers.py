@@ -66,40 +66,26 @@ def make_tiny_tokenizer(path, vocab_size=300):
     return path
 
 
-def make_sft_checkpoint(path, seed=0, vocab_size=320, **overrides):
-    """A random tiny nanoR1 Transformer + the tiny tokenizer in one HF-layout dir (what train_sft.py loads)."""
-    from model import ModelConfig, Transformer
-
-    kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, dtype="float32")
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**kw)).init_weights()
-    model.save_pretrained(path)
-    make_tiny_tokenizer(path)
-    return model
-
-
-# ---- sample.py helpers
-
-def make_tiny_checkpoint(path, seed=0, std=0.1, **overrides):
+def make_tiny_checkpoint(path, seed=0, std=0.1, vocab_size=None, **overrides):
     """A random tiny nanoR1 Transformer + the tiny byte-level ChatML tokenizer in one HF-layout dir; returns path.
-    The model's vocab is exactly the tokenizer's (every id decodes); std > the usual 0.02 makes next-token
+    vocab_size None: exactly the tokenizer's (every id decodes). std > the usual 0.02 makes next-token
     distributions peaked enough that greedy parity checks are not decided by float noise."""
-    import json
     import os
+    import shutil
+    import tempfile
 
     from model import ModelConfig, Transformer
+    from tokenizer import Tokenizer
 
-    make_tiny_tokenizer(path)
-    with open(os.path.join(path, "tokenizer.json")) as f:
-        tj = json.load(f)
-    vocab = max([*tj["model"]["vocab"].values(), *(t["id"] for t in tj["added_tokens"])]) + 1
-    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, dtype="float32")
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**kw)).init_weights(std=std)
-    model.save_pretrained(path)  # replaces the directory atomically: the tokenizer goes in afterwards
-    make_tiny_tokenizer(path)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        make_tiny_tokenizer(tok_dir)
+        kw = dict(vocab_size=vocab_size or Tokenizer.from_pretrained(tok_dir).vocab_size, hidden_size=64,
+                  intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, dtype="float32")
+        kw.update(overrides)
+        torch.manual_seed(seed)
+        # save_pretrained swaps the whole directory in, so the tokenizer files are copied in afterwards
+        Transformer(ModelConfig(**kw)).init_weights(std=std).save_pretrained(path)
+        for name in os.listdir(tok_dir):
+            shutil.copy(os.path.join(tok_dir, name), path)
     return path

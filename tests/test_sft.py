@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import train_sft
-from helpers import make_sft_checkpoint, make_tiny_tokenizer
+from helpers import make_tiny_checkpoint, make_tiny_tokenizer
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -37,7 +37,7 @@ def _write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
-    make_sft_checkpoint(path)
+    make_tiny_checkpoint(path, std=0.02, vocab_size=320)  # init_weights' default std
     return str(path)
 
 
@@ -336,7 +336,7 @@ def test_pretrain_mode_from_scratch(tmp_path, ckpt):
     out = str(tmp_path / "pt")
     conf = json.dumps(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=1))
-    res = train_sft.main([f"--mode=pretrain", "--init_from=scratch", f"--tokenizer={ckpt}", f"--model_config={conf}",
+    res = train_sft.main(["--mode=pretrain", "--init_from=scratch", f"--tokenizer={ckpt}", f"--model_config={conf}",
                           f"--data={data}", f"--out_dir={out}", "--max_seq_len=64", "--batch_size=4",
                           "--max_steps=8", "--lr=1e-2", "--warmup_steps=1", "--progress=0", "--eval_every=4",
                           "--log_every=1"])
