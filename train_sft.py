@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import parse_overrides
-from data.jsonl import read_jsonl
+from data.jsonl import iter_jsonl
 from model import ModelConfig, Transformer, chunked_cross_entropy, swap_in_dir
 from tokenizer import Tokenizer
 
@@ -135,28 +135,16 @@ def parse_data_spec(spec):
     return [(p, w / total) for p, w in items]
 
 
-def _is_json_object(line):
-    try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
-        return False
-
-
 def read_rows(path, skip_bad_rows=False):
-    """[(\"path:line\", row)] -- read_jsonl does the validation; we only recover each row's line number
-    so that later errors (no assistant turn, ...) can point at it too."""
+    """[("path:line", row)]: keeping each row's line number lets later errors (no assistant turn, ...)
+    point at it too. A .txt file is one document."""
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
             text = f.read()
         if not text.strip():
             raise ValueError(f"{path}: empty file")
         return [(f"{path}:1", {"text": text})]
-    rows = read_jsonl(path, skip_bad_rows=bool(skip_bad_rows))
-    with open(path, encoding="utf-8") as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    if len(lines) != len(rows):  # read_jsonl skipped bad lines: keep the numbers of the ones it kept
-        lines = [(i, line) for i, line in lines if _is_json_object(line)]
-    return [(f"{path}:{i}", row) for (i, _), row in zip(lines, rows)]
+    return [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path, skip_bad_rows=bool(skip_bad_rows))]
 
 
 def row_to_example(row, tok, mode, where):
