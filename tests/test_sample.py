@@ -221,6 +221,80 @@ def test_stop_strings(mt, prompts):
         assert stop not in tok.decode(c.tokens[:-1])  # cut at the token that completed it
 
 
+# ---- CPU fast paths: oneDNN linears on packed weights, block argmax ---------------------------------
+
+needs_onednn = pytest.mark.skipif(not sample.onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+def has_patched_forward(model):
+    return any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@needs_onednn
+def test_onednn_linears_equal_f_linear(mt, prompts, monkeypatch):
+    model, tok = mt
+    monkeypatch.setattr(sample, "ONEDNN_MIN_MACS", 0)  # every call through oneDNN, however small
+    ids = torch.tensor([prompts[2]])
+    with torch.inference_mode():
+        ref = model(ids)
+        with sample.onednn_linears(model), torch.profiler.profile() as prof:
+            assert has_patched_forward(model)
+            got = model(ids)
+    ran = [e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise"]
+    assert ran == [7 * model.config.num_hidden_layers + 1]  # q k v o gate up down per layer + lm_head
+    assert not has_patched_forward(model)  # plain nn.Linear again after the block
+    assert (got - ref).abs().max() <= 1e-4
+    with pytest.raises(KeyError), sample.onednn_linears(model):
+        raise KeyError("boom")
+    assert not has_patched_forward(model)  # restored on an exception too
+    kw = dict(num_samples=2, max_new_tokens=16, temperature=0, ignore_eos=True)
+    plain, fast = Engine(model, tok, onednn=False), Engine(model, tok, onednn=True)
+    for a, b in zip(plain.generate(prompts, **kw), fast.generate(prompts, **kw)):
+        for ca, cb in zip(a, b):
+            assert ca.tokens == cb.tokens
+            assert max(abs(x - y) for x, y in zip(ca.logprobs, cb.logprobs)) <= 1e-4
+
+
+@needs_onednn
+def test_onednn_engine_repacks_only_changed_weights(ckpt, prompts, monkeypatch):
+    # GRPO updates the weights in place between rollouts: the next generate must see the new weights
+    monkeypatch.setattr(sample, "ONEDNN_MIN_MACS", 0)
+    tok = Tokenizer.from_pretrained(ckpt)
+    model = Transformer.from_pretrained(ckpt).eval()
+    engine = Engine(model, tok)
+    assert engine.onednn  # the default for a float32 model on the CPU
+    kw = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
+    before = engine.generate(prompts, **kw)
+    packed = {name: w for name, (_, w) in engine._packed.items()}
+    engine.generate(prompts, **kw)
+    assert all(engine._packed[name][1] is w for name, w in packed.items())  # unchanged weights: no reorder
+    torch.manual_seed(0)
+    with torch.no_grad():  # like an optimizer step: in place, same storage
+        model.model.layers[0].mlp.down_proj.weight.add_(torch.randn_like(model.model.layers[0].mlp.down_proj.weight))
+    after = engine.generate(prompts, **kw)
+    assert engine._packed["model.layers.0.mlp.down_proj"][1] is not packed["model.layers.0.mlp.down_proj"]
+    assert engine._packed["model.layers.1.mlp.down_proj"][1] is packed["model.layers.1.mlp.down_proj"]
+    ref = Engine(model, tok, onednn=False).generate(prompts, **kw)
+    assert [g[0].tokens for g in after] == [g[0].tokens for g in ref]
+    assert [g[0].tokens for g in after] != [g[0].tokens for g in before]
+    engine.free()
+    assert engine._packed == {}
+    with pytest.raises(ValueError, match="float32 model on the CPU"):
+        Engine(Transformer.from_pretrained(ckpt, dtype=torch.bfloat16), tok, onednn=True)
+
+
+def test_argmax_rows_equals_argmax():
+    torch.manual_seed(0)
+    for V in (512, 32768, 500):  # 500: not a multiple of the block width, plain argmax
+        x = torch.randn(6, V)
+        x[1, 3] = x[1, 300] = x[1, 301] = 9.0  # ties across and within blocks: the first index wins
+        x[2, V - 1] = 9.0
+        x[3] = 1.0  # all equal
+        x[4, :] = -float("inf")
+        x[4, 200] = 0.0
+        assert torch.equal(sample.argmax_rows(x), x.argmax(-1)), V
+
+
 # ---- the sampling step -----------------------------------------------------------------------------
 
 
