@@ -310,6 +310,11 @@ def test_sample_tokens_filters_and_distribution():
     # log-probs are of the unfiltered temperature-scaled distribution
     t, lp = sample_tokens(logits, u, temperature=0.5, top_k=3)
     assert torch.allclose(lp, torch.log_softmax(logits / 0.5, -1).gather(-1, t[:, None])[:, 0])
+    buf = torch.full((6, 50), float("nan"))  # the Engine's reused log-softmax buffer (more rows than needed)
+    for T in (0, 0.5, 1.0):
+        plain = sample_tokens(logits, u, temperature=T, top_p=0.9)
+        reused = sample_tokens(logits, u, temperature=T, top_p=0.9, out=buf)
+        assert torch.equal(plain[0], reused[0]) and torch.equal(plain[1], reused[1])
     # empirical frequencies follow the filtered distribution
     row = logits[:1].expand(20000, -1)
     toks, _ = sample_tokens(row, torch.rand(20000, dtype=torch.float64), temperature=1.0, top_k=5)
