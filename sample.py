@@ -151,7 +151,9 @@ def onednn_linears(model, packed=None):
     packed: a dict kept across calls (the Engine keeps one, freed by Engine.free): a weight is reordered again
     only when it changed (its version counter, bumped by every in-place update such as an optimizer step, or
     its storage), so a model trained between rollouts is never served stale, and repeated calls on the same
-    weights pay the reorder (~25 ms for a 32k x 256 lm_head) once. Costs one more copy of the linear weights."""
+    weights pay the reorder (~25 ms for a 32k x 256 lm_head) once. Costs one more copy of the linear weights.
+    A write through `param.data` (e.g. `p.data.copy_(w)`) does not bump the version counter: call
+    Engine.free() after one (torch.optim, load_state_dict and in-place ops under no_grad all bump it)."""
     packed = {} if packed is None else packed
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for name, lin in linears:
