@@ -146,7 +146,7 @@ def onednn_linears(model, packed=None):
     into oneDNN's blocked layout (the weight prepacking inductor's `freezing` does on CPU) -- for calls of at
     least ONEDNN_MIN_MACS multiply-adds; smaller ones keep F.linear.
     Why: F.linear's sgemm is slow at the skinny shapes of decoding (a few rows times a wide weight); on the
-    AMD EPYC of bench/README.md the packed kernel is 1.5-4x faster per call (16 rows x a 32k-word lm_head:
+    AMD EPYC of bench/README.md the packed kernel is 1.5-3x faster per call (16 rows x a 32k-word lm_head:
     5.2 ms -> 1.6 ms).
     packed: a dict kept across calls (the Engine keeps one, freed by Engine.free): a weight is reordered again
     only when it changed (its version counter, bumped by every in-place update such as an optimizer step, or
@@ -156,21 +156,21 @@ def onednn_linears(model, packed=None):
     Engine.free() after one (torch.optim, load_state_dict and in-place ops under no_grad all bump it)."""
     packed = {} if packed is None else packed
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for name, lin in linears:
-        key = (lin.weight.data_ptr(), lin.weight._version)
-        if name not in packed or packed[name][0] != key:
-            packed[name] = (key, torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), None))
-
-        def forward(x, lin=lin, w=packed[name][1]):
-            if x.numel() * lin.out_features < ONEDNN_MIN_MACS:
-                return F.linear(x, lin.weight, lin.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, w, lin.bias, "none", [], "")
-        lin.forward = forward  # an instance attribute shadows Linear.forward until it is deleted
     try:
+        for name, lin in linears:
+            key = (lin.weight.data_ptr(), lin.weight._version)
+            if name not in packed or packed[name][0] != key:
+                packed[name] = (key, torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), None))
+
+            def forward(x, lin=lin, w=packed[name][1]):
+                if x.numel() * lin.out_features < ONEDNN_MIN_MACS:
+                    return F.linear(x, lin.weight, lin.bias)
+                return torch.ops.mkldnn._linear_pointwise(x, w, lin.bias, "none", [], "")
+            lin.forward = forward  # an instance attribute shadows Linear.forward until it is removed
         yield
     finally:
         for _, lin in linears:
-            del lin.forward
+            vars(lin).pop("forward", None)
 
 
 def _eval_mode(method):
