@@ -19,7 +19,7 @@ What makes it fast, in the order it happens:
   3. decoding runs sync_every steps between host syncs; rows that finished are compacted away;
   4. on CUDA the one-token decode step is captured in a CUDA graph per batch size (static cache path:
      full-length masked attention, write position held in a device tensor), removing per-op launch cost;
-     on the CPU the linears run through oneDNN on prepacked weights (onednn_linears), ~2x faster at the
+     on the CPU the linears run through oneDNN on prepacked weights (onednn_linears), 1.5-3x faster at the
      skinny matmuls of decoding than F.linear on the machine of bench/README.md.
 
 Randomness is per row: row r draws all its uniforms up front from torch.Generator().manual_seed(seed_r) and
