@@ -466,13 +466,74 @@ def load_problems(path):
     return rows
 
 
-def encode_problem(tok, row, chat):
-    """messages -> chat template; prompt -> chat template as one user turn if chat else raw text."""
-    if isinstance(row.get("messages"), list):
-        return tok.apply_chat_template(row["messages"], add_generation_prompt=True)
-    if chat:
+# R1-Zero's plain-text template for base models (DeepSeek-R1 paper, Table 1); {prompt} is the question
+R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+                    "The assistant first thinks about the reasoning process in the mind and then provides the user "
+                    "with the answer. The reasoning process and answer are enclosed within <think> </think> and "
+                    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+                    "<answer> answer here </answer>. User: {prompt}. Assistant:")
+PROMPT_TEMPLATES = ("chat", "raw", "r1zero")
+
+
+def encode_problem(tok, row, template="chat"):
+    """A problem row -> prompt token ids. template "chat": the tokenizer's chat template (rows with `messages`
+    always use it, as the conversation they are); "raw": `prompt` as plain text; "r1zero": R1_ZERO_TEMPLATE
+    around `prompt` (or the last user turn of `messages`). A bool means "chat" (True) or "raw" (False)."""
+    template = {True: "chat", False: "raw"}.get(template, template) if isinstance(template, bool) else template
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"prompt template {template!r}: expected one of {', '.join(PROMPT_TEMPLATES)}")
+    messages = row.get("messages") if isinstance(row.get("messages"), list) else None
+    if template == "r1zero":
+        prompt = row["prompt"] if isinstance(row.get("prompt"), str) else \
+            next(m["content"] for m in reversed(messages) if m.get("role") == "user")
+        return tok.encode(R1_ZERO_TEMPLATE.format(prompt=prompt))
+    if messages is not None:
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+    if template == "chat":
         return tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
     return tok.encode(row["prompt"])
+
+
+def score_problems(engine, problems, prompts, num_samples, gen, seed=0, batch_size=32, rank=0, world=1,
+                   progress=True):
+    """Generate num_samples completions per problem and score each with reward.accuracy_reward against its
+    `answer`. prompts: token ids, one per problem. Under torchrun rank r takes problems r, r+world, ... and
+    every rank gets the merged results. Seeds depend on the problem index only (seed + problem*K + sample), so
+    the split never changes a sample. -> (results: per problem a list of sample dicts, generated tokens)."""
+    from tqdm import tqdm
+
+    from reward import accuracy_reward, answer_part, extract_answer
+
+    K = num_samples
+    mine = list(range(rank, len(problems), world))
+    results = []  # (problem index, [sample dicts])
+    n_tokens = 0
+    bar = tqdm(total=len(problems), desc="eval", disable=rank != 0 or not progress, dynamic_ncols=True, leave=False)
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s:s + batch_size]
+        seeds = [seed + i * K + j for i in idx for j in range(K)]
+        outs = engine.generate([prompts[i] for i in idx], num_samples=K, seed=seeds, **gen)
+        for i, samples in zip(idx, outs):
+            gold = str(problems[i]["answer"])
+            rows = []
+            for j, c in enumerate(samples):
+                reward = float(accuracy_reward(c.text, gold))
+                rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)), reward=reward,
+                                 correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
+                                 completion=c.text))
+                n_tokens += len(c.tokens)
+            results.append((i, rows))
+        bar.update(min(len(idx) * world, bar.total - bar.n))  # the other ranks keep about the same pace
+    bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (results, n_tokens))
+        results = [r for part, _ in gathered for r in part]
+        n_tokens = sum(n for _, n in gathered)
+    results.sort(key=lambda r: r[0])
+    return [rows for _, rows in results], n_tokens
 
 
 CONFIG = dict(
@@ -542,7 +603,7 @@ def main(argv):
             row = {"prompt": f"Q: {row['prompt']}\nA:"}
     else:
         raise SystemExit("give --prompt=... (or --data with problems)")
-    ids = encode_problem(tok, row, cfg["chat"])
+    ids = encode_problem(tok, row, bool(cfg["chat"]))
     print(tok.decode(ids), end="", flush=True)
     if cfg["num_samples"] == 1:  # stream: print the new suffix whenever it is whole characters
         got = []
@@ -565,50 +626,25 @@ def main(argv):
 
 
 def run_eval(engine, tok, cfg, gen, rank, world):
-    from tqdm import tqdm
-
     from data.jsonl import write_jsonl
-    from reward import accuracy_reward, answer_part, extract_answer, is_equiv
+    from reward import is_equiv
 
     problems = load_problems(cfg["data"])
     K = cfg["num_samples"]
-    mine = list(range(rank, len(problems), world))  # rank r takes problems r, r+world, ...
-    results = []  # (problem index, [sample dicts])
-    t0, n_tokens = time.time(), 0
-    bar = tqdm(total=len(problems), desc="eval", disable=rank != 0, dynamic_ncols=True)
-    for s in range(0, len(mine), cfg["batch_size"]):
-        idx = mine[s:s + cfg["batch_size"]]
-        prompts = [encode_problem(tok, problems[i], cfg["chat"]) for i in idx]
-        seeds = [cfg["seed"] + i * K + j for i in idx for j in range(K)]  # independent of the rank split
-        outs = engine.generate(prompts, num_samples=K, seed=seeds, **gen)
-        for i, samples in zip(idx, outs):
-            gold = str(problems[i]["answer"])
-            rows = []
-            for j, c in enumerate(samples):
-                reward = float(accuracy_reward(c.text, gold))
-                rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)), reward=reward,
-                                 correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
-                                 completion=c.text))
-                n_tokens += len(c.tokens)
-            results.append((i, rows))
-        bar.update(min(len(idx) * world, bar.total - bar.n))  # the other ranks keep about the same pace
-    bar.close()
+    t0 = time.time()
+    prompts = [encode_problem(tok, row, bool(cfg["chat"])) for row in problems]
+    results, n_tokens = score_problems(engine, problems, prompts, K, gen, cfg["seed"], cfg["batch_size"], rank, world)
     if world > 1:
         import torch.distributed as dist
 
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (results, n_tokens))
-        results = [r for part, _ in gathered for r in part]
-        n_tokens = sum(n for _, n in gathered)
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    results.sort(key=lambda r: r[0])
-    correct = [[s["correct"] for s in rows] for _, rows in results]
-    answers = [[s["pred"] for s in rows] for _, rows in results]
+    correct = [[s["correct"] for s in rows] for rows in results]
+    answers = [[s["pred"] for s in rows] for rows in results]
     dt = time.time() - t0
     out = cfg["out"] or os.path.join("out", "eval", os.path.splitext(os.path.basename(cfg["data"]))[0] + ".jsonl")
-    write_jsonl(out, [s for _, rows in results for s in rows])
+    write_jsonl(out, [s for rows in results for s in rows])
     print(f"{cfg['data']}: {len(problems)} problems x {K} samples  "
           f"pass@1 {pass_at_1(correct):.4f}  maj@{K} {maj_at_k(correct, answers, is_equiv):.4f}  "
           f"pass@{K} {pass_at_k(correct):.4f}  ({n_tokens} tokens in {dt:.1f}s, {n_tokens / dt:.0f} tok/s)")

@@ -39,8 +39,6 @@ import bisect
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -51,9 +49,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import parse_overrides
-from data.jsonl import iter_jsonl
-from model import ModelConfig, Transformer, chunked_cross_entropy, swap_in_dir
+from model import ModelConfig, Transformer, chunked_cross_entropy
 from tokenizer import Tokenizer
+from train_common import (Config, MetricsFile, all_rng_states, find_checkpoint, load_trainer_state, lr_at,
+                          make_optimizer, parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state,
+                          setup_runtime, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = cold-start SFT of the embedded tiny model on CPU)
@@ -97,10 +97,6 @@ CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k
 # -----------------------------------------------------------------------------
 
 
-class Config(dict):
-    __getattr__ = dict.__getitem__
-
-
 def configure(argv):
     """Module defaults overridden by --key=value arguments, typed like the default (bools as 0/1)."""
     cfg = Config(parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS}))
@@ -111,40 +107,6 @@ def configure(argv):
 
 # -----------------------------------------------------------------------------
 # data: files -> (ids, mask) examples. mask[i] = 1 means token i is predicted (from token i-1).
-
-
-def parse_data_spec(spec):
-    """'a.jsonl:0.7,b.jsonl:0.3' -> [(path, weight)], weights normalised; no weights -> None weights."""
-    items = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        path, sep, w = part.rpartition(":")
-        try:
-            items.append((path, float(w)) if sep else (part, None))
-        except ValueError:
-            items.append((part, None))
-    if not items:
-        raise ValueError("no data files given")
-    weights = [w for _, w in items]
-    if all(w is None for w in weights):
-        return items
-    if any(w is None or w <= 0 for w in weights):
-        raise ValueError(f"--data={spec}: give a positive weight for every file, or for none")
-    total = sum(weights)
-    return [(p, w / total) for p, w in items]
-
-
-def read_rows(path, skip_bad_rows=False):
-    """[("path:line", row)]: keeping each row's line number lets later errors (no assistant turn, ...)
-    point at it too. A .txt file is one document."""
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if not text.strip():
-            raise ValueError(f"{path}: empty file")
-        return [(f"{path}:1", {"text": text})]
-    return [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path, skip_bad_rows=bool(skip_bad_rows))]
 
 
 def row_to_example(row, tok, mode, where):
@@ -358,103 +320,14 @@ def batch_loss_sum(model, lm_head_weight, batch, chunk):
 
 
 # -----------------------------------------------------------------------------
-# optimizer, schedule, checkpoints
-
-
-def make_optimizer(model, cfg, fused):
-    # decoupled weight decay only on matrices/embeddings: decaying norm gains or biases towards 0 just hurts
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
-
-
-def lr_at(step, total, cfg):
-    """Linear warmup over warmup_steps, then cosine from lr to min_lr at the last step. step is 0-based."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "vocab.json", "merges.txt")
-
-
-def save_checkpoint(path, model, tok_dir, trainer_state):
-    """model (HF layout) + tokenizer files + trainer_state.pt, swapped in as one directory so a crash
-    at any moment leaves either the previous checkpoint or this one, never a mix."""
-    staging = path + ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    for name in TOKENIZER_FILES:
-        src = os.path.join(tok_dir, name)
-        if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(staging, name))
-    torch.save(trainer_state, os.path.join(staging, "trainer_state.pt"))
-    swap_in_dir(staging, path)
-
-
-def find_checkpoint(path):
-    """out_dir/ckpt, or ckpt.old when a crash hit between the two renames of save_checkpoint."""
-    for p in (path, path + ".old"):
-        if os.path.isfile(os.path.join(p, "trainer_state.pt")):
-            return p
-    return None
-
-
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# peak dense bf16 FLOP/s per GPU, for MFU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-              "4090": 165e12, "A10": 125e12}
-
-
-def peak_flops(device_name):
-    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), 312e12)
-
-
-# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     cfg = configure(sys.argv[1:] if argv is None else argv)
 
-    # ---- distributed setup: torchrun sets RANK/WORLD_SIZE; plain python is world size 1
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    dev_type = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if dev_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if dev_type == "cuda" else "gloo")
-    else:
-        rank, local_rank, world = 0, 0, 1
-    master = rank == 0
-    device = torch.device(f"cuda:{local_rank}" if dev_type == "cuda" else dev_type)
-    log = print if master else (lambda *a, **k: None)
-    amp_dtype = {"auto": torch.bfloat16 if dev_type == "cuda" else None, "float32": None,
-                 "bfloat16": torch.bfloat16}[cfg.dtype]
-    autocast = torch.autocast(dev_type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    if dev_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    ddp, rank, local_rank, world, device, dev_type = rt.ddp, rt.rank, rt.local_rank, rt.world, rt.device, rt.dev_type
+    master, log, autocast, amp_dtype = rt.master, rt.log, rt.autocast(), rt.amp_dtype
 
     # ---- checkpoint to resume from?
     ckpt_path = os.path.join(cfg.out_dir, "ckpt")
@@ -524,12 +397,11 @@ def main(argv=None):
     log(f"model: {model.num_params() / 1e6:.2f}M params, {model.config.num_hidden_layers} layers, "
         f"hidden {model.config.hidden_size}, vocab {model.config.vocab_size}; device {device}, world {world}, "
         f"{'bf16 autocast' if amp_dtype else 'fp32'}")
-    optimizer = make_optimizer(raw_model, cfg, fused=dev_type == "cuda")
+    optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=dev_type == "cuda")
 
     step = 0
     if resume_from:
-        # our own file, written by save_checkpoint: it holds numpy/python RNG tuples, hence weights_only=False
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        state = load_trainer_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         stream.epoch, stream.pos = state["data"]["epoch"], state["data"]["pos"]
@@ -543,21 +415,8 @@ def main(argv=None):
     if ddp:
         model = DDP(model, device_ids=[local_rank] if dev_type == "cuda" else None)
 
-    # ---- metrics file: on resume keep only what happened up to the checkpoint
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if master:
-        kept = []
-        if resume_from and os.path.isfile(metrics_path):
-            kept = [line for line in open(metrics_path) if json.loads(line).get("step", 0) <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-
-    def all_sum(x):
-        t = torch.tensor(x, dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(t)
-        return t.item()
+    metrics = MetricsFile(cfg.out_dir, master, step if resume_from else None)
+    all_sum = rt.all_sum
 
     @torch.no_grad()
     def evaluate():
@@ -573,22 +432,13 @@ def main(argv=None):
         return all_sum(loss_sum) / max(1.0, all_sum(count))
 
     def checkpoint():
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        rngs = all_rng_states(rt)
         if master:
             save_checkpoint(ckpt_path, raw_model, tok_dir, {
                 "optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps,
                 "data": stream.state(), "rng": rngs, "config": dict(cfg), "world_size": world})
         if ddp:
             dist.barrier()
-
-    def write_metrics(rec):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
 
     flops_per_tok = raw_model.flops_per_token(cfg.max_seq_len)
     peak = peak_flops(torch.cuda.get_device_name(device)) * world if dev_type == "cuda" else None
@@ -603,7 +453,7 @@ def main(argv=None):
     while step < total_steps:
         t0 = time.time()
         # ---- one optimizer step over batch_size x grad_accum rows on each rank
-        lr_now = lr_at(step, total_steps, cfg)
+        lr_now = lr_at(step, total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr_now
         rows = stream.take(rows_per_step)  # every rank advances the same stream ...
@@ -648,7 +498,7 @@ def main(argv=None):
                 rec["eval_loss"] = round(eval_loss, 5)
             if peak:
                 rec["mfu"] = round(flops_per_tok * tps / peak, 4)
-            write_metrics(rec)
+            metrics.write(rec)
             post["tok/s"] = f"{tps:.0f}"
             if "eval_loss" in rec:
                 post["eval"] = f"{eval_loss:.4f}"
@@ -674,8 +524,7 @@ def main(argv=None):
     if master and step == total_steps and train_loss is not None:
         log(f"done: {step} steps, train loss {train_loss:.4f}"
             f"{f', eval loss {eval_loss:.4f}' if eval_loss is not None else ''}; checkpoint in {ckpt_path}")
-    if ddp:
-        dist.destroy_process_group()
+    teardown(rt)
     return {"step": step, "train_loss": train_loss, "eval_loss": eval_loss, "stats": stats}
 
 

@@ -41,9 +41,11 @@ def worker(a):
     if a.impl == "ours":
         import train_sft
         from model import ModelConfig, Transformer
+        from train_common import make_optimizer
 
         model = Transformer(ModelConfig(**dims, dtype="float32")).init_weights().to(dev)
-        opt = train_sft.make_optimizer(model, train_sft.configure([]), fused=dev.type == "cuda")
+        cfg = train_sft.configure([])
+        opt = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=dev.type == "cuda")
         rows = [[(row.tolist(), [1] * a.seq)] for row in x.cpu()]  # one document per row: plain causal path
         batch = {k: v.to(dev) for k, v in train_sft.collate(rows, 0).items()}
         n = (batch["targets"] != -100).sum()

@@ -1,0 +1,233 @@
+"""
+What train_sft.py and train_grpo.py share: process/device setup under torchrun, the optimizer and LR schedule,
+atomic checkpoints with exact-resume state, the metrics file, MFU's peak FLOP/s table, and data-file specs.
+Each function takes plain values (not a script's config object), so any training script can call it.
+"""
+import json
+import math
+import os
+import random
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.jsonl import iter_jsonl
+from model import swap_in_dir
+
+
+class Config(dict):
+    """A script's resolved config: cfg.lr as well as cfg["lr"]."""
+    __getattr__ = dict.__getitem__
+
+
+# -----------------------------------------------------------------------------
+# processes and devices
+
+
+@dataclass
+class Runtime:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    dev_type: str
+    amp_dtype: torch.dtype | None  # bf16 autocast dtype, or None for plain fp32
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.dev_type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def log(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+    def all_sum(self, x):
+        """Sum of a number (or list of numbers) over ranks, as float64 on the host."""
+        t = torch.tensor(x, dtype=torch.float64, device=self.device)
+        if self.ddp:
+            dist.all_reduce(t)
+        return t.item() if t.dim() == 0 else t.tolist()
+
+
+def setup_runtime(device="auto", dtype="auto", seed=1337):
+    """torchrun sets RANK/WORLD_SIZE (one process per device, NCCL on CUDA, gloo on the CPU); plain python is a
+    world of 1. dtype auto: bf16 autocast over fp32 master weights on CUDA, fp32 on the CPU. Seeds every RNG."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    dev_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if dev_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if dev_type == "cuda" else "gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+    amp = {"auto": torch.bfloat16 if dev_type == "cuda" else None, "float32": None, "bfloat16": torch.bfloat16}
+    if dtype not in amp:
+        raise SystemExit(f"--dtype={dtype}: expected auto, float32 or bfloat16")
+    if dev_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return Runtime(ddp, rank, local_rank, world, torch.device(f"cuda:{local_rank}" if dev_type == "cuda" else dev_type),
+                   dev_type, amp[dtype])
+
+
+def teardown(rt):
+    if rt.ddp:
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), fused=False):
+    """AdamW with decoupled weight decay on matrices/embeddings only: decaying norm gains or biases towards 0
+    just hurts."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=1e-8, fused=fused)
+
+
+def lr_at(step, total, lr, min_lr, warmup_steps):
+    """Linear warmup over warmup_steps, then cosine from lr to min_lr at the last step. step is 0-based."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# peak dense bf16 FLOP/s per GPU, for MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "4090": 165e12, "A10": 125e12}
+
+
+def peak_flops(device_name):
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), 312e12)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: HF-layout model + tokenizer + trainer state, swapped in atomically
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def save_checkpoint(path, model, tok_dir, trainer_state):
+    """model (HF layout) + tokenizer files + trainer_state.pt, swapped in as one directory so a crash
+    at any moment leaves either the previous checkpoint or this one, never a mix."""
+    staging = path + ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    for name in TOKENIZER_FILES:
+        src = os.path.join(tok_dir, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(staging, name))
+    torch.save(trainer_state, os.path.join(staging, "trainer_state.pt"))
+    swap_in_dir(staging, path)
+
+
+def find_checkpoint(path):
+    """out_dir/ckpt, or ckpt.old when a crash hit between the two renames of save_checkpoint."""
+    for p in (path, path + ".old"):
+        if os.path.isfile(os.path.join(p, "trainer_state.pt")):
+            return p
+    return None
+
+
+def load_trainer_state(ckpt_dir):
+    # our own file, written by save_checkpoint: it holds numpy/python RNG tuples, hence weights_only=False
+    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def all_rng_states(rt):
+    """Every rank's RNG state (rank order), for the checkpoint; rank r resumes with entry r."""
+    if not rt.ddp:
+        return [rng_state()]
+    states = [None] * rt.world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+# -----------------------------------------------------------------------------
+# metrics file and data specs
+
+
+class MetricsFile:
+    """out_dir/metrics.jsonl, one JSON line per logged step, written by rank 0. On resume only the lines up to
+    the checkpoint's step are kept, so the file never shows steps twice."""
+
+    def __init__(self, out_dir, master, resume_step=None):
+        self.path, self.master = os.path.join(out_dir, "metrics.jsonl"), master
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            kept = []
+            if resume_step is not None and os.path.isfile(self.path):
+                kept = [line for line in open(self.path) if json.loads(line).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, rec):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+def parse_data_spec(spec):
+    """'a.jsonl:0.7,b.jsonl:0.3' -> [(path, weight)], weights normalised; no weights -> None weights."""
+    items = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        path, sep, w = part.rpartition(":")
+        try:
+            items.append((path, float(w)) if sep else (part, None))
+        except ValueError:
+            items.append((part, None))
+    if not items:
+        raise ValueError("no data files given")
+    weights = [w for _, w in items]
+    if all(w is None for w in weights):
+        return items
+    if any(w is None or w <= 0 for w in weights):
+        raise ValueError(f"--data={spec}: give a positive weight for every file, or for none")
+    total = sum(weights)
+    return [(p, w / total) for p, w in items]
+
+
+def read_rows(path, skip_bad_rows=False):
+    """[("path:line", row)]: keeping each row's line number lets later errors (no assistant turn, ...)
+    point at it too. A .txt file is one document."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise ValueError(f"{path}: empty file")
+        return [(f"{path}:1", {"text": text})]
+    return [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path, skip_bad_rows=bool(skip_bad_rows))]
