@@ -97,6 +97,10 @@ def main(argv=None):
     p.add_argument("--n_train", type=int, default=10000)
     p.add_argument("--n_coldstart", type=int, default=3000)
     p.add_argument("--n_pretrain", type=int, default=40000)
+    p.add_argument("--n_coldstart_large", type=int, default=20000)
+    p.add_argument("--n_coldstart_mixed", type=int, default=6000)
+    p.add_argument("--shortcut_frac", type=float, default=0.6,
+                   help="coldstart_mixed: fraction of traces that state the result without working it out")
     p.add_argument("--vocab_size", type=int, default=512)
     args = p.parse_args(argv)
     if not 1 <= args.min_ops <= args.max_ops:
@@ -128,6 +132,25 @@ def main(argv=None):
     pretrain = [{"text": tiny_task.pretrain_text(e, rng)} for e in splits["pretrain"]]
     write_jsonl(out("pretrain.jsonl"), pretrain)
 
+    # The RL starting point's SFT sets, drawn after everything above from the same stream (so the files above
+    # stay as they were) and disjoint from every other file.
+    def fresh_problems(n):
+        out = []
+        while len(out) < n:
+            expr = tiny_task.generate(rng, args.min_ops, args.max_ops, args.max_num, args.max_value, args.paren_prob)
+            if expr not in seen:
+                seen.add(expr)
+                out.append(expr)
+        return out
+
+    def r1_row(expr, shortcut=False):
+        return {"messages": [{"role": "user", "content": tiny_task.question(expr)},
+                             {"role": "assistant", "content": tiny_task.r1_completion(expr, shortcut)}]}
+
+    write_jsonl(out("coldstart_large.jsonl"), [r1_row(e) for e in fresh_problems(args.n_coldstart_large)])
+    write_jsonl(out("coldstart_mixed.jsonl"), [r1_row(e, rng.random() < args.shortcut_frac)
+                                               for e in fresh_problems(args.n_coldstart_mixed)])
+
     # Tokenizer trained on everything the tiny model will read, chat-rendered cold-start rows included.
     texts = [r["text"] for r in pretrain] + EXTRA_TEXT
     texts += [m["content"] for r in coldstart for m in r["messages"]] + ["user\n", "assistant\n"] * len(coldstart)
@@ -139,7 +162,8 @@ def main(argv=None):
         json.dump(tokenizer_config(tok), f, indent=2, ensure_ascii=False)
         f.write("\n")
 
-    for name, n in sizes.items():
+    for name, n in {**sizes, "coldstart_large": args.n_coldstart_large,
+                                   "coldstart_mixed": args.n_coldstart_mixed}.items():
         print(f"{name:>9}: {n} rows")
     print(f"tokenizer: {tok.get_vocab_size()} tokens -> {args.out_dir}")
 

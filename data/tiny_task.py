@@ -156,9 +156,12 @@ def generate(rng, min_ops=2, max_ops=4, max_num=20, max_value=100, paren_prob=0.
 
 # ---- text renderings -------------------------------------------------------------------------
 
-def r1_completion(expr):
-    """The R1 cold-start format: reasoning in <think>...</think>, then the answer in \\boxed{}."""
-    return "<think>\n" + "\n".join(solution_lines(expr)) + "\n</think>\n\\boxed{" + str(answer(expr)) + "}"
+def r1_completion(expr, shortcut=False):
+    """The R1 cold-start format: reasoning in <think>...</think>, then the answer in \\boxed{}.
+    shortcut=True: a trace that skips the work and states the result in one line (`7+8*3-5=26`), as sloppy
+    CoT data does; the result is still right, but a tiny model cannot compute it in one shot."""
+    steps = [f"{expr}={answer(expr)}"] if shortcut else solution_lines(expr)
+    return "<think>\n" + "\n".join(steps) + "\n</think>\n\\boxed{" + str(answer(expr)) + "}"
 
 
 _PRETRAIN_TEMPLATES = (  # a few plain-text layouts, so the skill is not tied to one prompt format

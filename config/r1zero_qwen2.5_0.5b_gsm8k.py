@@ -1,0 +1,25 @@
+# R1-Zero on Qwen2.5-0.5B (base, no SFT): GRPO with accuracy + format rewards on GSM8K, R1-Zero's plain-text template.
+# Published reference point (SimpleRL-Zoo, R1-NOTES.md): GSM8K 36.7 -> 49.5 for this model.
+#   python data/prepare_gsm8k.py
+#   torchrun --standalone --nproc_per_node=8 train_grpo.py config/r1zero_qwen2.5_0.5b_gsm8k.py --init_from=/models/Qwen2.5-0.5B
+init_from = "/models/Qwen2.5-0.5B"
+data = "data/gsm8k/train.jsonl"
+eval_data = "data/gsm8k/test.jsonl"
+eval_n = 1319
+eval_every = 25
+prompt_template = "r1zero"
+rewards = "accuracy:1,format_answer:0.5"
+group_size = 8
+prompts_per_step = 128
+minibatches = 2
+micro_batch_size = 16
+max_steps = 300
+lr = 1e-6
+min_lr = 1e-6
+warmup_steps = 5
+beta = 0.001
+max_prompt_len = 512
+max_completion_len = 1024
+temperature = 1.0
+out_dir = "out/r1zero_0.5b_gsm8k"
+save_every = 25

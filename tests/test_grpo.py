@@ -1,0 +1,630 @@
+"""train_grpo.py: the clipped GRPO/DAPO/Dr. GRPO/GSPO loss against a slow reference, group advantages, the CLI end
+to end on a tiny random model, DDP == one process, exact resume, the reference model, dynamic sampling, input
+errors, recipes and the text plot."""
+import contextlib
+import glob
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_grpo
+from helpers import make_tiny_checkpoint
+from model import ModelConfig, Transformer
+from train_common import Runtime, make_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny models gain nothing from intra-op threads, and on a machine whose cores other jobs share, OpenMP
+    barriers make 2-thread matmuls up to ~50x slower: run this module on one thread (torchrun's ranks too)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+REQUIRED_METRICS = ["step", "reward", "reward/accuracy", "accuracy", "completion_len", "completion_len_max",
+                    "truncated_frac", "kl", "clip_frac", "entropy", "zero_std_frac", "time_gen", "time_logp",
+                    "time_update", "time_step", "gen_tok_s", "peak_mem_mb", "logp_mismatch"]
+
+
+# -----------------------------------------------------------------------------
+# grpo_loss against a direct per-token loop
+
+
+def _slow_grpo(lp, old, ref, adv, mask, eps_low, eps_high, beta, loss_agg, importance_sampling, max_len):
+    """The docstring's formula, one token at a time with Python control flow (autograd through 0-d tensors).
+    -> (loss, count of clipped-low tokens, count of clipped-high tokens, masked k3 sum)."""
+    B, T = lp.shape
+    row_sums, row_lens = [], []
+    n_low = n_high = 0
+    kl_sum = 0.0
+    for i in range(B):
+        toks = [t for t in range(T) if mask[i, t]]
+        a = float(adv[i])
+        if importance_sampling == "sequence" and toks:
+            s = 0.0
+            for t in toks:
+                s = s + (lp[i, t] - old[i, t])
+            seq_ratio = torch.exp(s / len(toks))
+        total = 0.0
+        for t in toks:
+            rho = torch.exp(lp[i, t] - old[i, t]) if importance_sampling == "token" else seq_ratio
+            r = float(rho.detach())
+            c = min(max(r, 1 - eps_low), 1 + eps_high)
+            clipped = rho if c == r else torch.tensor(c, dtype=lp.dtype)  # clipped: a constant, no gradient
+            obj = rho * a if r * a <= c * a else clipped * a
+            n_low += r < 1 - eps_low and a < 0
+            n_high += r > 1 + eps_high and a > 0
+            target = ref if ref is not None else old
+            d = target[i, t] - lp[i, t]
+            k3 = torch.exp(d) - d - 1
+            kl_sum += float(k3.detach())
+            if beta:
+                obj = obj - beta * k3
+            total = total + obj
+        row_sums.append(total)
+        row_lens.append(len(toks))
+    if loss_agg == "sequence":
+        kept = [(s, n) for s, n in zip(row_sums, row_lens) if n]
+        loss = -sum(s / n for s, n in kept) / len(kept)
+    elif loss_agg == "token":
+        loss = -sum(row_sums) / sum(row_lens)
+    else:
+        loss = -sum(row_sums) / (B * max_len)
+    return loss, n_low, n_high, kl_sum
+
+
+def _loss_inputs(seed=0, B=4, T=6):
+    """float64 log-probs with log-ratios lp - old = row offset (+-0.4) + N(0, 0.3) noise, so ratios fall outside
+    [0.8, 1.28] on both sides, in rows with positive and with negative advantages."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    lp = -(torch.rand(B, T, **f64) * 3 + 0.1)
+    offset = torch.tensor([0.4, -0.4, 0.4, -0.4] * (B // 4), dtype=torch.float64)[:, None]
+    old = lp - offset - 0.3 * torch.randn(B, T, **f64)
+    ref = lp + 0.5 * torch.randn(B, T, **f64)
+    adv = torch.tensor([1.3, -0.7, -1.1, 0.9] * (B // 4), dtype=torch.float64)  # clipped high, low; free, free
+    mask = torch.rand(B, T, generator=g) < 0.7
+    mask[torch.arange(B), torch.randint(0, T, (B,), generator=g)] = True  # every row has a token
+    assert 0 < (~mask).sum() and mask.any(-1).all()
+    return lp, old, ref, adv, mask.long()
+
+
+@pytest.mark.parametrize("clip", [(0.2, 0.2), (0.2, 0.28)], ids=["sym", "clip-higher"])
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+@pytest.mark.parametrize("loss_agg", ["sequence", "token", "constant"])
+def test_grpo_loss_value_and_grad_match_slow_loop(loss_agg, importance_sampling, beta, clip):
+    lp, old, ref, adv, mask = _loss_inputs()
+    eps_low, eps_high = clip
+    ref_arg = ref if beta else None
+    L = 8
+    x = lp.clone().requires_grad_(True)
+    loss, stats = train_grpo.grpo_loss(x, old, ref_arg, adv, mask, eps_low, eps_high, beta, loss_agg,
+                                       importance_sampling, max_completion_len=L)
+    (grad,) = torch.autograd.grad(loss, x)
+    y = lp.clone().requires_grad_(True)
+    slow, n_low, n_high, kl_sum = _slow_grpo(y, old, ref_arg, adv, mask, eps_low, eps_high, beta, loss_agg,
+                                             importance_sampling, L)
+    (slow_grad,) = torch.autograd.grad(slow, y)
+    torch.testing.assert_close(loss, slow, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, slow_grad, rtol=1e-10, atol=1e-12)
+    assert grad.abs().sum() > 0 and (grad[mask == 0] == 0).all()  # masked tokens get exactly no gradient
+    n = int(mask.sum())
+    assert stats["tokens"] == n
+    assert stats["clip_frac_low"] == pytest.approx(n_low / n) and stats["clip_frac_high"] == pytest.approx(n_high / n)
+    assert stats["clip_frac"] == pytest.approx(stats["clip_frac_low"] + stats["clip_frac_high"])
+    assert stats["kl"] == pytest.approx(kl_sum / n, rel=1e-10) and stats["kl"] > 0
+    # the data really exercises both clip bounds (rows 0 and 1), with both advantage signs
+    assert stats["clip_frac_low"] > 0 and stats["clip_frac_high"] > 0
+    if importance_sampling == "token" and not beta:  # clipped tokens, and only those, get no gradient
+        assert 0 < (grad[mask == 1] == 0).sum() < n
+
+
+@pytest.mark.parametrize("loss_agg", ["sequence", "token", "constant"])
+def test_grpo_loss_with_an_empty_row(loss_agg):
+    """A row with no masked token (overlong=mask) adds nothing and, for sequence, is not counted as a row."""
+    lp, old, ref, adv, mask = _loss_inputs()
+    mask[2] = 0
+    x = lp.clone().requires_grad_(True)
+    loss, stats = train_grpo.grpo_loss(x, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_agg, "sequence", 8)
+    y = lp.clone().requires_grad_(True)
+    slow = _slow_grpo(y, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_agg, "sequence", 8)[0]
+    torch.testing.assert_close(loss, slow, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(slow, y)[0], rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+@pytest.mark.parametrize("loss_agg", ["sequence", "token", "constant"])
+def test_grpo_loss_normalizer_splits_a_batch_exactly(loss_agg, importance_sampling):
+    """Two halves, each divided by the whole batch's count, sum to the one-call loss and gradient (what
+    micro-batches and DDP ranks rely on)."""
+    lp, old, ref, adv, mask = _loss_inputs(seed=1, B=8)
+    mask[5] = 0  # an empty row in the second half: still counted correctly
+    L = 8
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, beta=0.1, loss_agg=loss_agg,
+              importance_sampling=importance_sampling, max_completion_len=L)
+    x = lp.clone().requires_grad_(True)
+    whole, _ = train_grpo.grpo_loss(x, old, ref, adv, mask, **kw)
+    (g_whole,) = torch.autograd.grad(whole, x)
+    count = {"sequence": int((mask.sum(-1) > 0).sum()), "token": int(mask.sum()), "constant": 8 * L}[loss_agg]
+    y = lp.clone().requires_grad_(True)
+    parts = [train_grpo.grpo_loss(y[s], old[s], ref[s], adv[s], mask[s], normalizer=float(count), **kw)[0]
+             for s in (slice(0, 4), slice(4, 8))]
+    (g_split,) = torch.autograd.grad(parts[0] + parts[1], y)
+    torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_split, g_whole, rtol=1e-12, atol=1e-14)
+    # without the normaliser each half uses its own count: not the same loss
+    own = sum(train_grpo.grpo_loss(lp[s], old[s], ref[s], adv[s], mask[s], **kw)[0] for s in (slice(0, 4),
+                                                                                             slice(4, 8)))
+    assert not torch.allclose(own, whole)
+
+
+def test_grpo_loss_argument_errors():
+    lp, old, ref, adv, mask = _loss_inputs()
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        train_grpo.grpo_loss(lp, old, None, adv, mask, beta=0.1)
+    with pytest.raises(ValueError, match="max_completion_len"):
+        train_grpo.grpo_loss(lp, old, None, adv, mask, loss_agg="constant")
+    with pytest.raises(ValueError, match="loss_agg"):
+        train_grpo.grpo_loss(lp, old, None, adv, mask, loss_agg="mean")
+    with pytest.raises(ValueError, match="importance_sampling"):
+        train_grpo.grpo_loss(lp, old, None, adv, mask, importance_sampling="tok")
+
+
+def test_kl_k3_formula_and_nonnegative():
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(50, generator=g, dtype=torch.float64) * 5
+    ref = lp + torch.randn(50, generator=g, dtype=torch.float64) * 2
+    got = train_grpo.kl_k3(lp, ref)
+    want = torch.tensor([torch.exp(r - p) - (r - p) - 1 for p, r in zip(lp, ref)], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert (got >= 0).all() and (got > 0).all()
+    assert (train_grpo.kl_k3(lp, lp) == 0).all()
+
+
+# -----------------------------------------------------------------------------
+# group advantages
+
+
+def test_group_advantages_hand_worked():
+    eps = 1e-4
+    r = torch.tensor([0.5, 0.5, 0.5, 0.5, 1, 0, 0, 0, 0, 1, 0.5, 0.5], dtype=torch.float64)
+    got = train_grpo.group_advantages(r, 4)
+    assert (got[:4] == 0).all()  # all-equal group: exactly 0
+    # [1, 0, 0, 0]: mean 0.25, Bessel std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    torch.testing.assert_close(got[4:8], torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64) / (0.5 + eps))
+    # [0, 1, 0.5, 0.5]: mean 0.5, std sqrt(0.5 / 3)
+    std = (0.5 / 3) ** 0.5
+    torch.testing.assert_close(got[8:], torch.tensor([-0.5, 0.5, 0, 0], dtype=torch.float64) / (std + eps))
+    # batch: the same centring, divided by the std of all 12 rewards
+    b = train_grpo.group_advantages(r, 4, "batch")
+    mean, n = float(r.mean()), 12
+    batch_std = (sum((float(x) - mean) ** 2 for x in r) / (n - 1)) ** 0.5
+    assert (b[:4] == 0).all()
+    torch.testing.assert_close(b[4:8], torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64) /
+                               (batch_std + eps))
+    torch.testing.assert_close(b[8:], torch.tensor([-0.5, 0.5, 0, 0], dtype=torch.float64) / (batch_std + eps))
+    # none (Dr. GRPO): just centred
+    n_ = train_grpo.group_advantages(r, 4, "none")
+    torch.testing.assert_close(n_, torch.tensor([0, 0, 0, 0, 0.75, -0.25, -0.25, -0.25, -0.5, 0.5, 0, 0],
+                                                dtype=torch.float64))
+    # every group's advantages sum to 0, whatever the scale
+    for scale in ("group", "batch", "none"):
+        assert train_grpo.group_advantages(r, 4, scale).view(3, 4).sum(-1).abs().max() < 1e-12
+        assert train_grpo.group_advantages(r, 2, scale).view(6, 2).sum(-1).abs().max() < 1e-12
+
+
+def test_group_advantages_exact_zero_for_awkward_equal_floats():
+    r = torch.full((6,), 0.1, dtype=torch.float64)  # mean() of three 0.1s is 1 ulp off 0.1
+    for scale in ("group", "batch", "none"):
+        assert (train_grpo.group_advantages(r, 3, scale) == 0).all()
+
+
+def test_group_advantages_errors():
+    with pytest.raises(ValueError, match="group_size"):
+        train_grpo.group_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        train_grpo.group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError):
+        train_grpo.group_advantages(torch.zeros(2, 4), 4)
+    with pytest.raises(ValueError, match="scale"):
+        train_grpo.group_advantages(torch.zeros(4), 4, "rank")
+
+
+def test_overlong_penalty():
+    assert train_grpo.overlong_penalty(10, 16, 4) == 0.0
+    assert train_grpo.overlong_penalty(12, 16, 4) == 0.0
+    assert train_grpo.overlong_penalty(14, 16, 4) == pytest.approx(-0.5)
+    assert train_grpo.overlong_penalty(16, 16, 4) == pytest.approx(-1.0)
+    assert train_grpo.overlong_penalty(20, 16, 4) == -1.0
+
+
+# -----------------------------------------------------------------------------
+# the CLI on a tiny random model
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), std=0.1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    train = _write_jsonl(d / "train.jsonl", [{"prompt": f"What is {a}+{b}?", "answer": str(a + b)}
+                                             for a in range(6) for b in range(6)])
+    test = _write_jsonl(d / "test.jsonl", [{"prompt": f"What is {a}+{a + 1}?", "answer": str(2 * a + 1)}
+                                           for a in range(8)])
+    return train, test
+
+
+def _run(ckpt, data, out, **kw):
+    """train_grpo.main in-process with tiny settings; -> (result, stdout, metrics lines)."""
+    args = dict(init_from=ckpt, data=data[0], eval_data=data[1], eval_every=0, max_steps=2, group_size=4,
+                prompts_per_step=4, max_completion_len=16, out_dir=out, progress=0, sample_every=0, warmup_steps=1,
+                lr=1e-3, rewards="language:1")
+    args.update(kw)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = train_grpo.main([f"--{k}={v}" for k, v in args.items()])
+    path = os.path.join(out, "metrics.jsonl")
+    metrics = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    return result, buf.getvalue(), metrics
+
+
+def _params(out):
+    return load_file(os.path.join(out, "ckpt", "model.safetensors"))
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def e2e(ckpt, data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("e2e"))
+    return out, *_run(ckpt, data, out, eval_n=8, eval_every=2, rewards="accuracy:1,language:1")
+
+
+def test_cli_end_to_end(e2e, ckpt):
+    from transformers import Qwen2ForCausalLM
+
+    out, result, stdout, metrics = e2e
+    assert result["step"] == 2 and "before" in result and "after" in result
+    assert 0.0 <= result["before"] <= 1.0 and 0.0 <= result["after"] <= 1.0
+    assert [s for s, _ in result["history"]["accuracy"]] == [0, 2]
+    assert "held-out accuracy: before" in stdout and "8 held-out problems" in stdout
+    assert "reference model: none" in stdout
+    # metrics: one line per step with everything a run is judged by
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        missing = [k for k in REQUIRED_METRICS if k not in m]
+        assert not missing, missing
+        assert m["logp_mismatch"] < 1e-4  # fp32 CPU: the sampler's log-probs are the trainer's
+        assert m["reward"] == pytest.approx(m["reward/accuracy"] + m["reward/language"], rel=1e-3, abs=1e-4)
+        assert 0 <= m["zero_std_frac"] <= 1 and 0 <= m["truncated_frac"] <= 1
+        assert 1 <= m["completion_len"] <= m["completion_len_max"] <= 16
+        assert m["prompts_drawn"] == 4 and m["sampling_rounds"] == 1 and m["groups_dropped"] == 0
+        # one optimizer step per rollout batch: pi_old is the policy itself, ratio exactly 1, no clipping
+        assert m["clip_frac"] == 0 and m["ratio_max"] == 1 and m["kl"] == 0
+        assert m["entropy"] > 0 and m["gen_tok_s"] > 0 and m["peak_mem_mb"] > 0
+    assert "eval_accuracy" in metrics[-1]
+    assert any(m["trained_rows"] > 0 for m in metrics)  # the language reward gave non-zero advantages
+    # the checkpoint: HF layout, loads in transformers and in model.py, same logits; the parameters moved
+    ck = os.path.join(out, "ckpt")
+    ours = Transformer.from_pretrained(ck, dtype=torch.float32).eval()
+    hf = Qwen2ForCausalLM.from_pretrained(ck).float().eval()
+    ids = torch.tensor([[1, 5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).float(), hf(ids).logits.float(), rtol=1e-4, atol=1e-4)
+    assert _max_diff(_params(out), load_file(os.path.join(ckpt, "model.safetensors"))) > 1e-4
+    state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 2 and state["world_size"] == 1
+    assert os.path.isfile(os.path.join(ck, "tokenizer.json"))
+
+
+# -----------------------------------------------------------------------------
+# DDP: torchrun --nproc_per_node=2 (gloo) == one process
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(data, tmp_path_factory):
+    """The same 3 fp32 steps, minibatches=2 x ppo_epochs=2 (recomputed pi_old, real clipping), under torchrun with
+    2 ranks and in one process. The model is a Qwen3-style one (no q/k/v biases): a k_proj bias's entries on
+    the slowest RoPE frequencies barely rotate, so their true gradient is ~0 (a constant added to every key) and
+    Adam turns the float noise of summing in a different order into lr-sized steps (~2e-5 apart at lr 1e-3)."""
+    base = tmp_path_factory.mktemp("ddp")
+    ck = make_tiny_checkpoint(str(base / "ckpt"), std=0.1, model_type="qwen3", attention_bias=False, qk_norm=True,
+                              head_dim=16)
+    common = dict(init_from=ck, data=data[0], eval_every=0, max_steps=3, group_size=4, prompts_per_step=4,
+                  max_completion_len=16, progress=0, sample_every=0, warmup_steps=1, lr=1e-3, rewards="language:1",
+                  minibatches=2, ppo_epochs=2)
+    ddp_out = str(base / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", os.path.join(ROOT, "train_grpo.py"),
+                           *[f"--{k}={v}" for k, v in {**common, "out_dir": ddp_out}.items()]],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one_out = str(base / "one")
+    _run(ck, data, one_out, **{k: v for k, v in common.items() if k not in ("init_from", "data")})
+    return dict(ck=ck, ddp=ddp_out, one=one_out, stdout=proc.stdout,
+                m_ddp=[json.loads(line) for line in open(os.path.join(ddp_out, "metrics.jsonl"))],
+                m_one=[json.loads(line) for line in open(os.path.join(one_out, "metrics.jsonl"))])
+
+
+def test_ddp_two_ranks_equal_one_process(ddp_runs):
+    r = ddp_runs
+    assert "world 2" in r["stdout"]
+    m_ddp, m_one = r["m_ddp"], r["m_one"]
+    assert [m["step"] for m in m_ddp] == [m["step"] for m in m_one] == [1, 2, 3]
+    for a, b in zip(m_ddp, m_one):
+        # the same rollouts (seeds come from the global draw index, not the rank) and the same update
+        for k in ("reward", "completion_len", "zero_std_frac", "truncated_frac", "trained_rows", "entropy"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+        for k in ("clip_frac", "kl", "ratio_max", "loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
+        assert a["logp_mismatch"] < 1e-4
+    assert sum(m["trained_rows"] for m in m_one) > 0
+    assert any(m["clip_frac"] > 0 for m in m_one)  # recomputed pi_old: the second pass really clips
+    init = load_file(os.path.join(r["ck"], "model.safetensors"))
+    a, b = _params(r["ddp"]), _params(r["one"])
+    assert _max_diff(a, init) > 1e-3  # the parameters moved...
+    assert _max_diff(a, b) <= 1e-5  # ...the same way
+
+
+def test_ddp_logs_global_generated_tokens(ddp_runs):
+    for a, b in zip(ddp_runs["m_ddp"], ddp_runs["m_one"]):
+        assert a["gen_tokens"] == b["gen_tokens"]
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, dtype="float32")).init_weights(0.1)
+
+
+def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
+    """The DDP code path of policy_update on a world of 1 (all_reduce is then the identity) against the plain
+    path, over an update with non-zero advantages followed by two whose advantages are all 0 (every group flat:
+    common early in R1-Zero, when nothing is solved)."""
+    import copy
+
+    import torch.distributed as dist
+
+    cfg = train_grpo.configure(["--group_size=2", "--max_completion_len=4"])
+    g = torch.Generator().manual_seed(0)
+
+    def rows(adv):
+        return [dict(prompt=[5, 6, 7], tokens=torch.randint(3, 60, (3,), generator=g).tolist(), logprobs=[0.0] * 3,
+                     mask=[1] * 3, mask_all=[1] * 3, adv=a) for a in adv]
+
+    steps = [rows([1.0, -1.0, 0.5, -0.5]), rows([0.0] * 4), rows([0.0] * 4)]
+    base = _tiny_model()
+
+    def run(ddp):
+        model = copy.deepcopy(base)
+        opt = make_optimizer(model, 1e-2, 0.0, (0.9, 0.99))
+        rt = Runtime(ddp, 0, 0, 1, torch.device("cpu"), "cpu", None)
+        for step, r in enumerate(steps):
+            train_grpo.policy_update(model, None, opt, r, cfg, rt, 0, step)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    plain = run(False)
+    assert _max_diff(plain, base.state_dict()) > 0
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = run(True)
+    finally:
+        dist.destroy_process_group()
+    assert _max_diff(plain, ddp) <= 1e-6
+
+
+def _ragged_logprobs(temperature):
+    """completion_logprobs of two completions of lengths 2 and 4 (row 0 is padded by 2), tiny random model."""
+    rows = [([5, 6, 7], [8, 9]), ([5, 6], [8, 9, 10, 11])]
+    return train_grpo.completion_logprobs(_tiny_model(), rows, 0, 1024, temperature, "cpu")
+
+
+def test_completion_logprobs_match_one_row_at_a_time():
+    lp = _ragged_logprobs(1.0)
+    assert lp.shape == (2, 4) and (lp[0, :2] < 0).all() and (lp[1] < 0).all()
+    model = _tiny_model()
+    for b, (p, c) in enumerate([([5, 6, 7], [8, 9]), ([5, 6], [8, 9, 10, 11])]):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c]))[0, len(p) - 1:-1].float()
+        want = logits.log_softmax(-1).gather(1, torch.tensor(c)[:, None])[:, 0]
+        torch.testing.assert_close(lp[b, :len(c)].detach(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_completion_logprobs_are_zero_past_a_rows_end():
+    lp = _ragged_logprobs(1.0)
+    assert (lp[0, 2:] == 0).all()
+
+
+def test_beta_loss_is_finite_on_a_ragged_batch():
+    lp = _ragged_logprobs(0.005)  # a very low temperature: as peaked as a trained model can be
+    assert lp[1].min() < -88.7  # log-probs below log(fp32 tiny): exp(-lp) overflows
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    ref = lp.detach().clone()
+    ref[0, 2:] = 0  # what policy_update builds past a row's end
+    loss, stats = train_grpo.grpo_loss(lp, lp.detach(), ref, torch.tensor([1.0, -1.0]), mask, beta=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and stats["kl"] == 0
+
+
+# -----------------------------------------------------------------------------
+# exact resume
+
+
+def test_kill_and_resume_reaches_the_same_parameters(ckpt, data, tmp_path):
+    kw = dict(max_steps=4, save_every=1, minibatches=2, eval_every=2, eval_n=4)
+    full, _, m_full = _run(ckpt, data, str(tmp_path / "full"), **kw)
+    crashed, out, _ = _run(ckpt, data, str(tmp_path / "resumed"), stop_after=2, **kw)
+    assert crashed["step"] == 2 and "stopping after step 2" in out and "before" not in crashed
+    resumed, out, m_res = _run(ckpt, data, str(tmp_path / "resumed"), resume=1, **kw)
+    assert resumed["step"] == 4 and "resumed from" in out and "at step 2" in out
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "resumed")
+    assert _max_diff(a, load_file(os.path.join(ckpt, "model.safetensors"))) > 1e-4
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full["history"] == resumed["history"] and full["after"] == resumed["after"]
+    assert [m["step"] for m in m_res] == [1, 2, 3, 4]
+    assert sum(m["trained_rows"] for m in m_full) > 0
+    skip = ("time_gen", "time_logp", "time_update", "time_step", "gen_tok_s", "peak_mem_mb", "mfu")
+    for x, y in zip(m_full, m_res):
+        assert {k: v for k, v in x.items() if k not in skip} == {k: v for k, v in y.items() if k not in skip}
+    sa = torch.load(tmp_path / "full" / "ckpt" / "trainer_state.pt", weights_only=False)
+    sb = torch.load(tmp_path / "resumed" / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert sa["step"] == sb["step"] == 4 and sa["data"] == sb["data"]
+
+
+# -----------------------------------------------------------------------------
+# the reference model
+
+
+def test_reference_model_only_with_beta(ckpt, data, tmp_path, monkeypatch):
+    loads = []
+    original = Transformer.from_pretrained
+    monkeypatch.setattr(Transformer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a[0]) or original(*a, **k)))
+    _, out, _ = _run(ckpt, data, str(tmp_path / "b0"), beta=0.0)
+    assert len(loads) == 1 and "reference model: none" in out
+    loads.clear()
+    _, out, metrics = _run(ckpt, data, str(tmp_path / "b1"), beta=0.1)
+    assert len(loads) == 2 and "reference model: yes" in out
+    assert metrics[0]["kl"] < 1e-6  # step 1: policy == reference
+    assert metrics[1]["kl"] > 1e-6  # step 2: the policy has moved away from it
+    assert metrics[1]["loss"] != 0  # the k3 term is in the loss: rows with zero advantage are trained too
+    assert all(m["trained_rows"] == 16 for m in metrics)
+
+
+# -----------------------------------------------------------------------------
+# dynamic sampling (DAPO)
+
+
+def test_dynamic_sampling_refills_the_batch(ckpt, data, tmp_path):
+    # one-token completions at a low temperature: the language reward (0 or 1) ties within many groups
+    kw = dict(max_completion_len=1, temperature=0.5, max_steps=3)
+    _, _, plain = _run(ckpt, data, str(tmp_path / "plain"), **kw)
+    _, _, dyn = _run(ckpt, data, str(tmp_path / "dyn"), dynamic_sampling=1, max_sampling_rounds=4, **kw)
+    assert any(m["zero_std_frac"] > 0 for m in plain)
+    assert any(m["groups_dropped"] > 0 for m in dyn)
+    # the first round of step 1 draws the same prompts with the same seeds: it drops exactly the flat groups
+    assert dyn[0]["groups_dropped"] >= round(plain[0]["zero_std_frac"] * 4)
+    for m in dyn:
+        assert m["prompts_drawn"] >= 4 and m["prompts_drawn"] - m["groups_dropped"] <= 4
+        if m["groups_dropped"] > 0:
+            assert m["sampling_rounds"] > 1
+        if m["sampling_rounds"] < 4:  # stopped early: the batch was full
+            assert m["prompts_drawn"] - m["groups_dropped"] == 4
+        if m["prompts_drawn"] > m["groups_dropped"]:
+            assert m["zero_std_frac"] == 0  # every kept group carries signal
+            assert 0 < m["trained_rows"] <= 4 * (m["prompts_drawn"] - m["groups_dropped"])
+
+
+# -----------------------------------------------------------------------------
+# bad input: a clear error naming the flag or file:line
+
+
+def test_bad_flags(ckpt, data, tmp_path):
+    with pytest.raises(SystemExit, match="bogus"):
+        _run(ckpt, data, str(tmp_path / "x"), rewards="bogus:1")
+    with pytest.raises(SystemExit, match="group_size"):
+        _run(ckpt, data, str(tmp_path / "x"), group_size=1)
+    with pytest.raises(SystemExit, match="loss_agg"):
+        train_grpo.configure(["--loss_agg=mean"])
+    with pytest.raises(SystemExit, match="minibatches"):
+        train_grpo.configure(["--minibatches=0"])
+    with pytest.raises(SystemExit, match="overlong_buffer"):
+        train_grpo.configure(["--overlong=soft", "--overlong_buffer=64", "--max_completion_len=32"])
+    with pytest.raises(SystemExit, match="init_from"):
+        _run(str(tmp_path), data, str(tmp_path / "x"))
+
+
+def test_bad_data_files(ckpt, data, tmp_path):
+    empty = _write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(SystemExit, match="empty.jsonl"):
+        _run(ckpt, (empty, data[1]), str(tmp_path / "x"))
+    rows = [{"prompt": "What is 1+1?", "answer": "2"}, {"prompt": "What is 2+2?"}]
+    no_answer = _write_jsonl(tmp_path / "no_answer.jsonl", rows)
+    with pytest.raises(SystemExit, match=r"no_answer\.jsonl:2.*'answer'"):
+        _run(ckpt, (no_answer, data[1]), str(tmp_path / "x"), rewards="accuracy")
+    no_prompt = _write_jsonl(tmp_path / "no_prompt.jsonl", [{"prompt": "hi"}, {"question": "x"}])
+    with pytest.raises(SystemExit, match=r"no_prompt\.jsonl:2.*'prompt'"):
+        _run(ckpt, (no_prompt, data[1]), str(tmp_path / "x"))
+
+
+# -----------------------------------------------------------------------------
+# recipes, the plot
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("# a recipe\nlr = 0.1\ngroup_size = 4\nloss_agg = 'token'\n")
+    cfg = train_grpo.configure([str(recipe), "--lr=0.5"])
+    assert cfg.lr == 0.5 and cfg.group_size == 4 and cfg.loss_agg == "token"
+    assert train_grpo.configure(["--lr=0.5", str(recipe)]).lr == 0.1  # applied in order
+    bad = tmp_path / "bad.py"
+    bad.write_text("lr = 0.1\nlr = foo()\n")
+    with pytest.raises(SystemExit, match=f"{bad}:2"):
+        train_grpo.configure([str(bad)])
+    unknown = tmp_path / "unknown.py"
+    unknown.write_text("group_sizee = 4\n")
+    with pytest.raises(SystemExit, match=f"{unknown}:1.*group_sizee"):
+        train_grpo.configure([str(unknown)])
+    small = tmp_path / "small.py"
+    small.write_text("group_size = 1\n")
+    with pytest.raises(SystemExit, match="group_size"):  # a recipe's values are checked like flags
+        train_grpo.configure([str(small)])
+
+
+def test_shipped_recipes_are_valid():
+    recipes = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
+    if not recipes:
+        pytest.skip("no config/*.py recipes")
+    for path in recipes:
+        cfg = train_grpo.configure([path])
+        assert cfg.group_size >= 2 and cfg.loss_agg in ("sequence", "token", "constant"), path
+
+
+def test_ascii_plot():
+    lines = train_grpo.ascii_plot({"acc": [(0, 0.0), (10, 1.0)], "reward": [(5, 0.5)]}, width=20, height=5)
+    assert isinstance(lines, list) and all(isinstance(s, str) for s in lines)
+    grid = lines[:5]
+    assert grid[0].startswith(" 1.0 |") and grid[-1].startswith(" 0.0 |")
+    assert all(len(s) == len(" 1.0 |") + 20 for s in grid)
+    assert grid[0].endswith("a") and grid[-1][6] == "a"  # (10, 1.0) top right, (0, 0.0) bottom left
+    assert grid[2][6 + 10] == "r"  # (5, 0.5): the middle
+    assert sum(s.count("a") for s in grid) == 2 and sum(s.count("r") for s in grid) == 1
+    assert "step 0" in lines[-2] and "step 10" in lines[-2]
+    assert "a = acc" in lines[-1] and "r = reward" in lines[-1]
+    assert train_grpo.ascii_plot({}) == [] and train_grpo.ascii_plot({"a": []}) == []
+    clipped = train_grpo.ascii_plot({"x": [(1, 7.0), (2, -3.0)]}, width=10, height=4)
+    assert clipped[0].endswith("x" + " " * 9) and clipped[3].endswith("x")  # values outside [0, 1] clamp
