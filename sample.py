@@ -41,7 +41,8 @@ from configurator import parse_overrides
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY_BASE = os.path.join(REPO, "data/tiny/model")  # shipped: pretrained on plain-text worked solutions only
-TINY_SFT = os.path.join(REPO, "out/sft/ckpt")  # what the quickstart's `python train_sft.py` writes (chat + <think>)
+TINY_SFT = os.path.join(REPO, "out/sft/ckpt")  # what `python train_sft.py` writes (chat + <think>)
+TINY_GRPO = os.path.join(REPO, "out/grpo/ckpt")  # what the quickstart's `python train_grpo.py` writes
 DEFAULT_DATA = os.path.join(REPO, "data/tiny/test.jsonl")
 
 # -----------------------------------------------------------------------------
@@ -537,7 +538,7 @@ def score_problems(engine, problems, prompts, num_samples, gen, seed=0, batch_si
 
 
 CONFIG = dict(
-    init_from="",  # HF-layout checkpoint dir with tokenizer files; "": TINY_SFT if trained, else TINY_BASE
+    init_from="",  # HF-layout checkpoint dir with tokenizer files; "": TINY_GRPO, else TINY_SFT if trained, else TINY_BASE
     prompt="",  # text to continue; empty: the first problem of --data
     chat=0,  # 1: wrap --prompt as a user turn in the chat template (rows with `messages` always use it)
     num_samples=1,
@@ -563,7 +564,8 @@ USAGE = __doc__.split("\n\nIn code")[0]
 def main(argv):
     cfg = parse_overrides(argv, CONFIG)
     if not cfg["init_from"]:
-        cfg["init_from"] = TINY_SFT if os.path.isfile(os.path.join(TINY_SFT, "config.json")) else TINY_BASE
+        cfg["init_from"] = next((d for d in (TINY_GRPO, TINY_SFT) if os.path.isfile(os.path.join(d, "config.json"))),
+                                TINY_BASE)
     if not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):
         if not argv:  # bare `python sample.py` before the tiny model exists
             print(f"no checkpoint at {cfg['init_from']}/ yet (train one with train_sft.py).\nusage:{USAGE}")

@@ -293,14 +293,15 @@ def test_chunked_cross_entropy_fp32_and_scaled_upstream_grad():
         assert torch.allclose(chunked_cross_entropy(h, w, y), ref / 3.0, atol=1e-5)
 
 
-def test_chunked_token_logprobs_match_log_softmax_with_any_upstream_grad():
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_chunked_token_logprobs_match_log_softmax_with_any_upstream_grad(temperature):
     torch.manual_seed(0)
     h = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 40, (3, 7))
     adv = torch.randn(3, 7, dtype=torch.float64)  # GRPO-like per-token weights
-    ref = torch.log_softmax(h @ w.t() / 0.7, -1).gather(-1, y[..., None]).squeeze(-1)
-    got = chunked_token_logprobs(h, w, y, chunk_size=5, temperature=0.7)
+    ref = torch.log_softmax(h @ w.t() / temperature, -1).gather(-1, y[..., None]).squeeze(-1)
+    got = chunked_token_logprobs(h, w, y, chunk_size=5, temperature=temperature)
     assert got.shape == y.shape and torch.allclose(got.double(), ref, rtol=1e-6)
     g_ref = torch.autograd.grad((ref * adv).sum(), (h, w))
     g = torch.autograd.grad((got * adv).sum(), (h, w))
@@ -327,3 +328,17 @@ def test_scratch_init_and_flops():
     m = Transformer(cfg).init_weights()
     assert m(torch.zeros(1, 5, dtype=torch.long)).shape == (1, 5, 128)
     assert m.flops_per_token(256) > 6 * m.num_params() - 6 * 128 * 32
+
+
+def test_chunked_token_logprobs_bf16_inputs_give_fp32_logprobs_of_the_bf16_logits():
+    torch.manual_seed(0)
+    h = torch.randn(9, 16).bfloat16().requires_grad_()
+    w = torch.randn(50, 16).bfloat16().requires_grad_()
+    y = torch.randint(0, 50, (9,))
+    got = chunked_token_logprobs(h, w, y, chunk_size=4)
+    ref = torch.log_softmax((h @ w.t()).float(), -1).gather(-1, y[:, None])[:, 0]
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, atol=1e-5)
+    gh, gw = torch.autograd.grad(got.sum(), (h, w))
+    rh, rw = torch.autograd.grad(ref.sum(), (h, w))
+    assert gh.dtype == torch.bfloat16 and torch.allclose(gh.float(), rh.float(), atol=2e-2)
+    assert torch.allclose(gw.float(), rw.float(), atol=2e-2)

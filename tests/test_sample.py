@@ -378,6 +378,7 @@ def test_cli_without_checkpoint_prints_usage(tmp_path, monkeypatch, capsys):
 
 def test_cli_default_samples_the_shipped_base_model_in_its_pretraining_format(monkeypatch, capsys):
     monkeypatch.setattr(sample, "TINY_SFT", "/nonexistent/out/sft/ckpt")  # as on a fresh clone
+    monkeypatch.setattr(sample, "TINY_GRPO", "/nonexistent/out/grpo/ckpt")
     assert sample.main(["--max_new_tokens=24", "--temperature=0"]) == 0
     printed = capsys.readouterr().out
     first = sample.load_problems(sample.DEFAULT_DATA)[0]["prompt"]
