@@ -1,7 +1,7 @@
 """
 Rollout throughput: sample.py's Engine vs transformers' generate() on the same random checkpoint, same
-prompts (mixed lengths, left-padded), same number of new tokens (EOS ignored), greedy; each (impl, batch)
-in a fresh subprocess so peak memory is its own.
+prompts (mixed lengths, left-padded), same number of new tokens (EOS ignored), greedy (or --temperature); each
+(impl, batch) in a fresh subprocess so peak memory is its own.
 
     python bench/sample.py --threads=1                       # CPU: the tiny world's shape, batch 1 and 16
     python bench/sample.py --threads=1 --preset=small        # CPU: a shrunk Qwen with a 32k vocabulary
@@ -38,7 +38,8 @@ def prompts(args, batch, vocab):
     import torch
 
     g = torch.Generator().manual_seed(batch)
-    lens = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (batch,), generator=g).tolist()
+    lo = args.min_prompt_len or args.prompt_len // 2
+    lens = torch.randint(lo, args.prompt_len + 1, (batch,), generator=g).tolist()
     return [torch.randint(10, vocab, (n,), generator=g).tolist() for n in lens]
 
 
@@ -54,18 +55,25 @@ def worker(args):
     if args.impl == "hf":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=dtype).to(device).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=dtype)
+        except TypeError:  # transformers < 4.56 calls it torch_dtype
+            model = AutoModelForCausalLM.from_pretrained(args.ckpt, torch_dtype=dtype)
+        model = model.to(device, dtype).eval()
         vocab = model.config.vocab_size
         ps = prompts(args, batch, vocab)
         L = max(map(len, ps))
         ids = torch.tensor([[0] * (L - len(p)) + p for p in ps], device=device)
         mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in ps], device=device)
         model.generation_config.eos_token_id = None  # never stop early: every row makes max_new_tokens
+        sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.temperature \
+            else dict(do_sample=False)
+        if args.hf_cache != "dynamic":
+            sampling["cache_implementation"] = args.hf_cache
 
         def run(n):
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                     pad_token_id=0)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, pad_token_id=0, **sampling)
             assert out.shape[1] == L + n
     else:
         from model import Transformer
@@ -77,14 +85,16 @@ def worker(args):
         engine = Engine(model, None, cuda_graphs=bool(args.cuda_graphs) and device == "cuda", compile=bool(args.compile))
 
         def run(n):
-            out = engine.generate(ps, max_new_tokens=n, temperature=0, ignore_eos=True)
+            out = engine.generate(ps, max_new_tokens=n, temperature=args.temperature, ignore_eos=True, seed=0)
             assert all(len(o[0].tokens) == n for o in out)
     N = args.max_new_tokens
     run(N)  # warmup at full length (CUDA graphs get captured here)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = {}
-    for n in (1, N):
+    # the full-length runs first: a 1-token run needs a shorter KV cache, and the Engine drops its kept cache and
+    # CUDA graphs for it, so timing it in between would put a graph capture into the next full-length run
+    for n in (N, 1):
         best = float("inf")
         for _ in range(args.repeats):
             sync()
@@ -102,22 +112,30 @@ def worker(args):
                           elem=torch.finfo(dtype).bits // 8, cfg=cfg)))
 
 
-def roofline_fraction(r, bandwidth):
-    """Bytes one decode step must read (all weights once + every row's KV cache) / bandwidth / measured step."""
+def step_bytes(r):
+    """Bytes one decode step must read: all weights once (a tied embedding counts once, read as the lm_head)
+    + every row's KV cache up to its mean context."""
     c = r["cfg"]
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * r["elem"]
-    step_bytes = r["n_params"] * r["elem"] + r["batch"] * r["context"] * kv_per_token
-    return step_bytes / bandwidth / r["step_s"]
+    return r["n_params"] * r["elem"] + r["batch"] * r["context"] * kv_per_token
+
+
+def roofline_fraction(r, bandwidth):
+    """step_bytes / bandwidth / measured step time."""
+    return step_bytes(r) / bandwidth / r["step_s"]
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--batch_sizes", default="1,16", help="comma-separated; on a GPU use e.g. 1,16,64")
-    p.add_argument("--prompt_len", type=int, default=64, help="prompts get lengths in [prompt_len/2, prompt_len]")
+    p.add_argument("--prompt_len", type=int, default=64, help="prompts get lengths in [min_prompt_len, prompt_len]")
+    p.add_argument("--min_prompt_len", type=int, default=0, help="0: prompt_len/2 (= prompt_len: all one length)")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per point; the fastest is kept")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sampling (top_k 0, top_p 1)")
+    p.add_argument("--hf_cache", default="dynamic", help="transformers' cache_implementation (dynamic, static)")
     p.add_argument("--cuda_graphs", type=int, default=1)
     p.add_argument("--compile", type=int, default=0, help="1: torch.compile the captured decode step (CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per side (0: torch's default); use 1 "
@@ -145,7 +163,8 @@ def main():
             for impl in ("hf", "ours"):
                 rows.append(run_worker([__file__, f"--impl={impl}", f"--batch={b}", f"--ckpt={ckpt}"] + sys.argv[1:]))
     print(f"hardware: {hardware(args.threads)} | torch {torch.__version__} | preset={args.preset} "
-          f"params={rows[0]['n_params'] / 1e6:.1f}M prompt_len<={args.prompt_len} new={args.max_new_tokens} greedy")
+          f"params={rows[0]['n_params'] / 1e6:.1f}M prompt_len<={args.prompt_len} new={args.max_new_tokens} "
+          f"{'greedy' if not args.temperature else f'T={args.temperature}'}")
     for hf, ours in zip(rows[0::2], rows[1::2]):
         line = (f"batch {ours['batch']:>3}: ours {ours['tok_s']:9.0f} tok/s (decode {ours['decode_tok_s']:9.0f})  "
                 f"hf {hf['tok_s']:9.0f} tok/s (decode {hf['decode_tok_s']:9.0f})  "
