@@ -16,7 +16,7 @@ Also here, because every training script needs them next to the lm_head:
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -414,6 +414,16 @@ class Transformer(nn.Module):
         logits_to_keep=k>0 returns only the last k positions' logits (prefill needs just the last one).
         return_hidden=True returns the final-normed hidden states instead of logits, for chunked losses.
         """
+        x = self.hidden_states(input_ids, position_ids, attention_mask, kv_cache)
+        if return_hidden:
+            return x
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)
+
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None):
+        """The body, HF's Qwen2Model forward (embeddings, layers, final norm) -> [B, T, hidden]; arguments as in
+        forward. RewardModel runs this same method under its own score head."""
         B, T = input_ids.shape
         mask = None
         if kv_cache is not None:
@@ -438,12 +448,7 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = self.model.norm(x)
-        if return_hidden:
-            return x
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return self.lm_head(x)
+        return self.model.norm(x)
 
     # ---- HF checkpoint I/O ----------------------------------------------------
 
@@ -454,6 +459,10 @@ class Transformer(nn.Module):
         dtype=None keeps the checkpoint's stored dtype."""
         config = load_config(path)
         shards = _weight_files(path)
+        for f, keys in shards.items():
+            if "score.weight" in keys:
+                raise KeyError(f"{f}: unexpected tensor score.weight: this is a reward model "
+                               f"(Qwen2ForSequenceClassification), not a causal LM; load it with RewardModel")
         device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(config)
@@ -470,45 +479,16 @@ class Transformer(nn.Module):
             config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         return model
 
-    def save_pretrained(self, path, max_shard_size=5 * 1024**3):
+    def save_pretrained(self, path, max_shard_size=5 * 1024**3, state_dict=None):
         """Write config.json + safetensors (sharded with an index above max_shard_size bytes) into `path`.
-        The directory appears atomically: everything is written to a temp dir that is then renamed."""
-        from safetensors.torch import save_file
-
-        path = os.path.abspath(path)
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        The directory appears atomically: everything is written to a temp dir that is then renamed.
+        state_dict: write these tensors instead of the module's own (the gathered weights of an FSDP-sharded model,
+        whose own state_dict holds DTensor shards)."""
+        state = {k: v.detach().contiguous().cpu()
+                 for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # HF omits the tied head
-        dtypes = {v.dtype for v in state.values()}
-        config = self.config.to_hf()
-        if len(dtypes) == 1:
-            config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2)
-        shards, current, size = [], {}, 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if current and size + nbytes > max_shard_size:
-                shards.append(current)
-                current, size = {}, 0
-            current[k] = v
-            size += nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        swap_in_dir(tmp, path)
+        _write_checkpoint(path, state, self.config.to_hf(), max_shard_size)
 
 
 def swap_in_dir(tmp, path):
@@ -584,6 +564,173 @@ def _read_safetensors(files, expected, dtype, device, tied):
                 t = fh.get_tensor(k)
                 state[k] = t if dtype is None else t.to(dtype)
     return state
+
+
+# -----------------------------------------------------------------------------
+# reward model
+
+SEQ_CLS_ARCHITECTURES = {"qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
+
+
+class RewardModel(nn.Module):
+    """Qwen2ForSequenceClassification (Qwen3 too): Transformer's body under `model.` plus a linear head
+    `score.weight` [num_labels, hidden] without bias in place of lm_head. `rm(input_ids, attention_mask)` -> [B]
+    (num_labels 1): the score at each row's last real token, for right- or left-padded batches.
+
+        rm = RewardModel.from_pretrained("/path/rm", dtype=torch.bfloat16, device="cuda")
+        rewards = rm(ids, attention_mask=mask).float()     # [B]
+        rm = RewardModel.from_causal_lm("/path/sft_ckpt")  # a new RM: the SFT model's body, a fresh head
+        rm.save_pretrained("/path/out")                    # loads in transformers as Qwen2ForSequenceClassification
+
+    config.extra carries the HF keys the head needs: id2label (its length is num_labels) and pad_token_id.
+    transformers finds a row's last token as the rightmost id != pad_token_id (it refuses batches > 1 without
+    one); we read the attention mask, so the two agree whenever the pad id does not end a real sequence.
+    """
+
+    def __init__(self, config: ModelConfig, num_labels=None, pad_token_id=None):
+        super().__init__()
+        if pad_token_id is not None:
+            config = replace(config, extra={**config.extra, "pad_token_id": pad_token_id})
+        self.config = config
+        self.num_labels = num_labels or _config_num_labels(config)
+        self.model = Decoder(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.gradient_checkpointing = False
+        self._inv_freq_cache = None
+
+    # The body is Transformer's own code, not a copy: these are its functions, run on this module's Decoder
+    # (hidden_states is the whole Qwen2Model forward: masks, positions, RoPE, layers, checkpointing, final norm).
+    rope_inv_freq = Transformer.rope_inv_freq
+    hidden_states = Transformer.hidden_states
+    init_weights = Transformer.init_weights
+    num_params = Transformer.num_params
+
+    @property
+    def pad_token_id(self):
+        return self.config.extra.get("pad_token_id")
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """input_ids [B, T]; attention_mask [B, T] 0/1 (right or left padding; None: all real, the last position
+        is scored) -> [B] (num_labels 1) or [B, num_labels], in the model's dtype. Positions count the real tokens
+        before each one, as in Transformer, so a row scores the same however much padding it got (transformers
+        numbers a left-padded row from its first pad; RoPE depends only on relative positions, so the scores match)."""
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"RewardModel takes a [B, T] 0/1 padding mask, got shape {list(attention_mask.shape)}")
+        x = self.hidden_states(input_ids, position_ids, attention_mask)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, device=x.device)
+        else:  # index of the rightmost real token (HF's formula, over the mask instead of the ids)
+            last = (torch.arange(T, device=x.device) * attention_mask.to(x.device).long()).argmax(-1)
+        scores = self.score(x[torch.arange(B, device=x.device), last])
+        return scores[:, 0] if self.num_labels == 1 else scores
+
+    # ---- HF checkpoint I/O ----------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        """Load a Qwen2ForSequenceClassification checkpoint dir, as Transformer.from_pretrained does (meta device,
+        every tensor read straight into place, missing/extra/mis-shaped tensors are errors naming file and key)."""
+        config = load_config(path)
+        shards = _weight_files(path)
+        if not any("score.weight" in keys for keys in shards.values()):
+            lm = any("lm_head.weight" in keys for keys in shards.values())
+            raise KeyError(f"{', '.join(sorted(shards))}: no score.weight, so not a reward model "
+                           f"(Qwen2ForSequenceClassification): this looks like a causal LM checkpoint"
+                           f"{' (it has lm_head.weight)' if lm else ''}; start a reward model from one with "
+                           f"RewardModel.from_causal_lm")
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        state = _read_safetensors(shards, expected, dtype, device, tied=False)
+        model.load_state_dict(state, strict=True, assign=True)
+        if dtype is None:
+            config.dtype = str(state["score.weight"].dtype).removeprefix("torch.")
+        return model
+
+    @classmethod
+    def from_causal_lm(cls, path, dtype=None, device=None, num_labels=1, pad_token_id=None, std=0.02):
+        """A new reward model from a causal LM checkpoint dir (R1, like InstructGPT, starts its RM from an SFT
+        model): the body read as strictly as from_pretrained reads it, lm_head.weight left out, and a score head
+        drawn from N(0, std) (transformers' initializer_range) with torch's global RNG."""
+        config = load_config(path)
+        shards = _weight_files(path)
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config, num_labels, pad_token_id)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "score.weight"}
+        state = _read_safetensors(shards, expected, dtype, device, tied=True)  # tied=True: skip a stored lm_head
+        head_dtype = dtype or state["model.embed_tokens.weight"].dtype
+        state["score.weight"] = torch.empty(tuple(model.score.weight.shape), device=device,
+                                            dtype=head_dtype).normal_(0.0, std)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.config.dtype = str(head_dtype).removeprefix("torch.")
+        return model
+
+    def hf_config(self) -> dict:
+        """config.json: the body's keys plus architectures, id2label/label2id (num_labels) and pad_token_id."""
+        d = self.config.to_hf()
+        d["architectures"] = [SEQ_CLS_ARCHITECTURES[self.config.model_type]]
+        d.pop("num_labels", None)  # transformers derives it from id2label
+        id2label = d.get("id2label")
+        if not isinstance(id2label, dict) or len(id2label) != self.num_labels:
+            id2label = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            d.update(id2label=id2label, label2id={v: int(k) for k, v in id2label.items()})
+        d.setdefault("pad_token_id", None)
+        return d
+
+    def save_pretrained(self, path, max_shard_size=5 * 1024**3, state_dict=None):
+        """Write config.json + safetensors into `path`, atomically, sharded above max_shard_size bytes (as
+        Transformer.save_pretrained). state_dict: write these tensors instead of the module's own (FSDP)."""
+        state = {k: v.detach().contiguous().cpu()
+                 for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
+        _write_checkpoint(path, state, self.hf_config(), max_shard_size)
+
+
+def _config_num_labels(config: ModelConfig) -> int:
+    """num_labels as transformers reads it: the length of id2label, else num_labels; 1 when neither is given."""
+    id2label = config.extra.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    return int(config.extra.get("num_labels") or 1)
+
+
+def _write_checkpoint(path, state, config, max_shard_size):
+    """config.json (torch_dtype set from the tensors when they share one dtype) + safetensors, sharded with an
+    index above max_shard_size bytes, written to path.tmp and swapped in (swap_in_dir)."""
+    from safetensors.torch import save_file
+
+    path = os.path.abspath(path)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    dtypes = {v.dtype for v in state.values()}
+    if len(dtypes) == 1:
+        config = {**config, "torch_dtype": str(dtypes.pop()).removeprefix("torch.")}
+    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    swap_in_dir(tmp, path)
 
 
 # -----------------------------------------------------------------------------

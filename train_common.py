@@ -1,6 +1,7 @@
 """
-What train_sft.py and train_grpo.py share: process/device setup under torchrun, the optimizer and LR schedule,
-atomic checkpoints with exact-resume state, the metrics file, MFU's peak FLOP/s table, and data-file specs.
+What train_sft.py and train_grpo.py share: process/device setup under torchrun, FSDP2 sharding (--fsdp=1), the
+optimizer and LR schedule, atomic checkpoints with exact-resume state, the metrics file, MFU's peak FLOP/s table, and
+data-file specs.
 Each function takes plain values (not a script's config object), so any training script can call it.
 """
 import json
@@ -88,6 +89,70 @@ def teardown(rt):
 
 
 # -----------------------------------------------------------------------------
+# FSDP2 (--fsdp=1): parameters, gradients and AdamW state sharded over the ranks, for models whose optimizer state
+# does not fit one device (7B and up). Between forward/backward passes each parameter is a DTensor holding this
+# rank's shard; a forward all-gathers one block at a time and a backward reduce-scatters its gradients (averaged
+# over ranks, like DDP). Every rank must therefore run the same number of forward and backward passes.
+
+_FULL = dict(full_state_dict=True, cpu_offload=True)  # gathered whole, on rank 0's CPU (other ranks get {})
+
+
+def shard_model(model):
+    """Shard each transformer block, then the root (embeddings, final norm, lm_head), in place: the usual FSDP2
+    pattern, one all-gather per block. Build the optimizer afterwards, on the DTensor parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise SystemExit("--fsdp=1 shards over the ranks of a torchrun launch (torchrun --nproc_per_node=N ...)")
+    # the mesh on the model's device (fully_shard's default is cuda whenever there is one, even for --device=cpu)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_state_dict(model):
+    """The whole model's state dict on rank 0 (CPU), {} elsewhere; a collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(**_FULL))
+
+
+def optimizer_state(model, optimizer, fsdp):
+    """The optimizer state for a checkpoint. Sharded: gathered whole onto rank 0 and keyed by parameter name, so it
+    does not depend on the world size (a collective)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_FULL))
+
+
+def load_optimizer_state(model, optimizer, state, fsdp, saved_fsdp):
+    """Inverse of optimizer_state: under FSDP every rank has read the full state and keeps its own shard of it."""
+    if bool(fsdp) != bool(saved_fsdp):  # the two layouts differ (index- vs name-keyed); the model files are the same either way
+        raise SystemExit(f"the checkpoint's optimizer state was saved with --fsdp={int(saved_fsdp)}: resume with that "
+                         "flag (or start a new run from the checkpoint with --init_from)")
+    if not fsdp:
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+@torch.no_grad()
+def copy_full_params(dst, src):
+    """dst's parameters <- src's (same architecture), all-gathering src's DTensor shards when it is sharded (then a
+    collective: every rank calls it). dst is a plain model: a sampler copy or a reference model."""
+    from torch.distributed.tensor import DTensor
+
+    for d, s in zip(dst.parameters(), src.parameters()):
+        d.copy_(s.full_tensor() if isinstance(s, DTensor) else s)
+
+
+# -----------------------------------------------------------------------------
 # optimizer and schedule
 
 
@@ -124,12 +189,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def save_checkpoint(path, model, tok_dir, trainer_state):
+def save_checkpoint(path, model, tok_dir, trainer_state, state_dict=None):
     """model (HF layout) + tokenizer files + trainer_state.pt, swapped in as one directory so a crash
-    at any moment leaves either the previous checkpoint or this one, never a mix."""
+    at any moment leaves either the previous checkpoint or this one, never a mix. state_dict: the weights to write
+    instead of the model's own (full_state_dict of a sharded model)."""
     staging = path + ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=state_dict)
     for name in TOKENIZER_FILES:
         src = os.path.join(tok_dir, name)
         if os.path.isfile(src):
@@ -146,9 +212,11 @@ def find_checkpoint(path):
     return None
 
 
-def load_trainer_state(ckpt_dir):
-    # our own file, written by save_checkpoint: it holds numpy/python RNG tuples, hence weights_only=False
-    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
+def load_trainer_state(ckpt_dir, mmap=False):
+    # our own file, written by save_checkpoint: it holds numpy/python RNG tuples, hence weights_only=False.
+    # mmap (FSDP): every rank loads the file (step, RNG, data position) but needs only its shard of the full optimizer
+    # state in it: mapped, the ranks share one copy in the page cache instead of holding world copies in RAM
+    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def rng_state():

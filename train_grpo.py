@@ -28,6 +28,15 @@ rounding of a gradient that is ~0 up to an lr-sized step, which Qwen2's k_proj b
 frequencies show, so the test uses a bias-free Qwen3-style model). The gradient
 is all-reduced by hand rather than through the DistributedDataParallel wrapper because ranks run different
 numbers of forward/backward passes (rows with zero advantage are skipped), which the wrapper cannot sync.
+
+FSDP2 (--fsdp=1, for policies whose AdamW state does not fit one GPU): the policy is sharded for the update
+(train_common.shard_model) and FSDP2 reduce-scatters the gradients, so the hand all-reduce is skipped. Its forwards
+and backwards are collectives, so there every rank runs the same number of micro-batches: a rank with fewer rows in a
+minibatch runs padding passes on a row of it with zero weight (the zero-advantage skip stays: that is where the
+counts come apart). Rollouts sample from a separate unsharded copy of the policy (also in fp32 on the CPU), refreshed
+after each update by all-gathering the shards into it: the Engine (KV cache, CUDA graphs, prepacked CPU weights)
+needs plain tensors at fixed addresses, which an FSDP module only has transiently. A reference model (beta > 0) is
+used for inference only and stays unsharded. Checkpoints are gathered onto rank 0: the same HF-layout files.
 """
 import copy
 import json
@@ -45,9 +54,10 @@ from model import Transformer, chunked_token_logprobs
 from reward import accuracy_reward, combine_rewards
 from sample import PROMPT_TEMPLATES, Engine, encode_problem, pass_at_1, score_problems
 from tokenizer import Tokenizer
-from train_common import (Config, MetricsFile, all_rng_states, find_checkpoint, load_trainer_state, lr_at,
-                          make_optimizer, parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state,
-                          setup_runtime, teardown)
+from train_common import (Config, MetricsFile, all_rng_states, copy_full_params, find_checkpoint, full_state_dict,
+                          load_optimizer_state, load_trainer_state, lr_at, make_optimizer, optimizer_state,
+                          parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state, setup_runtime,
+                          shard_model, teardown)
 from train_sft import RowStream
 
 # -----------------------------------------------------------------------------
@@ -93,6 +103,7 @@ ignore_eos = 0  # 1 (benchmarks): every completion runs to max_completion_len
 sample_every = 40  # print a few completions every this many steps (0: never)
 logp_chunk = 1024  # positions per chunk of the training log-probs (peak logits memory = logp_chunk x vocab)
 grad_checkpointing = 0
+fsdp = 0  # 1 (torchrun): FSDP2 shards the policy's parameters, gradients and AdamW state over the ranks
 sample_dtype = "auto"  # rollout weights: auto (bf16 copy of the policy on cuda, the policy itself on cpu) | float32
 cuda_graphs = 1
 dtype = "auto"  # training compute: auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
@@ -398,6 +409,11 @@ def policy_update(policy, ref_model, optimizer, rows, cfg, rt, pad_id, step):
             out[b, :len(rows[i][key])] = torch.tensor(rows[i][key], dtype=torch.float32)
         return out.to(rt.device)
 
+    def passes(most, mine):
+        """Micro-batches this rank runs: under FSDP every rank runs as many as the rank with the most rows (`most`),
+        since each forward all-gathers and each backward reduce-scatters together with the other ranks."""
+        return -(-(most if cfg.fsdp else mine) // cfg.micro_batch_size)
+
     def mismatch(lp, idx):
         m = padded("mask_all", idx)
         return float(((lp.float() - padded("logprobs", idx)).abs() * m).max()) if m.any() else 0.0
@@ -406,12 +422,18 @@ def policy_update(policy, ref_model, optimizer, rows, cfg, rt, pad_id, step):
     old, ref = {}, {}
     t0 = time.time()
     need_old = list(range(rt.rank, B, rt.world)) if recompute_old else []
+    n_old = passes(len(range(0, B, rt.world)) if recompute_old else 0, len(need_old))
     with torch.no_grad(), rt.autocast():
-        for s in range(0, len(need_old), cfg.micro_batch_size):
+        for s in range(0, n_old * cfg.micro_batch_size, cfg.micro_batch_size):
             idx = need_old[s:s + cfg.micro_batch_size]
+            if not idx:  # FSDP padding pass (see passes)
+                batch_logprobs(policy, [0])
+                continue
             lp = batch_logprobs(policy, idx).float()
             stats["logp_mismatch"] = max(stats["logp_mismatch"], mismatch(lp, idx))
             old.update({i: lp[b, :len(rows[i]["tokens"])].cpu() for b, i in enumerate(idx)})
+    if cfg.fsdp and n_old:  # FSDP2 keeps the root's parameters gathered after a forward, for the backward that
+        policy.reshard()  # follows a training one: after no-grad passes free them (.parameters() are shards again)
     if recompute_old and rt.ddp:
         parts = [None] * rt.world
         dist.all_gather_object(parts, old)
@@ -428,9 +450,13 @@ def policy_update(policy, ref_model, optimizer, rows, cfg, rt, pad_id, step):
             lens = [sum(rows[i]["mask"]) for i in mb]
             normalizer = {"sequence": sum(n > 0 for n in lens), "token": sum(lens),
                           "constant": len(mb) * cfg.max_completion_len}[cfg.loss_agg]
-            mine = [i for i in mb if i in active][rt.rank::rt.world]
-            for s in range(0, len(mine), cfg.micro_batch_size):
+            trained = [i for i in mb if i in active]
+            mine = trained[rt.rank::rt.world]
+            for s in range(0, passes(len(trained[::rt.world]), len(mine)) * cfg.micro_batch_size,
+                           cfg.micro_batch_size):
                 idx = mine[s:s + cfg.micro_batch_size]
+                pad = not idx  # an FSDP padding pass: a row of the minibatch, with zero weight
+                idx = idx or trained[:1]
                 with rt.autocast():
                     lp = batch_logprobs(policy, idx).float()
                 ref_lp = None
@@ -456,7 +482,11 @@ def policy_update(policy, ref_model, optimizer, rows, cfg, rt, pad_id, step):
                 loss, st = grpo_loss(lp, old_lp, ref_lp, adv, padded("mask", idx), cfg.clip_eps_low,
                                      cfg.clip_eps_high, cfg.beta, cfg.loss_agg, cfg.importance_sampling,
                                      cfg.max_completion_len, normalizer=max(float(normalizer), 1.0))
-                loss.backward()
+                # a padding pass weighs 0; x world under FSDP2, which averages the gradients over ranks where the
+                # hand all-reduce below sums them
+                (loss * (0.0 if pad else (rt.world if cfg.fsdp else 1))).backward()
+                if pad:
+                    continue
                 stats["loss"] += loss.item()
                 stats["trained_rows"] += len(idx)
                 for k in ("clip_low", "clip_high", "kl"):
@@ -469,7 +499,7 @@ def policy_update(policy, ref_model, optimizer, rows, cfg, rt, pad_id, step):
             # the weights), on every rank alike.
             if not rt.all_sum(float(any(p.grad is not None for p in params))):
                 continue
-            if rt.ddp:
+            if rt.ddp and not cfg.fsdp:  # (FSDP2 has reduce-scattered them already)
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -602,30 +632,34 @@ def main(argv=None):
     if cfg.beta > 0:
         ref_model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=rt.device).eval()
         ref_model.requires_grad_(False)
+    sample_dtype = {"auto": torch.bfloat16 if rt.dev_type == "cuda" else torch.float32, "float32": torch.float32,
+                    "bfloat16": torch.bfloat16}[cfg.sample_dtype]
+    # rollouts: the policy itself, or a low-precision copy (or under FSDP an unsharded one) refreshed in place after
+    # every update (CUDA graphs keep the addresses of its tensors, so it is copied into, never rebuilt)
+    own_sampler = sample_dtype != torch.float32 or cfg.fsdp
+    sampler = copy.deepcopy(policy).to(sample_dtype).eval() if own_sampler else policy
+    sampler.requires_grad_(sampler is policy)
+    if cfg.fsdp:
+        shard_model(policy)  # in place, after the sampler copy and before the optimizer (it holds the DTensor shards)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=rt.dev_type == "cuda")
     step, history = 0, {"accuracy": [], "reward": []}
     if resume_from:
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_trainer_state(resume_from, mmap=bool(cfg.fsdp))
+        load_optimizer_state(policy, optimizer, state["optimizer"], cfg.fsdp, state.get("fsdp", False))
         step, history = state["step"], state["history"]
         stream.epoch, stream.pos = state["data"]["epoch"], state["data"]["pos"]
         if ref_model is not None and state.get("ref") is not None:
             ref_model.load_state_dict(state["ref"])
         set_rng_state(state["rng"][rt.rank] if rt.rank < len(state["rng"]) else state["rng"][0])
         log(f"resumed from {resume_from} at step {step}")
-    sample_dtype = {"auto": torch.bfloat16 if rt.dev_type == "cuda" else torch.float32, "float32": torch.float32,
-                    "bfloat16": torch.bfloat16}[cfg.sample_dtype]
-    # rollouts: the policy itself, or a low-precision copy refreshed in place after every update (CUDA graphs
-    # keep the addresses of its tensors, so it is copied into, never rebuilt)
-    sampler = policy if sample_dtype == torch.float32 else copy.deepcopy(policy).to(sample_dtype).eval()
-    sampler.requires_grad_(sampler is policy)
     engine = Engine(sampler, tok, cuda_graphs=bool(cfg.cuda_graphs) and rt.dev_type == "cuda")
     gen = dict(max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                ignore_eos=bool(cfg.ignore_eos), stop=["</answer>"] if cfg.prompt_template == "r1zero" else None)
     eval_prompts = [it["ids"] for it in eval_problems]
     eval_rows = [it["row"] for it in eval_problems]
     log(f"model: {policy.num_params() / 1e6:.2f}M params; device {rt.device}, world {rt.world}, "
-        f"{'bf16 autocast' if rt.amp_dtype else 'fp32'} training, {sample_dtype} rollouts; "
+        f"{'bf16 autocast' if rt.amp_dtype else 'fp32'} training{', FSDP2-sharded' if cfg.fsdp else ''}, "
+        f"{sample_dtype} rollouts; "
         f"reference model: {'yes' if ref_model is not None else 'none (beta=0)'}")
 
     metrics = MetricsFile(cfg.out_dir, rt.master, step if resume_from else None)
@@ -642,11 +676,14 @@ def main(argv=None):
 
     def checkpoint():
         rngs = all_rng_states(rt)
+        weights = full_state_dict(policy) if cfg.fsdp else None  # collectives: on every rank
+        opt_state = optimizer_state(policy, optimizer, cfg.fsdp)
         if rt.master:
             save_checkpoint(ckpt_path, policy, tok_dir, {
-                "optimizer": optimizer.state_dict(), "step": step, "data": stream.state(), "rng": rngs,
+                "optimizer": opt_state, "step": step, "data": stream.state(), "rng": rngs, "fsdp": bool(cfg.fsdp),
                 "history": history, "config": dict(cfg), "world_size": rt.world,
-                "ref": ref_model.state_dict() if ref_model is not None and cfg.ref_update_every else None})
+                "ref": ref_model.state_dict() if ref_model is not None and cfg.ref_update_every else None},
+                state_dict=weights)
         if rt.ddp:
             dist.barrier()
 
@@ -679,12 +716,10 @@ def main(argv=None):
         t0 = time.time()
         up = policy_update(policy, ref_model, optimizer, rows, cfg, rt, tok.pad_id, step) if rows else {}
         if sampler is not policy:
-            with torch.no_grad():
-                for ps, pp in zip(sampler.parameters(), policy.parameters()):
-                    ps.copy_(pp)
+            copy_full_params(sampler, policy)  # (all-gathers the shards under FSDP)
         step += 1
         if ref_model is not None and cfg.ref_update_every and step % cfg.ref_update_every == 0:
-            ref_model.load_state_dict(policy.state_dict())
+            copy_full_params(ref_model, policy)
         if rt.dev_type == "cuda":
             torch.cuda.synchronize()
         time_update = time.time() - t0 - up.get("time_logp", 0.0)

@@ -13,6 +13,8 @@ Launch:
         --max_seq_len=4096 --batch_size=4 --grad_accum=8 --lr=1e-5 --min_lr=1e-6 --out_dir=out/sft_1.5b
     # the same on 8 GPUs (each rank collates only its own rows; rank 0 logs and saves)
     torchrun --standalone --nproc_per_node=8 train_sft.py --init_from=... --batch_size=4 --grad_accum=1
+    # a model whose AdamW state does not fit one GPU: FSDP2 shards weights, gradients and optimizer state
+    torchrun --standalone --nproc_per_node=8 train_sft.py --init_from=/models/Qwen2.5-7B --fsdp=1 ...
     # continue a run that stopped or was killed, exactly where its last checkpoint left off
     python train_sft.py --out_dir=out/sft --resume=1
     # language-model mode from random init (data/tiny/model was made so: exact commands in its README.md)
@@ -34,6 +36,9 @@ Loss normalisation: every optimizer step divides the summed token loss by the nu
 in the whole step (all micro-batches of all ranks; the count is all-reduced first). So the gradient is
 the same whatever the split into ranks x grad_accum x batch_size, and a packed row weighs its tokens
 exactly like the unpacked examples would.
+
+--fsdp=1 (under torchrun) replaces the DDP wrapper with FSDP2 (train_common.shard_model): the same gradient, the same
+step, ordinary HF-layout checkpoints (gathered onto rank 0), and a resumable optimizer state (gathered whole too).
 """
 import bisect
 import json
@@ -51,9 +56,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import parse_overrides
 from model import ModelConfig, Transformer, chunked_cross_entropy
 from tokenizer import Tokenizer
-from train_common import (Config, MetricsFile, all_rng_states, find_checkpoint, load_trainer_state, lr_at,
-                          make_optimizer, parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state,
-                          setup_runtime, teardown)
+from train_common import (Config, MetricsFile, all_rng_states, find_checkpoint, full_state_dict, load_optimizer_state,
+                          load_trainer_state, lr_at, make_optimizer, optimizer_state, parse_data_spec, peak_flops,
+                          read_rows, save_checkpoint, set_rng_state, setup_runtime, shard_model, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = cold-start SFT of the embedded tiny model on CPU)
@@ -84,6 +89,7 @@ dtype = "auto"  # auto: bf16 autocast (fp32 master weights) on cuda, fp32 on cpu
 device = "auto"  # auto | cpu | cuda
 compile = 0  # torch.compile the model
 grad_checkpointing = 0  # recompute each block in backward: less activation memory, ~30% more compute
+fsdp = 0  # 1 (torchrun): FSDP2 shards parameters, gradients and AdamW state over the ranks instead of DDP replicas
 ce_chunk = 1024  # positions per chunk of the fused cross-entropy (peak logits memory = ce_chunk x vocab)
 eval_every = 50  # 0 disables periodic eval (a final eval still runs when there is a held-out split)
 save_every = 0  # 0 -> only at the end
@@ -312,11 +318,14 @@ def packed_attention_mask(doc_ids):
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
 
 
-def batch_loss_sum(model, lm_head_weight, batch, chunk):
-    """Summed token cross-entropy of a collated batch (on the batch's device), via the fused chunked CE."""
+def batch_loss_sum(model, lm_head, batch, chunk):
+    """Summed token cross-entropy of a collated batch (on the batch's device), via the fused chunked CE.
+    lm_head: the head module, whose weight is read after the forward (under FSDP2 it is a DTensor shard until the
+    root's forward has gathered it), or the weight itself."""
     hidden = model(batch["input_ids"], position_ids=batch["position_ids"],
                    attention_mask=packed_attention_mask(batch["doc_ids"]), return_hidden=True)
-    return chunked_cross_entropy(hidden, lm_head_weight, batch["targets"], chunk_size=chunk, reduction="sum")
+    weight = lm_head.weight if isinstance(lm_head, torch.nn.Module) else lm_head
+    return chunked_cross_entropy(hidden, weight, batch["targets"], chunk_size=chunk, reduction="sum")
 
 
 # -----------------------------------------------------------------------------
@@ -396,13 +405,15 @@ def main(argv=None):
     raw_model = model
     log(f"model: {model.num_params() / 1e6:.2f}M params, {model.config.num_hidden_layers} layers, "
         f"hidden {model.config.hidden_size}, vocab {model.config.vocab_size}; device {device}, world {world}, "
-        f"{'bf16 autocast' if amp_dtype else 'fp32'}")
+        f"{'bf16 autocast' if amp_dtype else 'fp32'}{', FSDP2-sharded' if cfg.fsdp else ''}")
+    if cfg.fsdp:
+        shard_model(model)  # in place, before the optimizer: it must hold the DTensor shards
     optimizer = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=dev_type == "cuda")
 
     step = 0
     if resume_from:
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_trainer_state(resume_from, mmap=bool(cfg.fsdp))
+        load_optimizer_state(raw_model, optimizer, state["optimizer"], cfg.fsdp, state.get("fsdp", False))
         step = state["step"]
         stream.epoch, stream.pos = state["data"]["epoch"], state["data"]["pos"]
         total_steps = state["total_steps"] if not cfg.max_steps else total_steps
@@ -412,7 +423,7 @@ def main(argv=None):
 
     if cfg.compile:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not cfg.fsdp:  # (FSDP2 reduces the gradients itself)
         model = DDP(model, device_ids=[local_rank] if dev_type == "cuda" else None)
 
     metrics = MetricsFile(cfg.out_dir, master, step if resume_from else None)
@@ -423,20 +434,30 @@ def main(argv=None):
         model.eval()
         loss_sum, count = 0.0, 0
         mine = eval_rows[rank::world]
-        for i in range(0, len(mine), cfg.batch_size):
-            batch = {k: v.to(device) for k, v in collate(mine[i:i + cfg.batch_size], tok.pad_id).items()}
+        # FSDP: every rank runs as many forwards as rank 0, which has the most rows (each forward all-gathers the
+        # blocks together with the other ranks); a rank out of rows runs a padding batch and drops its loss
+        n_batches = -(-len(eval_rows[::world] if cfg.fsdp else mine) // cfg.batch_size)
+        for i in range(0, n_batches * cfg.batch_size, cfg.batch_size):
+            part = mine[i:i + cfg.batch_size]
+            batch = {k: v.to(device) for k, v in collate(part or eval_rows[:1], tok.pad_id).items()}
             with autocast:
-                loss_sum += batch_loss_sum(raw_model, raw_model.lm_head.weight, batch, cfg.ce_chunk).item()
-            count += int((batch["targets"] != -100).sum())
+                loss = batch_loss_sum(raw_model, raw_model.lm_head, batch, cfg.ce_chunk).item()
+            if part:
+                loss_sum += loss
+                count += int((batch["targets"] != -100).sum())
+        if cfg.fsdp:  # FSDP2 keeps the root's parameters gathered after a forward, for the backward that follows a
+            raw_model.reshard()  # training one: after a no-grad pass free them (.parameters() are shards again)
         model.train()
         return all_sum(loss_sum) / max(1.0, all_sum(count))
 
     def checkpoint():
         rngs = all_rng_states(rt)
+        weights = full_state_dict(raw_model) if cfg.fsdp else None  # collectives: on every rank
+        opt_state = optimizer_state(raw_model, optimizer, cfg.fsdp)
         if master:
             save_checkpoint(ckpt_path, raw_model, tok_dir, {
-                "optimizer": optimizer.state_dict(), "step": step, "total_steps": total_steps,
-                "data": stream.state(), "rng": rngs, "config": dict(cfg), "world_size": world})
+                "optimizer": opt_state, "step": step, "total_steps": total_steps, "fsdp": bool(cfg.fsdp),
+                "data": stream.state(), "rng": rngs, "config": dict(cfg), "world_size": world}, state_dict=weights)
         if ddp:
             dist.barrier()
 
@@ -466,14 +487,18 @@ def main(argv=None):
         for a, mb in enumerate(micro):
             mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
             # sync gradients across ranks only on the last micro-batch
-            sync = nullcontext() if (not ddp or a == cfg.grad_accum - 1) else model.no_sync()
+            last_micro = a == cfg.grad_accum - 1
+            if cfg.fsdp:  # FSDP2's no_sync: accumulate unsharded gradients, reduce-scatter them on the last one
+                raw_model.set_requires_gradient_sync(last_micro)
+            sync = nullcontext() if (not ddp or cfg.fsdp or last_micro) else model.no_sync()
             with sync:
                 with autocast:
-                    loss = batch_loss_sum(model, raw_model.lm_head.weight, mb, cfg.ce_chunk)
-                # DDP averages gradients over ranks; x world turns that into a sum, / n_targets into the
-                # mean over every target token of the step
+                    loss = batch_loss_sum(model, raw_model.lm_head, mb, cfg.ce_chunk)
+                # DDP and FSDP2 both average gradients over ranks (FSDP2's default reduce-scatter op is AVG);
+                # x world turns that into a sum, / n_targets into the mean over every target token of the step
                 (loss * (world / max(1.0, n_targets))).backward()
             loss_sum += loss.detach()
+        # (on DTensor shards too: the norm is reduced over ranks, so it is the norm of the whole gradient)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
                                                    else float("inf"))
         optimizer.step()
