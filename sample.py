@@ -5,6 +5,7 @@ Sampling for nanoR1: the rollout Engine GRPO runs on, plus a CLI to chat with / 
     python sample.py --init_from=DIR --prompt="What is 2+3?" --chat=1 --temperature=0
     python sample.py --init_from=DIR --eval --data=data/tiny/test.jsonl --num_samples=8 --temperature=0.6
     torchrun --nproc_per_node=8 sample.py --init_from=DIR --eval --data=FILE.jsonl --num_samples=16
+    python sample.py --reject=1 --init_from=DIR --data=PROBLEMS.jsonl --num_samples=4 --out=SFT.jsonl  # R1 stage 3
 
 In code (prompts are token-id lists; out[i][j] is sample j of prompt i):
 
@@ -30,8 +31,11 @@ seed_r = s + r; pass a list of seeds to choose them yourself (sample.py --eval u
 import contextlib
 import functools
 import os
+import random
+import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -455,12 +459,15 @@ def maj_at_k(correct, answers, equiv=None):
 # CLI
 
 
-def load_problems(path):
-    """JSONL rows with `answer` and `prompt` (str) or `messages` (list); errors name file:line."""
+def load_problems(path, targets=("answer",)):
+    """JSONL rows with `prompt` (str) or `messages` (list) and at least one of the `targets` fields to check a
+    completion against (default `answer`; rejection sampling also takes code rows' `tests`); errors name file:line."""
     from data.jsonl import iter_jsonl
 
     rows = []
-    for lineno, row in iter_jsonl(path, required=("answer",)):
+    for lineno, row in iter_jsonl(path, required=targets if len(targets) == 1 else ()):
+        if not any(k in row for k in targets):
+            raise ValueError(f"{path}:{lineno}: missing field {' or '.join(map(repr, targets))}")
         if not isinstance(row.get("messages"), list) and not isinstance(row.get("prompt"), str):
             raise ValueError(f"{path}:{lineno}: needs 'prompt' (a string) or 'messages' (a list)")
         rows.append(row)
@@ -537,6 +544,201 @@ def score_problems(engine, problems, prompts, num_samples, gen, seed=0, batch_si
     return [rows for _, rows in results], n_tokens
 
 
+# -----------------------------------------------------------------------------
+# rejection sampling (R1 stage 3): K samples per problem, the good ones become SFT rows
+#
+#   kept, report = rejection_sample(engine, tok, rows, num_samples=4, gen=dict(max_new_tokens=512, temperature=0.7))
+#   python sample.py --reject=1 --init_from=CKPT --data=a.jsonl,b.jsonl --num_samples=K --out=SFT.jsonl
+
+# Why a sample is dropped, in the order the checks run; a sample failing several is counted under the first.
+# The per-sample checks (check_sample) go cheapest first, so correctness (for code rows a sandboxed test run)
+# is decided last; the per-prompt ones follow: an exact duplicate of an earlier good sample of the same prompt,
+# then the good samples past max_per_prompt.
+REJECT_REASONS = ("too_long", "format", "language", "degenerate", "incorrect", "duplicate", "over_max_per_prompt")
+_PIECE = re.compile(r"\w+|[^\w\s]+")  # n-gram units: words / numbers, and runs of symbols
+_LETTER = re.compile(r"[^\W\d_]")
+_LATEX_CMD = re.compile(r"\\[A-Za-z]+")
+
+
+def max_ngram_count(text, n):
+    """How often the most frequent n-gram of text's pieces (words, numbers, symbol runs) occurs, overlaps
+    counted: a completion stuck in a loop repeats its period's n-grams once per turn of the loop."""
+    pieces = _PIECE.findall(text)
+    if len(pieces) < n:
+        return 0
+    return max(Counter(tuple(pieces[i:i + n]) for i in range(len(pieces) - n + 1)).values())
+
+
+def cot_language(completion, lang="en"):
+    """reward.language_consistency_reward of a well-formed completion, except that a chain of thought with no
+    words at all (pure arithmetic, the tiny task's) mixes no languages and scores 1.0 (the reward gives 0.0,
+    which is right for RL, where an empty CoT must not pay)."""
+    from reward import language_consistency_reward
+
+    score = language_consistency_reward(completion, lang)
+    cot = completion.split("<think>", 1)[-1].split("</think>", 1)[0]
+    return score if _LETTER.search(_LATEX_CMD.sub(" ", cot)) else 1.0
+
+
+def check_sample(completion, finish_reason, n_tokens, row, max_completion_tokens=None, ngram_size=20,
+                 max_ngram_repeats=4, lang="en", min_language=1.0, code_timeout=5.0):
+    """Run the per-sample checks of REJECT_REASONS in order on one completion. -> (reason or None to keep it,
+    rewards: the reward values computed up to the first failure: format, language, accuracy or code).
+
+    completion: the whole assistant turn, starting at <think> (if the prompt already opened it, as the
+    R1-Distill template does, put that "<think>\\n" in front). Checks: too_long: not finished by a stop
+    (truncated) or more than max_completion_tokens tokens; format: reward.format_reward strict, <think>
+    reasoning </think> then a non-empty answer; language: cot_language < min_language; degenerate: some
+    ngram_size-gram occurs more than max_ngram_repeats times; incorrect: reward.accuracy_reward against the
+    row's `answer` is not 1, or, for a row with `tests`, not every test passes (reward.code_reward)."""
+    from reward import accuracy_reward, code_reward, format_reward
+
+    rewards = {}
+    if finish_reason != "stop" or (max_completion_tokens and n_tokens > max_completion_tokens):
+        return "too_long", rewards
+    rewards["format"] = format_reward(completion, "strict")
+    if rewards["format"] < 1:
+        return "format", rewards
+    rewards["language"] = cot_language(completion, lang)
+    if rewards["language"] < min_language:
+        return "language", rewards
+    if max_ngram_count(completion, ngram_size) > max_ngram_repeats:
+        return "degenerate", rewards
+    if "tests" in row:
+        rewards["code"] = code_reward(completion, row["tests"], row.get("timeout", code_timeout))
+        ok = rewards["code"] >= 1.0
+    elif "answer" in row:
+        rewards["accuracy"] = accuracy_reward(completion, row["answer"])
+        ok = rewards["accuracy"] >= 1.0
+    else:
+        raise ValueError(f"problem row has neither 'answer' nor 'tests' to check a completion against: {row!r}"[:300])
+    return (None if ok else "incorrect"), rewards
+
+
+def rejection_reason(completion, finish_reason, n_tokens, row, **limits):
+    """Why check_sample drops this completion (a REJECT_REASONS name), or None to keep it."""
+    return check_sample(completion, finish_reason, n_tokens, row, **limits)[0]
+
+
+def think_prefix(tok, prompt_ids):
+    """The "<think>..." a prompt ends with when its chat template opens the think block for the model (the
+    R1-Distill template's "<｜Assistant｜><think>\\n"), else "": it belongs to the assistant turn."""
+    text = tok.decode(prompt_ids)
+    i = text.rstrip().rfind("<think>")
+    return text[i:] if i >= 0 and text.rstrip().endswith("<think>") else ""
+
+
+def prompt_messages(row):
+    """The conversation a problem row asks: its `messages`, or its `prompt` as one user turn."""
+    if isinstance(row.get("messages"), list):
+        return [dict(m) for m in row["messages"]]
+    return [{"role": "user", "content": row["prompt"]}]
+
+
+def _select(i, row, samples, prefix, max_per_prompt, prefer, seed, limits):
+    """One problem's K samples -> (reason per sample, None for the kept ones; [(sample index, rewards)] kept)."""
+    reasons, rewards, good, seen = [], [], [], set()
+    for j, c in enumerate(samples):
+        text = prefix + c.text
+        reason, r = check_sample(text, c.finish_reason, len(c.tokens), row, **limits)
+        if reason is None and text in seen:
+            reason = "duplicate"
+        reasons.append(reason), rewards.append(r)
+        if reason is None:
+            seen.add(text)
+            good.append(j)
+    if prefer == "shortest":
+        good.sort(key=lambda j: (len(samples[j].tokens), j))  # stable: among equals the earlier sample
+    else:  # seeded by the problem index: the same choice whatever the rank split
+        random.Random(seed + i).shuffle(good)
+    for j in good[max_per_prompt or len(good):]:
+        reasons[j] = "over_max_per_prompt"
+    return reasons, [(j, rewards[j]) for j in sorted(good[:max_per_prompt or len(good)])]
+
+
+def rejection_sample(engine, tok, rows, num_samples=4, gen=None, seed=0, template="chat", max_per_prompt=1,
+                     prefer="shortest", max_completion_tokens=None, ngram_size=20, max_ngram_repeats=4, lang="en",
+                     min_language=1.0, rank=0, world=1, source="", row_files=None, batch_size=32, progress=False):
+    """R1's stage-3 rejection sampling: num_samples completions per problem row, kept when check_sample passes
+    them, and not an exact duplicate of an earlier kept sample of the same prompt; then at most max_per_prompt
+    per prompt (0: no cap), the shortest (prefer="shortest", fewest tokens) or a seeded random choice
+    (prefer="random"). -> (kept rows in problem then sample order, report).
+
+    rows: problem rows (`prompt` or `messages`, and `answer` or `tests`), encoded by encode_problem(template);
+    gen: Engine.generate keywords (max_new_tokens, temperature, ...). Sample j of problem i has the seed
+    seed + i*num_samples + j, as in score_problems, so under torchrun (rank r takes problems r, r+world, ...;
+    the results are all-gathered) every rank returns the rows and report of one process.
+    Each kept row is an SFT row for train_sft.py: {"messages": prompt turns + the assistant turn (the whole
+    completion, <think> block included)}, with provenance: source (checkpoint), source_file and source_row
+    (row_files[i] and the row's index in that file), problem_index, sample_index, seed, num_tokens (generated,
+    stop token included) and rewards (the values check_sample computed).
+    The report: problems, samples, kept, acceptance_rate (kept / samples), problems_with_kept,
+    mean_kept_tokens, rejected {reason: count} over REJECT_REASONS, per_source {file: problems, samples, kept,
+    rate}, and the settings used."""
+    from tqdm import tqdm
+
+    if prefer not in ("shortest", "random"):
+        raise ValueError(f"prefer={prefer!r}: expected 'shortest' or 'random'")
+    if max_per_prompt < 0:
+        raise ValueError(f"max_per_prompt={max_per_prompt}: expected >= 0 (0: no cap)")
+    K, gen = num_samples, dict(gen or {})
+    files = list(row_files) if row_files is not None else [""] * len(rows)
+    if len(files) != len(rows):
+        raise ValueError(f"row_files has {len(files)} entries for {len(rows)} rows")
+    limits = dict(max_completion_tokens=max_completion_tokens, ngram_size=ngram_size,
+                  max_ngram_repeats=max_ngram_repeats, lang=lang, min_language=min_language)
+    mine = list(range(rank, len(rows), world))
+    results = []  # (problem index, reasons, [(sample index, text, tokens, rewards)])
+    bar = tqdm(total=len(rows), desc="reject", disable=rank != 0 or not progress, dynamic_ncols=True, leave=False)
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s:s + batch_size]
+        prompts = [encode_problem(tok, rows[i], template) for i in idx]
+        outs = engine.generate(prompts, num_samples=K, seed=[seed + i * K + j for i in idx for j in range(K)], **gen)
+        for i, ids, samples in zip(idx, prompts, outs):
+            if len(samples) != K:
+                raise ValueError(f"engine returned {len(samples)} samples for problem {i}, expected {K}")
+            prefix = think_prefix(tok, ids)
+            reasons, kept = _select(i, rows[i], samples, prefix, max_per_prompt, prefer, seed, limits)
+            results.append((i, reasons, [(j, prefix + samples[j].text, len(samples[j].tokens), r) for j, r in kept]))
+        bar.update(min(len(idx) * world, bar.total - bar.n))
+    bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    results.sort(key=lambda r: r[0])
+
+    source_row, counts = [], Counter()  # each row's index within its own file
+    for f in files:
+        source_row.append(counts[f])
+        counts[f] += 1
+    kept_rows, rejected = [], Counter()
+    per_source = {f: dict(problems=0, samples=0, kept=0, rate=0.0) for f in dict.fromkeys(files)}
+    for i, reasons, kept in results:
+        rejected.update(r for r in reasons if r is not None)
+        ps = per_source[files[i]]
+        ps["problems"] += 1
+        ps["samples"] += K
+        ps["kept"] += len(kept)
+        for j, text, n_tokens, rewards in kept:
+            kept_rows.append({"messages": prompt_messages(rows[i]) + [{"role": "assistant", "content": text}],
+                              "source": source, "source_file": files[i], "source_row": source_row[i],
+                              "problem_index": i, "sample_index": j, "seed": seed + i * K + j,
+                              "num_tokens": n_tokens, "rewards": rewards})
+    for ps in per_source.values():
+        ps["rate"] = ps["kept"] / ps["samples"] if ps["samples"] else 0.0
+    n = len(rows) * K
+    report = dict(problems=len(rows), samples=n, kept=len(kept_rows), acceptance_rate=len(kept_rows) / n if n else 0.0,
+                  problems_with_kept=sum(bool(kept) for _, _, kept in results),
+                  mean_kept_tokens=sum(r["num_tokens"] for r in kept_rows) / len(kept_rows) if kept_rows else 0.0,
+                  rejected={r: rejected[r] for r in REJECT_REASONS}, per_source=per_source,
+                  settings=dict(source=source, num_samples=K, seed=seed, template=template,
+                                max_per_prompt=max_per_prompt, prefer=prefer, **limits, gen=gen))
+    return kept_rows, report
+
+
 CONFIG = dict(
     init_from="",  # HF-layout checkpoint dir with tokenizer files; "": TINY_GRPO, else TINY_SFT if trained, else TINY_BASE
     prompt="",  # text to continue; empty: the first problem of --data
@@ -550,9 +752,18 @@ CONFIG = dict(
     stop="",  # extra stop string
     seed=1337,
     eval=False,  # score --data with reward.py: pass@1, maj@K, pass@K
-    data=DEFAULT_DATA,
-    out="",  # eval output JSONL (default out/eval/<data name>.jsonl)
-    batch_size=32,  # problems per generate call in --eval (x num_samples rows)
+    reject=0,  # 1: rejection sampling (R1 stage 3): --num_samples per problem of --data, kept ones -> --out (SFT rows)
+    data=DEFAULT_DATA,  # problems JSONL; --reject takes several, comma-separated (the report gives each file's rate)
+    out="",  # output JSONL (default out/eval/<data name>.jsonl, --reject: out/reject/<data name>.jsonl + .report.json)
+    max_per_prompt=1,  # --reject: keep at most this many samples per problem (0: every one that passes)
+    prefer="shortest",  # --reject: which good samples to keep past max_per_prompt: shortest | random (seeded)
+    max_completion_tokens=0,  # --reject: length budget in generated tokens (0: none beyond finishing in max_new_tokens)
+    ngram_size=20,  # --reject: a sample is degenerate when one ngram_size-gram (words, numbers, symbol runs)...
+    max_ngram_repeats=4,  # ...occurs more than this many times in it (a repeated loop)
+    lang="en",  # --reject: language the chain of thought must be written in (reward.language_consistency_reward)
+    min_language=1.0,  # --reject: least fraction of CoT words in --lang (R1 drops mixed-language CoTs)
+    prompt_template="chat",  # --reject: chat | raw | r1zero, for rows with a bare `prompt` (--eval uses --chat)
+    batch_size=32,  # problems per generate call in --eval / --reject (x num_samples rows)
     device="auto",
     dtype="auto",  # float32 | bfloat16 | auto (bf16 on CUDA)
     cuda_graphs=1,
@@ -574,8 +785,8 @@ def main(argv):
     from model import Transformer
     from tokenizer import Tokenizer
 
-    # torchrun: one process per device; --eval splits the problems
-    ddp = "RANK" in os.environ and cfg["eval"]
+    # torchrun: one process per device; --eval and --reject split the problems
+    ddp = "RANK" in os.environ and (cfg["eval"] or cfg["reject"])
     rank, world = 0, 1
     device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
@@ -594,6 +805,8 @@ def main(argv):
                     compile=bool(cfg["compile"]))
     gen = dict(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
                top_p=cfg["top_p"], min_p=cfg["min_p"], stop=[cfg["stop"]] if cfg["stop"] else None)
+    if cfg["reject"]:
+        return run_reject(engine, tok, cfg, gen, rank, world)
     if cfg["eval"]:
         return run_eval(engine, tok, cfg, gen, rank, world)
 
@@ -651,6 +864,46 @@ def run_eval(engine, tok, cfg, gen, rank, world):
           f"pass@1 {pass_at_1(correct):.4f}  maj@{K} {maj_at_k(correct, answers, is_equiv):.4f}  "
           f"pass@{K} {pass_at_k(correct):.4f}  ({n_tokens} tokens in {dt:.1f}s, {n_tokens / dt:.0f} tok/s)")
     print(f"wrote {out}")
+    return 0
+
+
+def run_reject(engine, tok, cfg, gen, rank, world):
+    import json
+
+    from data.jsonl import write_jsonl
+
+    paths = [p for p in cfg["data"].split(",") if p]
+    rows, files = [], []
+    for path in paths:
+        part = load_problems(path, targets=("answer", "tests"))
+        rows += part
+        files += [path] * len(part)
+    t0 = time.time()
+    limits = {k: cfg[k] for k in ("max_per_prompt", "prefer", "ngram_size", "max_ngram_repeats", "lang",
+                                  "min_language")}
+    kept, report = rejection_sample(engine, tok, rows, cfg["num_samples"], gen, cfg["seed"], cfg["prompt_template"],
+                                    max_completion_tokens=cfg["max_completion_tokens"] or None, rank=rank, world=world,
+                                    source=cfg["init_from"], row_files=files, batch_size=cfg["batch_size"],
+                                    progress=True, **limits)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    name = "+".join(os.path.splitext(os.path.basename(p))[0] for p in paths)
+    out = cfg["out"] or os.path.join("out", "reject", name + ".jsonl")
+    write_jsonl(out, kept)
+    with open(out + ".report.json", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    rejected = ", ".join(f"{r} {n}" for r, n in report["rejected"].items())
+    print(f"kept {report['kept']} of {report['samples']} samples ({report['acceptance_rate']:.1%}) from "
+          f"{report['problems']} problems x {cfg['num_samples']} ({report['problems_with_kept']} problems with one), "
+          f"mean {report['mean_kept_tokens']:.1f} tokens; rejected: {rejected}  ({time.time() - t0:.1f}s)")
+    if len(paths) > 1:
+        for path, s in report["per_source"].items():
+            print(f"  {path}: kept {s['kept']} of {s['samples']} ({s['rate']:.1%})")
+    print(f"wrote {out} and {out}.report.json")
     return 0
 
 
