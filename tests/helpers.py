@@ -16,13 +16,16 @@ def hf_config(model_type="qwen2", **overrides):
     return Qwen2Config(**kw)
 
 
-def tiny_hf_checkpoint(path, model_type="qwen2", seed=0, dtype=torch.float32, max_shard_size=None, **overrides):
+def tiny_hf_checkpoint(path, model_type="qwen2", seed=0, dtype=torch.float32, max_shard_size=None, head="causal_lm",
+                       **overrides):
     """Write a random transformers Qwen2/Qwen3 model to `path` (HF layout); returns the HF model (eval mode).
+    head: "causal_lm" (Qwen2ForCausalLM) or "seq_cls" (Qwen2ForSequenceClassification, a reward model).
     Weights are drawn with a larger std than HF's default so logits are not all ~0 (a weak parity check)."""
-    from transformers import Qwen2ForCausalLM, Qwen3ForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
-    cls = Qwen3ForCausalLM if model_type == "qwen3" else Qwen2ForCausalLM
+    suffix = {"causal_lm": "ForCausalLM", "seq_cls": "ForSequenceClassification"}[head]
+    cls = getattr(transformers, ("Qwen3" if model_type == "qwen3" else "Qwen2") + suffix)
     model = cls(hf_config(model_type, **overrides)).to(dtype).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -89,3 +92,13 @@ def make_tiny_checkpoint(path, seed=0, std=0.1, vocab_size=None, **overrides):
         for name in os.listdir(tok_dir):
             shutil.copy(os.path.join(tok_dir, name), path)
     return path
+
+
+def write_jsonl(path, rows):
+    """Rows (dicts, or raw strings for malformed-line tests) to a JSONL file; returns its path as a str."""
+    import json
+
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_grpo
-from helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint, write_jsonl
 from model import ModelConfig, Transformer
 from train_common import Runtime, make_optimizer
 
@@ -255,13 +255,6 @@ def test_overlong_penalty():
 # the CLI on a tiny random model
 
 
-def _write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt")), std=0.1)
@@ -270,9 +263,9 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    train = _write_jsonl(d / "train.jsonl", [{"prompt": f"What is {a}+{b}?", "answer": str(a + b)}
+    train = write_jsonl(d / "train.jsonl", [{"prompt": f"What is {a}+{b}?", "answer": str(a + b)}
                                              for a in range(6) for b in range(6)])
-    test = _write_jsonl(d / "test.jsonl", [{"prompt": f"What is {a}+{a + 1}?", "answer": str(2 * a + 1)}
+    test = write_jsonl(d / "test.jsonl", [{"prompt": f"What is {a}+{a + 1}?", "answer": str(2 * a + 1)}
                                            for a in range(8)])
     return train, test
 
@@ -569,14 +562,14 @@ def test_bad_flags(ckpt, data, tmp_path):
 
 
 def test_bad_data_files(ckpt, data, tmp_path):
-    empty = _write_jsonl(tmp_path / "empty.jsonl", [])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(SystemExit, match="empty.jsonl"):
         _run(ckpt, (empty, data[1]), str(tmp_path / "x"))
     rows = [{"prompt": "What is 1+1?", "answer": "2"}, {"prompt": "What is 2+2?"}]
-    no_answer = _write_jsonl(tmp_path / "no_answer.jsonl", rows)
+    no_answer = write_jsonl(tmp_path / "no_answer.jsonl", rows)
     with pytest.raises(SystemExit, match=r"no_answer\.jsonl:2.*'answer'"):
         _run(ckpt, (no_answer, data[1]), str(tmp_path / "x"), rewards="accuracy")
-    no_prompt = _write_jsonl(tmp_path / "no_prompt.jsonl", [{"prompt": "hi"}, {"question": "x"}])
+    no_prompt = write_jsonl(tmp_path / "no_prompt.jsonl", [{"prompt": "hi"}, {"question": "x"}])
     with pytest.raises(SystemExit, match=r"no_prompt\.jsonl:2.*'prompt'"):
         _run(ckpt, (no_prompt, data[1]), str(tmp_path / "x"))
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from helpers import hf_config, tiny_hf_checkpoint
+from helpers import tiny_hf_checkpoint
 from model import RewardModel, Transformer
 
 pytest.importorskip("transformers")
@@ -17,19 +17,7 @@ VOCAB = 320
 def tiny_hf_rm(path, model_type="qwen2", seed=0, **overrides):
     """Write a random transformers Qwen2/Qwen3ForSequenceClassification (num_labels 1, pad_token_id PAD) to
     `path`; returns it in eval mode. Larger-than-default weights so the scores are not all ~0."""
-    from transformers import Qwen2ForSequenceClassification, Qwen3ForSequenceClassification
-
-    torch.manual_seed(seed)
-    cls = Qwen3ForSequenceClassification if model_type == "qwen3" else Qwen2ForSequenceClassification
-    model = cls(hf_config(model_type, num_labels=1, pad_token_id=PAD, **overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.1)
-    model.save_pretrained(path)
-    return model
+    return tiny_hf_checkpoint(path, model_type, seed, head="seq_cls", num_labels=1, pad_token_id=PAD, **overrides)
 
 
 def batch(padding, B=4, T=13, seed=1):

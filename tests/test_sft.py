@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import train_sft
-from helpers import make_tiny_checkpoint, make_tiny_tokenizer
+from helpers import make_tiny_checkpoint, make_tiny_tokenizer, write_jsonl
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -25,13 +25,6 @@ def _chat(a, b, think=True):
     body = f"<think>\n{a}+{b}={a + b}\n</think>\n" if think else ""
     return [{"role": "user", "content": f"What is {a}+{b}?"},
             {"role": "assistant", "content": body + f"\\boxed{{{a + b}}}"}]
-
-
-def _write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def sft_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     rows = [{"messages": _chat(a, b)} for a in range(12) for b in range(0, 12, 2)]  # 72 chats of ~30-40 tokens
     rows += [{"prompt": f"What is {a}*2?", "completion": f"\\boxed{{{2 * a}}}"} for a in range(8)]
-    return _write_jsonl(d / "sft.jsonl", rows)
+    return write_jsonl(d / "sft.jsonl", rows)
 
 
 def _cfg(**kw):
@@ -193,14 +186,14 @@ def test_bad_rows_name_file_and_line(tmp_path, ckpt):
         "no_fields": ([json.dumps({"text": "hello"})], ":1: expected a 'messages'"),
     }
     for name, (lines, msg) in cases.items():
-        path = _write_jsonl(tmp_path / f"{name}.jsonl", lines)
+        path = write_jsonl(tmp_path / f"{name}.jsonl", lines)
         with pytest.raises(ValueError, match=f"{name}.jsonl{msg}"):
             train_sft.load_examples([path], tok, _cfg())
     # the same files with --skip_bad_rows=1: counted, and the good rows are kept
-    path = _write_jsonl(tmp_path / "mixed.jsonl", [good, '{"messages": [', good, json.dumps({"messages": []}), good])
+    path = write_jsonl(tmp_path / "mixed.jsonl", [good, '{"messages": [', good, json.dumps({"messages": []}), good])
     (examples,), stats = train_sft.load_examples([path], tok, _cfg(skip_bad_rows=1), log=lambda *a: None)
     assert len(examples) == 3 and stats["skipped"] == 1  # (read_jsonl counts the JSON error itself)
-    empty = _write_jsonl(tmp_path / "empty.jsonl", [])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="empty.jsonl"):
         train_sft.load_examples([empty], tok, _cfg())
 
@@ -230,8 +223,8 @@ def test_each_rank_tokenizes_only_its_shard(tmp_path, ckpt):
     """Under DDP each rank tokenises every world-th row, yet all ranks end with the one-process examples."""
     import torch.multiprocessing as mp
 
-    good = _write_jsonl(tmp_path / "good.jsonl", [{"messages": _chat(a, a + 1)} for a in range(9)])
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": _chat(1, 2)}, {"text": "x"}, {"messages": _chat(3, 4)}])
+    good = write_jsonl(tmp_path / "good.jsonl", [{"messages": _chat(a, a + 1)} for a in range(9)])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": _chat(1, 2)}, {"text": "x"}, {"messages": _chat(3, 4)}])
     (single,), _ = train_sft.load_examples([good], Tokenizer.from_pretrained(ckpt), _cfg(), lambda *a: None)
     with mp.Manager() as manager:
         counts, results = manager.dict(), manager.dict()
@@ -247,7 +240,7 @@ def test_truncation_is_counted_never_silent(tmp_path, ckpt):
     tok = Tokenizer.from_pretrained(ckpt)
     long_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "7 " * 60}]}
     long_prompt = {"messages": [{"role": "user", "content": "1 " * 80}, {"role": "assistant", "content": "7"}]}
-    path = _write_jsonl(tmp_path / "long.jsonl", [{"messages": _chat(1, 2)}, long_answer, long_prompt])
+    path = write_jsonl(tmp_path / "long.jsonl", [{"messages": _chat(1, 2)}, long_answer, long_prompt])
     logs = []
     (examples,), stats = train_sft.load_examples([path], tok, _cfg(max_seq_len=48), log=logs.append)
     assert stats["truncated"] == 2 and stats["dropped"] == 1 and len(examples) == 2
@@ -332,7 +325,7 @@ def test_grad_accum_equals_bigger_batch(tmp_path, ckpt, sft_data):
 
 
 def test_pretrain_mode_from_scratch(tmp_path, ckpt):
-    data = _write_jsonl(tmp_path / "text.jsonl", [{"text": f"{a}+{b}={a + b}. " * 3} for a in range(9) for b in range(9)])
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"{a}+{b}={a + b}. " * 3} for a in range(9) for b in range(9)])
     out = str(tmp_path / "pt")
     conf = json.dumps(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=1))
