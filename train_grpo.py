@@ -12,22 +12,27 @@ Launch:
     python train_grpo.py --importance_sampling=sequence --clip_eps_low=3e-4 --clip_eps_high=4e-4     # GSPO
     # continue a run exactly where its last checkpoint left off
     python train_grpo.py --out_dir=out/grpo --resume=1
+    # R1's last stage, RL for all scenarios: rows with an answer (or tests, numbers/target) get the rule rewards,
+    # rows without one a frozen reward model's score (x weight); files mix by weight
+    python train_grpo.py --data=data/tiny/train.jsonl:0.6,general.jsonl:0.4 --reward_model=out/rm/ckpt \
+        --reward_model_weight=1.0
 
 One step: draw prompts_per_step prompts, sample group_size completions each with sample.Engine (prefill once,
-fan out), score them with reward.py, turn rewards into group-relative advantages, then ppo_epochs passes of
+fan out), score them with reward.py (with --reward_model, rows that carry nothing for a rule reward to check are
+scored by a RewardModel instead), turn rewards into group-relative advantages, then ppo_epochs passes of
 `minibatches` optimizer steps each over the rollout batch, with the clipped surrogate below.
 
-DDP (torchrun): every rank holds the whole policy and samples its share of the step's prompts (prompt k of the
-step goes to rank k % world); the rollouts are all-gathered (token ids, a few KB), so every rank sees the same
-global batch, advantages and minibatch split, and trains on its share of each minibatch; gradients are summed
-with one all-reduce per optimizer step and every loss is divided by the *global* normaliser. Each row's sampling
-seed comes from (seed, step, the prompt's global draw index, sample index), never from the rank, so
-`torchrun --nproc_per_node=N` reaches the same parameters as one process with the same prompts_per_step (up to
-float summation order: tests/test_grpo.py checks max |dparam| <= 1e-5 after a few fp32 steps; Adam can blow the
-rounding of a gradient that is ~0 up to an lr-sized step, which Qwen2's k_proj biases on the slowest RoPE
-frequencies show, so the test uses a bias-free Qwen3-style model). The gradient
-is all-reduced by hand rather than through the DistributedDataParallel wrapper because ranks run different
-numbers of forward/backward passes (rows with zero advantage are skipped), which the wrapper cannot sync.
+DDP (torchrun): every rank holds the whole policy and samples its share of the step's prompts (prompt k of the step
+goes to rank k % world) and scores its own groups (the reward model's too); the scored rollouts are all-gathered
+(token ids, a few KB), so every rank sees the same global batch, advantages and minibatch split, and trains on its
+share of each minibatch; gradients are summed with one all-reduce per optimizer step and every loss is divided by
+the *global* normaliser. Each row's sampling seed comes from (seed, step, the prompt's global draw index, sample
+index), never from the rank, so `torchrun --nproc_per_node=N` reaches the same parameters as one process with the
+same prompts_per_step (up to float summation order: tests/test_grpo.py checks max |dparam| <= 1e-5 after a few fp32
+steps; Adam can blow the rounding of a gradient that is ~0 up to an lr-sized step, which Qwen2's k_proj biases on
+the slowest RoPE frequencies show, so the test uses a bias-free Qwen3-style model). The gradient is all-reduced by
+hand rather than through the DistributedDataParallel wrapper because ranks run different numbers of forward/backward
+passes (rows with zero advantage are skipped), which the wrapper cannot sync.
 
 FSDP2 (--fsdp=1, for policies whose AdamW state does not fit one GPU): the policy is sharded for the update
 (train_common.shard_model) and FSDP2 reduce-scatters the gradients, so the hand all-reduce is skipped. Its forwards
@@ -50,15 +55,15 @@ import torch
 import torch.distributed as dist
 
 from configurator import parse_overrides
-from model import Transformer, chunked_token_logprobs
+from model import RewardModel, Transformer, chunked_token_logprobs
 from reward import accuracy_reward, combine_rewards
-from sample import PROMPT_TEMPLATES, Engine, encode_problem, pass_at_1, score_problems
+from sample import PROMPT_TEMPLATES, Engine, encode_problem, pass_at_1, prompt_messages, score_problems
 from tokenizer import Tokenizer
 from train_common import (Config, MetricsFile, all_rng_states, copy_full_params, find_checkpoint, full_state_dict,
                           load_optimizer_state, load_trainer_state, lr_at, make_optimizer, optimizer_state,
                           parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state, setup_runtime,
                           shard_model, teardown)
-from train_sft import RowStream
+from train_sft import RowStream, reward_model_input
 
 # -----------------------------------------------------------------------------
 # config (defaults = reasoning RL of the embedded tiny model on CPU)
@@ -70,6 +75,8 @@ eval_n = 500  # first eval_n problems of eval_data
 eval_every = 40  # steps between evaluations (plus one before the first step and one at the end); 0: none at all
 prompt_template = "chat"  # chat: the tokenizer's chat template | r1zero: R1-Zero's plain-text template (base models)
 rewards = "accuracy:1"  # reward.py names with weights; every component is logged on its own
+reward_model = ""  # RewardModel dir (R1 stage 4): scores the rows without answer / tests / numbers+target
+reward_model_weight = 1.0  # such a row's reward = weight x RM score (logged unweighted as reward/rm)
 group_size = 16  # G: completions per prompt
 prompts_per_step = 16  # prompts per step over all ranks (x group_size rows)
 max_steps = 120
@@ -279,25 +286,34 @@ def completion_logprobs(model, rows, pad_id, chunk, temperature, device):
 # data: prompt rows that carry what the rewards need
 
 REQUIRED_FIELDS = {"accuracy": ("answer",), "countdown": ("numbers", "target"), "code": ("tests",)}
+RULE_FIELDS = ("answer", "tests", "numbers", "target")  # with --reward_model: a row with none of these goes to the RM
 
 
-def load_prompt_sources(spec, tok, cfg, reward_names, log):
+def rule_scored(row):
+    """Whether the rule rewards score this row (it carries something to check); else, with --reward_model, the RM."""
+    return any(f in row for f in RULE_FIELDS)
+
+
+def load_prompt_sources(spec, tok, cfg, reward_names, log, rm_rows=False):
     """-> (one list per file of {"where", "row", "ids"}, weights or None, stats). Rows need `prompt` (string) or
     `messages` (list) and the fields their rewards use; bad rows stop the run with file:line (or are skipped
-    and counted with skip_bad_rows); prompts longer than max_prompt_len are skipped and counted."""
+    and counted with skip_bad_rows); prompts longer than max_prompt_len are skipped and counted.
+    rm_rows (--reward_model): a row with no rule field (RULE_FIELDS) is fine, the reward model scores it."""
     files = parse_data_spec(spec)
     need = sorted({f for name in reward_names for f in REQUIRED_FIELDS.get(name, ())})
-    sources, stats = [], dict(rows=0, too_long=0, bad=0)
+    sources, stats = [], dict(rows=0, too_long=0, bad=0, rm=0)
     for path, _ in files:
         items = []
         for where, row in read_rows(path, cfg.skip_bad_rows):
             stats["rows"] += 1
             error = None
+            by_rm = rm_rows and not rule_scored(row)
+            missing = [] if by_rm else [f for f in need if f not in row]
             if not isinstance(row.get("prompt"), str) and not isinstance(row.get("messages"), list):
                 error = f"{where}: needs 'prompt' (a string) or 'messages' (a list)"
-            elif [f for f in need if f not in row]:
-                missing = [f for f in need if f not in row]
-                error = f"{where}: missing field(s) {', '.join(map(repr, missing))} (needed by --rewards={cfg.rewards})"
+            elif missing:
+                error = (f"{where}: missing field(s) {', '.join(map(repr, missing))} (needed by --rewards={cfg.rewards}"
+                         f"{'' if rm_rows else '; or pass --reward_model=DIR to score rows without them'})")
             if error:
                 if not cfg.skip_bad_rows:
                     raise ValueError(error)
@@ -308,6 +324,7 @@ def load_prompt_sources(spec, tok, cfg, reward_names, log):
                 stats["too_long"] += 1
                 continue
             items.append({"where": where, "row": row, "ids": ids})
+            stats["rm"] += by_rm
         if not items:
             raise ValueError(f"{path}: no usable prompts ({stats['too_long']} longer than max_prompt_len="
                              f"{cfg.max_prompt_len})")
@@ -320,6 +337,59 @@ def load_prompt_sources(spec, tok, cfg, reward_names, log):
 
 
 # -----------------------------------------------------------------------------
+# the reward model (--reward_model)
+
+
+class RewardModelScorer:
+    """A frozen model.RewardModel scoring prompt + completion, for the rows the rule rewards cannot check: batched
+    (right-padded, with an attention mask), in inference mode, on the training device (bf16 on CUDA), never updated.
+    scorer(pairs of (problem row, completion text)) -> raw scores; a row's reward is weight x score.
+
+    It encodes with the policy's tokenizer, so it must have been trained with that one: its vocabulary must cover
+    the policy's ids, and a tokenizer.json in its directory must have the same vocabulary; anything else is refused
+    with a clear error."""
+
+    def __init__(self, path, tok, weight, device, dtype, batch_size):
+        try:
+            self.model = RewardModel.from_pretrained(path, dtype=dtype, device=device).eval()
+        except (KeyError, ValueError, FileNotFoundError) as e:  # e.g. a causal LM dir: no score.weight
+            raise SystemExit(f"--reward_model={path}: {e.args[0] if isinstance(e, KeyError) else e}") from None
+        self.model.requires_grad_(False)
+        if self.model.num_labels != 1:
+            raise SystemExit(f"--reward_model={path}: {self.model.num_labels} labels; a reward model has one score")
+        if self.model.config.vocab_size < tok.vocab_size:
+            raise SystemExit(f"--reward_model={path}: its vocabulary ({self.model.config.vocab_size} ids) does not "
+                             f"cover the policy tokenizer's {tok.vocab_size}; it must use the policy's tokenizer")
+        rm_tok = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(rm_tok):
+            from tokenizers import Tokenizer as RustTokenizer
+            if RustTokenizer.from_file(rm_tok).get_vocab(True) != tok._tok.get_vocab(True):
+                raise SystemExit(f"--reward_model={path}: {rm_tok} is not the policy's tokenizer "
+                                 f"({tok.config_path.parent}); the RM reads the policy's token ids")
+        self.weight, self.device, self.batch_size = weight, device, batch_size
+        self.tok, self.pad_id = tok, tok.pad_id
+
+    def inputs(self, row, text):
+        """The RM's input ids: exactly what train_sft --mode=rm trained it on (train_sft.reward_model_input), the
+        problem's conversation plus the completion's text as the closed assistant turn. The text is re-tokenised
+        rather than the sampled ids reused, so the RM sees the same encoding (and turn ending) as in training."""
+        return reward_model_input(self.tok, prompt_messages(row) + [{"role": "assistant", "content": text}])
+
+    def __call__(self, pairs):
+        seqs = [self.inputs(p, c) for p, c in pairs]
+        scores = []
+        for s in range(0, len(seqs), self.batch_size):
+            chunk = seqs[s:s + self.batch_size]
+            ids = torch.full((len(chunk), max(map(len, chunk))), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, x in enumerate(chunk):
+                ids[b, :len(x)], mask[b, :len(x)] = torch.tensor(x), 1
+            with torch.inference_mode():
+                scores += self.model(ids.to(self.device), attention_mask=mask.to(self.device)).float().tolist()
+        return scores
+
+
+# -----------------------------------------------------------------------------
 # rollouts
 
 
@@ -329,20 +399,28 @@ def row_seed(seed, step, draw, j, group_size):
     return (seed * 1_000_003 + step) * 2**24 + draw * group_size + j
 
 
-def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, gen):
-    """Sample and score a group for each item (this rank takes items k % world == rank). -> the groups of all
-    ranks in draw order, each {"draw", "prompt", "item", "samples": [{tokens, logprobs, finish, reward, parts,
-    text}]}, and this rank's generated token count."""
+def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, gen, rm=None):
+    """Sample and score a group for each item (this rank takes items k % world == rank): by reward_fn, or with a
+    RewardModelScorer `rm`, rows without rule fields by it (one batched pass over this rank's RM rows; parts
+    {"rm": score}). -> the groups of all ranks in draw order, each {"draw", "prompt", "item", "samples": [{tokens,
+    logprobs, finish, reward, parts, text}]}, and this rank's generated token count."""
     mine = list(range(rt.rank, len(items), rt.world))
     out, n_tok = [], 0
     if mine:
         G = cfg.group_size
         seeds = [row_seed(cfg.seed, step, first_draw + k, j, G) for k in mine for j in range(G)]
         completions = engine.generate([items[k]["ids"] for k in mine], num_samples=G, seed=seeds, **gen)
-        for k, group in zip(mine, completions):
+        by_rm = [rm is not None and not rule_scored(items[k]["row"]) for k in mine]
+        pairs = [(items[k]["row"], c.text) for k, group, r in zip(mine, completions, by_rm) if r for c in group]
+        rm_scores = iter(rm(pairs) if pairs else [])
+        for k, group, r in zip(mine, completions, by_rm):
             samples = []
             for c in group:
-                total, parts = reward_fn(c.text, items[k]["row"])
+                if r:
+                    score = next(rm_scores)
+                    total, parts = rm.weight * score, {"rm": score}
+                else:
+                    total, parts = reward_fn(c.text, items[k]["row"])
                 if cfg.overlong == "soft":
                     parts["overlong"] = overlong_penalty(len(c.tokens), cfg.max_completion_len, cfg.overlong_buffer)
                     total += parts["overlong"]
@@ -363,14 +441,14 @@ def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, gen):
     return out, n_tok
 
 
-def collect_rollouts(engine, stream, step, cfg, rt, reward_fn, gen):
+def collect_rollouts(engine, stream, step, cfg, rt, reward_fn, gen, rm=None):
     """One step's groups. Without dynamic sampling: prompts_per_step fresh prompts. With it (DAPO): groups whose
     rewards are all equal are dropped and more prompts are drawn until prompts_per_step groups are kept or
     max_sampling_rounds rounds were run. -> (groups, info)."""
     kept, drawn, dropped, rounds, n_tok = [], 0, 0, 0, 0
     while len(kept) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
         items = [r[0] for r in stream.take(cfg.prompts_per_step - len(kept))]
-        groups, n = generate_groups(engine, items, drawn, step, cfg, rt, reward_fn, gen)
+        groups, n = generate_groups(engine, items, drawn, step, cfg, rt, reward_fn, gen, rm)
         drawn, rounds, n_tok = drawn + len(items), rounds + 1, n_tok + n
         if not cfg.dynamic_sampling:
             kept = groups
@@ -541,9 +619,12 @@ def rollout_rows(groups, cfg):
     for r, a in zip(rows, adv.tolist()):
         r["adv"] = a
     lens = [len(s["tokens"]) for s in samples]
-    rec = {"reward": float(rewards.mean()) if samples else 0.0}
-    for name in (samples[0]["parts"] if samples else {}):
-        rec[f"reward/{name}"] = sum(s["parts"][name] for s in samples) / len(samples)
+    rec = {"reward": float(rewards.mean()) if samples else 0.0}  # the mean total, over every sample
+    # each component is the mean over the samples it scored (rule parts over rule-scored rows, rm over RM-scored
+    # ones), so mixing the two sources does not dilute either
+    for name in dict.fromkeys(n for s in samples for n in s["parts"]):
+        vals = [s["parts"][name] for s in samples if name in s["parts"]]
+        rec[f"reward/{name}"] = sum(vals) / len(vals)
     accs = [s["accuracy"] for s in samples if s["accuracy"] is not None]
     if accs:
         rec["accuracy"] = sum(accs) / len(accs)
@@ -613,7 +694,8 @@ def main(argv=None):
     tok = Tokenizer.from_pretrained(tok_dir)
     reward_fn = combine_rewards(cfg.rewards)
     try:
-        sources, weights, dstats = load_prompt_sources(cfg.data, tok, cfg, reward_fn.weights, log)
+        sources, weights, dstats = load_prompt_sources(cfg.data, tok, cfg, reward_fn.weights, log,
+                                                       rm_rows=bool(cfg.reward_model))
         eval_problems = []
         if cfg.eval_every and cfg.eval_data:
             eval_sources, _, _ = load_prompt_sources(cfg.eval_data, tok, Config({**cfg, "rewards": "accuracy"}),
@@ -622,8 +704,9 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     stream = RowStream(sources, weights, 0, cfg.seed, do_pack=False)
+    to_rm = f"; {dstats['rm']} for the reward model" if cfg.reward_model else ""
     log(f"data: {sum(map(len, sources))} prompts from {len(sources)} file(s) ({dstats['too_long']} too long, "
-        f"{dstats['bad']} bad); {len(eval_problems)} held-out problems")
+        f"{dstats['bad']} bad{to_rm}); {len(eval_problems)} held-out problems")
 
     # ---- models: fp32 master weights (bf16 compute comes from autocast); a frozen reference only when beta > 0
     policy = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=torch.float32, device=rt.device)
@@ -639,6 +722,10 @@ def main(argv=None):
     own_sampler = sample_dtype != torch.float32 or cfg.fsdp
     sampler = copy.deepcopy(policy).to(sample_dtype).eval() if own_sampler else policy
     sampler.requires_grad_(sampler is policy)
+    rm = None
+    if cfg.reward_model:  # frozen, unsharded on every rank (it scores that rank's groups)
+        rm = RewardModelScorer(cfg.reward_model, tok, cfg.reward_model_weight, rt.device,
+                               torch.bfloat16 if rt.dev_type == "cuda" else torch.float32, cfg.micro_batch_size)
     if cfg.fsdp:
         shard_model(policy)  # in place, after the sampler copy and before the optimizer (it holds the DTensor shards)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=rt.dev_type == "cuda")
@@ -657,10 +744,11 @@ def main(argv=None):
                ignore_eos=bool(cfg.ignore_eos), stop=["</answer>"] if cfg.prompt_template == "r1zero" else None)
     eval_prompts = [it["ids"] for it in eval_problems]
     eval_rows = [it["row"] for it in eval_problems]
+    rm_info = f"; reward model {cfg.reward_model} ({rm.model.num_params() / 1e6:.2f}M, x{rm.weight})" if rm else ""
     log(f"model: {policy.num_params() / 1e6:.2f}M params; device {rt.device}, world {rt.world}, "
         f"{'bf16 autocast' if rt.amp_dtype else 'fp32'} training{', FSDP2-sharded' if cfg.fsdp else ''}, "
         f"{sample_dtype} rollouts; "
-        f"reference model: {'yes' if ref_model is not None else 'none (beta=0)'}")
+        f"reference model: {'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}")
 
     metrics = MetricsFile(cfg.out_dir, rt.master, step if resume_from else None)
     flops_per_tok = policy.flops_per_token(cfg.max_prompt_len + cfg.max_completion_len)
@@ -705,7 +793,7 @@ def main(argv=None):
 
         # ---- rollouts
         t0 = time.time()
-        groups, info = collect_rollouts(engine, stream, step, cfg, rt, reward_fn, gen)
+        groups, info = collect_rollouts(engine, stream, step, cfg, rt, reward_fn, gen, rm)
         if rt.dev_type == "cpu":
             engine.free()  # its prepacked weights go stale at the optimizer step anyway: free them for the update
         time_gen = time.time() - t0

@@ -1,9 +1,12 @@
 """
-Supervised fine-tuning for nanoR1 -- and plain language-model pretraining with the same loop.
+Supervised fine-tuning for nanoR1 -- and plain language-model pretraining and reward-model training with the
+same loop.
 
 R1's cold start, its stage-3 SFT on rejection-sampled data and sequence-level distillation are all this:
 next-token cross-entropy on the assistant tokens of chat transcripts. `--mode=pretrain` puts the loss on
 every token of raw text instead, which is how the embedded tiny base model (data/tiny/model) was made.
+`--mode=rm` trains a reward model (model.RewardModel, for R1's stage-4 RL on general prompts) on preference
+pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), and reports pairwise accuracy.
 
 Launch:
     # default: cold-start SFT of the tiny model on the shipped CoT data, CPU, a few minutes
@@ -21,11 +24,20 @@ Launch:
     python train_sft.py --mode=pretrain --init_from=scratch --tokenizer=data/tiny/tokenizer \\
         --model_config='{"hidden_size":192,"intermediate_size":512,"num_hidden_layers":4}' \\
         --data=data/tiny/pretrain.jsonl --out_dir=out/tiny_base --batch_size=16 --lr=3e-3
+    # reward model from the SFT checkpoint (fresh score head) on chosen/rejected pairs; saved as
+    # Qwen2ForSequenceClassification. --init_from=RM_DIR continues an existing reward model instead.
+    python train_sft.py --mode=rm --init_from=out/sft/ckpt --data=prefs.jsonl --out_dir=out/rm \\
+        --epochs=1 --lr=1e-5 --min_lr=1e-6 --weight_decay=0 --batch_size=8
 
 Config: every module-level value below is overridable with --key=value (bools are 0/1).
 
 Data: JSONL rows with "messages" (chat) or "prompt"/"completion" (sft), or "text" (pretrain; .txt files
-are one document each). The chat template of the tokenizer being trained is applied and only assistant
+are one document each), or a pair (rm): "prompt" (a string: the user turn, or a message list) or "messages"
+(the conversation before the response), plus "chosen" and "rejected", each a response string or a message list
+whose last assistant turn is the response (with no prompt/messages the list is the whole conversation, as in
+common preference sets). Each side is chat-templated (the response as the final assistant turn, its <think> kept)
+and scored at its last token; a pair is one example, never packed, and one with a side over max_seq_len is
+dropped (counted). The chat template of the tokenizer being trained is applied and only assistant
 content + the turn-closing token are learned. `--data=a.jsonl:0.7,b.jsonl:0.3` mixes files: a weight is
 the fraction of each epoch's example stream drawn from that file (an epoch has as many examples as all
 files together; a file that is too small for its share is repeated as whole shuffled passes plus a
@@ -35,7 +47,7 @@ function of (seed, e), which is what makes --resume exact: the checkpoint only s
 Loss normalisation: every optimizer step divides the summed token loss by the number of target tokens
 in the whole step (all micro-batches of all ranks; the count is all-reduced first). So the gradient is
 the same whatever the split into ranks x grad_accum x batch_size, and a packed row weighs its tokens
-exactly like the unpacked examples would.
+exactly like the unpacked examples would. rm: the pair losses are summed and divided by the step's pair count.
 
 --fsdp=1 (under torchrun) replaces the DDP wrapper with FSDP2 (train_common.shard_model): the same gradient, the same
 step, ordinary HF-layout checkpoints (gathered onto rank 0), and a resumable optimizer state (gathered whole too).
@@ -51,10 +63,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import parse_overrides
-from model import ModelConfig, Transformer, chunked_cross_entropy
+from model import ModelConfig, RewardModel, Transformer, _weight_files, chunked_cross_entropy
 from tokenizer import Tokenizer
 from train_common import (Config, MetricsFile, all_rng_states, find_checkpoint, full_state_dict, load_optimizer_state,
                           load_trainer_state, lr_at, make_optimizer, optimizer_state, parse_data_spec, peak_flops,
@@ -70,10 +83,10 @@ data = "data/tiny/coldstart.jsonl"  # comma-separated files, each optionally pat
 eval_data = ""  # held-out file(s); "" -> hold out eval_frac of every training file
 eval_frac = 0.05
 eval_max_examples = 256  # cap on held-out examples, so eval stays cheap
-mode = "sft"  # sft: loss on assistant tokens | pretrain: loss on all tokens of "text" rows
+mode = "sft"  # sft: loss on assistant tokens | pretrain: loss on all tokens of "text" rows | rm: reward model
 out_dir = "out/sft"
 max_seq_len = 512  # longer sft examples are truncated (counted + reported); pretrain docs are split
-pack = 1  # best-fit packing of several examples per row (0: one example per row, padded)
+pack = 1  # best-fit packing of several examples per row (0: one example per row, padded); rm: always 0
 batch_size = 8  # rows per micro-batch per rank
 grad_accum = 1  # micro-batches per optimizer step
 max_steps = 0  # optimizer steps; 0 -> derived from epochs
@@ -106,8 +119,10 @@ CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k
 def configure(argv):
     """Module defaults overridden by --key=value arguments, typed like the default (bools as 0/1)."""
     cfg = Config(parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS}))
-    if cfg.mode not in ("sft", "pretrain"):
-        raise SystemExit(f"--mode={cfg.mode}: expected sft or pretrain")
+    if cfg.mode not in ("sft", "pretrain", "rm"):
+        raise SystemExit(f"--mode={cfg.mode}: expected sft, pretrain or rm")
+    if cfg.mode == "rm":
+        cfg["pack"] = 0  # a pair is scored at each side's last token: one sequence per row
     return cfg
 
 
@@ -116,7 +131,10 @@ def configure(argv):
 
 
 def row_to_example(row, tok, mode, where):
-    """One JSONL row -> (ids, mask). Raises ValueError('file:line: why') on anything unusable."""
+    """One JSONL row -> (ids, mask), or (chosen ids, rejected ids) in rm mode. Raises ValueError('file:line: why')
+    on anything unusable."""
+    if mode == "rm":
+        return tuple(pair_ids(row, tok, where))
     if mode == "pretrain":
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
@@ -144,11 +162,59 @@ def row_to_example(row, tok, mode, where):
     return ids, mask
 
 
+def pair_ids(row, tok, where):
+    """A preference row -> [chosen ids, rejected ids]: each side as the whole chat-templated conversation (context +
+    the response as the final assistant turn, <think> kept: what the policy generates), for RewardModel to score at
+    its last token. A side may be a string (the response) or a message list: the rest of the conversation after the
+    context, or the whole conversation when the row has no prompt/messages."""
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: pair row missing {' and '.join(map(repr, missing))} (rm rows need 'chosen' and "
+                         f"'rejected', got keys {sorted(row)})")
+    context = row.get("messages", row.get("prompt"))
+    if isinstance(context, str):
+        context = [{"role": "user", "content": context}]
+    if context is not None and not isinstance(context, list):
+        raise ValueError(f"{where}: 'prompt' must be a string or a message list, 'messages' a message list")
+    out = []
+    for key in ("chosen", "rejected"):
+        side = row[key]
+        if isinstance(side, str):
+            if context is None:
+                raise ValueError(f"{where}: {key!r} is a string but the row has no 'prompt' or 'messages'")
+            messages = context + [{"role": "assistant", "content": side}]
+        elif isinstance(side, list):
+            messages = (context or []) + side
+        else:
+            raise ValueError(f"{where}: {key!r} must be a string or a message list, got {type(side).__name__}")
+        last = messages[-1] if messages else None
+        if not isinstance(last, dict) or last.get("role") != "assistant" or not str(last.get("content", "")).strip():
+            raise ValueError(f"{where}: {key!r} does not end in a non-empty assistant turn")
+        try:
+            out.append(reward_model_input(tok, messages))
+        except ValueError as e:
+            raise ValueError(f"{where}: {key}: {e}") from None
+    return out
+
+
+def reward_model_input(tok, messages):
+    """What a RewardModel reads, in training (--mode=rm) and when train_grpo --reward_model scores rollouts: the
+    whole chat-templated conversation, ending in the assistant turn being scored (closed as the template closes it:
+    `<|im_end|>\n` in ChatML); the score is taken at its last token."""
+    ids, _ = tok.encode_chat_with_mask(messages)
+    return ids
+
+
 def fit_length(ids, mask, max_len, mode):
     """-> list of examples that fit in max_len, and whether anything was truncated away.
     pretrain: split into windows overlapping by one token, so every token is still predicted once.
     sft: keep the first max_len tokens (the caller counts it; an example with no learned token left
-    is dropped and counted separately, never trained on silently)."""
+    is dropped and counted separately, never trained on silently).
+    rm: (ids, mask) is (chosen ids, rejected ids); a pair with a side over max_len is dropped (no pieces), since
+    cutting a response would change what is scored."""
+    if mode == "rm":
+        too_long = max(len(ids), len(mask)) > max_len
+        return ([] if too_long else [(ids, mask)]), too_long
     if len(ids) <= max_len:
         return [(ids, mask)], False
     if mode == "pretrain":
@@ -169,7 +235,8 @@ def tokenize_rows(rows, indices, tok, cfg):
             out[i] = ("error", str(e))
             continue
         pieces, truncated = fit_length(ids, mask, cfg.max_seq_len, cfg.mode)
-        out[i] = ("ok", [(np.asarray(a, np.int32), np.asarray(m, bool)) for a, m in pieces if len(a) >= 2], truncated)
+        second = np.int32 if cfg.mode == "rm" else bool  # rm: the rejected side's ids, not a mask
+        out[i] = ("ok", [(np.asarray(a, np.int32), np.asarray(m, second)) for a, m in pieces if len(a) >= 2], truncated)
     return out
 
 
@@ -199,17 +266,17 @@ def load_examples(paths, tok, cfg, log=print, rank=0, world=1):
             if truncated:
                 stats["truncated"] += 1
                 truncated_where.append(where)
-                if not pieces[0][1][1:].any():
-                    stats["dropped"] += 1  # the answer was entirely past max_seq_len
+                if not pieces or not pieces[0][1][1:].any():
+                    stats["dropped"] += 1  # the answer was entirely past max_seq_len (rm: a side was too long)
                     continue
             examples += pieces
         if truncated_where:
             log(f"warning: {len(truncated_where)} example(s) in {path} longer than max_seq_len={cfg.max_seq_len} "
-                f"were truncated, e.g. {', '.join(truncated_where[:3])}")
+                f"were {'dropped' if cfg.mode == 'rm' else 'truncated'}, e.g. {', '.join(truncated_where[:3])}")
         if not examples:
             raise ValueError(f"{path}: no usable examples")
         out.append(examples)
-    if stats["dropped"]:
+    if stats["dropped"] and cfg.mode != "rm":
         log(f"warning: {stats['dropped']} truncated example(s) lost all their assistant tokens and were dropped")
     if stats["skipped"]:
         log(f"warning: skipped {stats['skipped']} bad row(s) (--skip_bad_rows=1)")
@@ -328,11 +395,47 @@ def batch_loss_sum(model, lm_head, batch, chunk):
     return chunked_cross_entropy(hidden, weight, batch["targets"], chunk_size=chunk, reduction="sum")
 
 
+# ---- rm mode: pairs -> one right-padded batch, Bradley-Terry loss
+
+
+def collate_pairs(rows, pad_id, pad_to=0):
+    """Rows of one (chosen ids, rejected ids) pair each -> input_ids / attention_mask [2B, T], right-padded: the B
+    chosen sequences first, then the B rejected ones, so one forward scores both sides (one DDP forward/backward)."""
+    seqs = [row[0][0] for row in rows] + [row[0][1] for row in rows]
+    T = max(pad_to, max(len(s) for s in seqs))
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, ids in enumerate(seqs):
+        input_ids[b, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[b, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def pair_loss_sum(model, batch):
+    """Bradley-Terry on a collate_pairs batch: -> (sum over pairs of -log sigmoid(r_chosen - r_rejected), the number
+    of pairs ranked right, r_chosen > r_rejected). logsigmoid is stable for any margin; scores are read in fp32."""
+    scores = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()
+    chosen, rejected = scores.chunk(2)
+    margin = chosen - rejected
+    return -F.logsigmoid(margin).sum(), (margin.detach() > 0).sum()
+
+
+def is_reward_model_dir(path):
+    """True for a reward-model checkpoint (config.json's architectures are *ForSequenceClassification; without
+    architectures, a score.weight tensor), False for a causal LM."""
+    conf = os.path.join(path, "config.json")
+    archs = (json.load(open(conf)).get("architectures") or []) if os.path.isfile(conf) else []
+    if archs:
+        return any(a.endswith("ForSequenceClassification") for a in archs)
+    return any("score.weight" in keys for keys in _weight_files(path).values())
+
+
 # -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     cfg = configure(sys.argv[1:] if argv is None else argv)
+    rm = cfg.mode == "rm"
 
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     ddp, rank, local_rank, world, device, dev_type = rt.ddp, rt.rank, rt.local_rank, rt.world, rt.device, rt.dev_type
@@ -375,16 +478,29 @@ def main(argv=None):
     stream = RowStream(sources, weights, cfg.max_seq_len, cfg.seed, bool(cfg.pack))
     epoch0 = stream.rows_in_epoch(0)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(epoch0) / rows_per_step))
-    n_tok = sum(len(ex[0]) for row in epoch0 for ex in row)
-    n_learn = sum(int(ex[1][1:].sum()) for row in epoch0 for ex in row)
-    log(f"data: {stats['rows']} rows from {len(sources)} file(s) -> {sum(map(len, sources))} train / "
-        f"{len(eval_examples)} eval examples; epoch = {len(epoch0)} rows of <= {cfg.max_seq_len}, "
-        f"{n_tok} tokens ({n_learn} learned, fill {n_tok / (len(epoch0) * cfg.max_seq_len):.0%}); "
-        f"truncated {stats['truncated']}, dropped {stats['dropped']}, skipped {stats['skipped']}")
+    if rm:
+        n_tok = sum(len(ex[0]) + len(ex[1]) for row in epoch0 for ex in row)
+        log(f"data: {stats['rows']} rows from {len(sources)} file(s) -> {sum(map(len, sources))} train / "
+            f"{len(eval_examples)} eval pairs; epoch = {len(epoch0)} pairs, {n_tok} tokens (both sides); "
+            f"dropped {stats['dropped']} (a side over max_seq_len={cfg.max_seq_len}), skipped {stats['skipped']}")
+    else:
+        n_tok = sum(len(ex[0]) for row in epoch0 for ex in row)
+        n_learn = sum(int(ex[1][1:].sum()) for row in epoch0 for ex in row)
+        log(f"data: {stats['rows']} rows from {len(sources)} file(s) -> {sum(map(len, sources))} train / "
+            f"{len(eval_examples)} eval examples; epoch = {len(epoch0)} rows of <= {cfg.max_seq_len}, "
+            f"{n_tok} tokens ({n_learn} learned, fill {n_tok / (len(epoch0) * cfg.max_seq_len):.0%}); "
+            f"truncated {stats['truncated']}, dropped {stats['dropped']}, skipped {stats['skipped']}")
 
     # ---- model
-    if resume_from:
-        model = Transformer.from_pretrained(resume_from, dtype=torch.float32, device=device)
+    if rm and cfg.init_from != "scratch" and not resume_from:
+        # fp32 master weights (see below); from a causal LM (the usual case: the SFT checkpoint) with a fresh head
+        if is_reward_model_dir(cfg.init_from):
+            model = RewardModel.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
+        else:
+            model = RewardModel.from_causal_lm(cfg.init_from, dtype=torch.float32, device=device,
+                                               pad_token_id=tok.pad_id)
+    elif resume_from:
+        model = (RewardModel if rm else Transformer).from_pretrained(resume_from, dtype=torch.float32, device=device)
     elif cfg.init_from == "scratch":
         mc = cfg.model_config
         over = json.load(open(mc)) if mc and os.path.isfile(mc) else json.loads(mc or "{}")
@@ -395,7 +511,7 @@ def main(argv=None):
             mconf = ModelConfig(**over)
         mconf.dtype = "float32"
         with torch.device(device):
-            model = Transformer(mconf).init_weights()
+            model = (RewardModel(mconf, pad_token_id=tok.pad_id) if rm else Transformer(mconf)).init_weights()
     else:
         # fp32 master weights: bf16 compute comes from autocast, so tiny updates are not rounded away
         model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
@@ -429,26 +545,42 @@ def main(argv=None):
     metrics = MetricsFile(cfg.out_dir, master, step if resume_from else None)
     all_sum = rt.all_sum
 
+    # per mode: a batch, what its loss is a mean over (learned tokens | pairs), and its summed loss
+    def make_batch(rows, pad_to=0):
+        return collate_pairs(rows, tok.pad_id, pad_to) if rm else collate(rows, tok.pad_id, pad_to)
+
+    def n_terms(b):
+        return b["input_ids"].shape[0] // 2 if rm else int((b["targets"] != -100).sum())
+
+    def n_tokens(b):
+        return int(b["attention_mask"].sum()) if rm else int((b["doc_ids"] >= 0).sum())
+
+    def loss_sum_of(m, b):
+        """-> (summed loss, pairs ranked right: rm only, else 0)"""
+        return pair_loss_sum(m, b) if rm else (batch_loss_sum(m, raw_model.lm_head, b, cfg.ce_chunk), 0)
+
     @torch.no_grad()
     def evaluate():
         model.eval()
-        loss_sum, count = 0.0, 0
+        loss_sum, count, right = 0.0, 0, 0
         mine = eval_rows[rank::world]
         # FSDP: every rank runs as many forwards as rank 0, which has the most rows (each forward all-gathers the
         # blocks together with the other ranks); a rank out of rows runs a padding batch and drops its loss
         n_batches = -(-len(eval_rows[::world] if cfg.fsdp else mine) // cfg.batch_size)
         for i in range(0, n_batches * cfg.batch_size, cfg.batch_size):
             part = mine[i:i + cfg.batch_size]
-            batch = {k: v.to(device) for k, v in collate(part or eval_rows[:1], tok.pad_id).items()}
+            batch = {k: v.to(device) for k, v in make_batch(part or eval_rows[:1]).items()}
             with autocast:
-                loss = batch_loss_sum(raw_model, raw_model.lm_head, batch, cfg.ce_chunk).item()
+                loss, n_right = loss_sum_of(raw_model, batch)
             if part:
-                loss_sum += loss
-                count += int((batch["targets"] != -100).sum())
+                loss_sum += loss.item()
+                count += n_terms(batch)
+                right += int(n_right)
         if cfg.fsdp:  # FSDP2 keeps the root's parameters gathered after a forward, for the backward that follows a
             raw_model.reshard()  # training one: after a no-grad pass free them (.parameters() are shards again)
         model.train()
-        return all_sum(loss_sum) / max(1.0, all_sum(count))
+        loss_sum, count, right = all_sum([loss_sum, count, right])
+        return loss_sum / max(1.0, count), right / max(1.0, count)  # (mean loss, pairwise accuracy: rm)
 
     def checkpoint():
         rngs = all_rng_states(rt)
@@ -461,13 +593,18 @@ def main(argv=None):
         if ddp:
             dist.barrier()
 
-    flops_per_tok = raw_model.flops_per_token(cfg.max_seq_len)
+    if rm:  # 6N without the embedding (a lookup, and there is no lm_head matmul) + attention, as flops_per_token
+        c = raw_model.config
+        flops_per_tok = 6 * (raw_model.num_params() - c.vocab_size * c.hidden_size) + \
+            6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * cfg.max_seq_len
+    else:
+        flops_per_tok = raw_model.flops_per_token(cfg.max_seq_len)
     peak = peak_flops(torch.cuda.get_device_name(device)) * world if dev_type == "cuda" else None
     bar = None
     if master and cfg.progress:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, desc="pretrain" if cfg.mode == "pretrain" else "sft")
-    eval_loss = train_loss = None
+        bar = tqdm(total=total_steps, initial=step, dynamic_ncols=True, desc=cfg.mode)
+    eval_loss = train_loss = eval_acc = None
     post = {}  # progress-bar fields
     model.train()
     train_time, tok_since = 0.0, 0  # since the last log line; eval and checkpoint time excluded
@@ -479,11 +616,11 @@ def main(argv=None):
             g["lr"] = lr_now
         rows = stream.take(rows_per_step)  # every rank advances the same stream ...
         mine = rows[rank * cfg.batch_size * cfg.grad_accum:(rank + 1) * cfg.batch_size * cfg.grad_accum]
-        micro = [collate(mine[a * cfg.batch_size:(a + 1) * cfg.batch_size], tok.pad_id,  # ... collates its share
-                         pad_to=cfg.max_seq_len if cfg.compile else 0)  # static shapes: no recompiles
+        micro = [make_batch(mine[a * cfg.batch_size:(a + 1) * cfg.batch_size],  # ... collates its share
+                            pad_to=cfg.max_seq_len if cfg.compile else 0)  # static shapes: no recompiles
                  for a in range(cfg.grad_accum)]
-        n_targets = all_sum(sum(int((m["targets"] != -100).sum()) for m in micro))
-        loss_sum = torch.zeros((), device=device)
+        n_targets = all_sum(sum(n_terms(m) for m in micro))  # target tokens, or pairs (rm)
+        loss_sum, n_right = torch.zeros((), device=device), 0
         for a, mb in enumerate(micro):
             mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
             # sync gradients across ranks only on the last micro-batch
@@ -493,19 +630,21 @@ def main(argv=None):
             sync = nullcontext() if (not ddp or cfg.fsdp or last_micro) else model.no_sync()
             with sync:
                 with autocast:
-                    loss = batch_loss_sum(model, raw_model.lm_head, mb, cfg.ce_chunk)
+                    loss, right = loss_sum_of(model, mb)
                 # DDP and FSDP2 both average gradients over ranks (FSDP2's default reduce-scatter op is AVG);
-                # x world turns that into a sum, / n_targets into the mean over every target token of the step
+                # x world turns that into a sum, / n_targets into the mean over every target token (pair) of the step
                 (loss * (world / max(1.0, n_targets))).backward()
             loss_sum += loss.detach()
+            n_right += right
         # (on DTensor shards too: the norm is reduced over ranks, so it is the norm of the whole gradient)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0
                                                    else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        train_loss = all_sum(loss_sum.item()) / max(1.0, n_targets)
-        tok_since += all_sum(sum(int((m["doc_ids"] >= 0).sum()) for m in micro))
+        step_loss, step_right, step_tok = all_sum([loss_sum.item(), float(n_right), sum(n_tokens(m) for m in micro)])
+        train_loss = step_loss / max(1.0, n_targets)
+        tok_since += step_tok
         if dev_type == "cuda":
             torch.cuda.synchronize()
         train_time += time.time() - t0
@@ -514,19 +653,27 @@ def main(argv=None):
         last = step == total_steps
         evaluated = bool(eval_rows) and ((cfg.eval_every and step % cfg.eval_every == 0) or last)
         if evaluated:
-            eval_loss = evaluate()
+            eval_loss, eval_acc = evaluate()
         if step % cfg.log_every == 0 or last:
             tps = tok_since / max(train_time, 1e-9)
             rec = {"step": step, "loss": round(train_loss, 5), "lr": lr_now, "grad_norm": round(float(grad_norm), 4),
-                   "tokens_per_s": round(tps, 1), "epoch": stream.epoch, "target_tokens": int(n_targets)}
+                   "tokens_per_s": round(tps, 1), "epoch": stream.epoch}
+            if rm:
+                rec.update(pair_acc=round(step_right / max(1.0, n_targets), 5), pairs=int(n_targets))
+            else:
+                rec["target_tokens"] = int(n_targets)
             if evaluated:
                 rec["eval_loss"] = round(eval_loss, 5)
+                if rm:
+                    rec["eval_pair_acc"] = round(eval_acc, 5)
             if peak:
                 rec["mfu"] = round(flops_per_tok * tps / peak, 4)
             metrics.write(rec)
             post["tok/s"] = f"{tps:.0f}"
             if "eval_loss" in rec:
                 post["eval"] = f"{eval_loss:.4f}"
+                if rm:
+                    post["eval_acc"] = f"{eval_acc:.1%}"
             if peak:
                 post["mfu"] = f"{100 * rec['mfu']:.1f}%"
             if bar is None and master:
@@ -548,9 +695,14 @@ def main(argv=None):
         bar.close()
     if master and step == total_steps and train_loss is not None:
         log(f"done: {step} steps, train loss {train_loss:.4f}"
-            f"{f', eval loss {eval_loss:.4f}' if eval_loss is not None else ''}; checkpoint in {ckpt_path}")
+            f"{f', eval loss {eval_loss:.4f}' if eval_loss is not None else ''}"
+            f"{f', eval pairwise accuracy {eval_acc:.1%}' if rm and eval_acc is not None else ''}"
+            f"; checkpoint in {ckpt_path}")
     teardown(rt)
-    return {"step": step, "train_loss": train_loss, "eval_loss": eval_loss, "stats": stats}
+    res = {"step": step, "train_loss": train_loss, "eval_loss": eval_loss, "stats": stats}
+    if rm:
+        res["eval_pair_acc"] = eval_acc
+    return res
 
 
 if __name__ == "__main__":
