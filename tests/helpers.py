@@ -1,4 +1,6 @@
 """Shared test helpers: small random Qwen2/Qwen3 checkpoints written in HF layout by the tests themselves."""
+import os
+
 import torch
 
 
@@ -102,3 +104,25 @@ def write_jsonl(path, rows):
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(script, args, nproc=2, timeout=300):
+    """Run one of the repo's scripts under `torchrun --nproc_per_node=nproc` (gloo on the CPU, one thread per rank,
+    a free port); asserts it succeeded and returns its stdout."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           f"--master_port={port}", os.path.join(REPO, script), *args],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout

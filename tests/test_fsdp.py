@@ -2,33 +2,25 @@
 train_grpo.py reach the same parameters through a kill and --resume=1, and write ordinary HF-layout checkpoints."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train_sft
-from helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint, torchrun
 from model import ModelConfig, Transformer
 from train_common import shard_model
 from test_grpo import _max_diff
 from test_grpo import data as grpo_data  # noqa: F401 (fixtures)
-from test_sft import _free_port, ckpt, sft_data  # noqa: F401
+from test_sft import ckpt, sft_data  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _torchrun(script, **args):
     """script under torchrun with 2 ranks (gloo, one thread each); -> its stdout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", os.path.join(ROOT, script),
-                           *[f"--{k}={v}" for k, v in args.items()]],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return torchrun(script, [f"--{k}={v}" for k, v in args.items()])
 
 
 def _ddp_and_fsdp(script, base, common):

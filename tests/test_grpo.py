@@ -6,16 +6,13 @@ import glob
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train_grpo
-from helpers import make_tiny_checkpoint, write_jsonl
+from helpers import make_tiny_checkpoint, torchrun, write_jsonl
 from model import ModelConfig, Transformer
 from train_common import Runtime, make_optimizer
 
@@ -340,12 +337,6 @@ def test_cli_end_to_end(e2e, ckpt):
 # DDP: torchrun --nproc_per_node=2 (gloo) == one process
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(data, tmp_path_factory):
     """The same 3 fp32 steps, minibatches=2 x ppo_epochs=2 (recomputed pi_old, real clipping), under torchrun with
@@ -359,15 +350,10 @@ def ddp_runs(data, tmp_path_factory):
                   max_completion_len=16, progress=0, sample_every=0, warmup_steps=1, lr=1e-3, rewards="language:1",
                   minibatches=2, ppo_epochs=2)
     ddp_out = str(base / "ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", os.path.join(ROOT, "train_grpo.py"),
-                           *[f"--{k}={v}" for k, v in {**common, "out_dir": ddp_out}.items()]],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = torchrun("train_grpo.py", [f"--{k}={v}" for k, v in {**common, "out_dir": ddp_out}.items()])
     one_out = str(base / "one")
     _run(ck, data, one_out, **{k: v for k, v in common.items() if k not in ("init_from", "data")})
-    return dict(ck=ck, ddp=ddp_out, one=one_out, stdout=proc.stdout,
+    return dict(ck=ck, ddp=ddp_out, one=one_out, stdout=stdout,
                 m_ddp=[json.loads(line) for line in open(os.path.join(ddp_out, "metrics.jsonl"))],
                 m_one=[json.loads(line) for line in open(os.path.join(one_out, "metrics.jsonl"))])
 

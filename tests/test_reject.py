@@ -3,10 +3,7 @@ per-prompt selection and the report on a stub engine with canned completions, th
 examples (ChatML and the R1-Distill template that opens <think> in the prompt), and the CLI on the shipped tiny
 model, one process and torchrun x2."""
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import sample  # noqa: E402
-from helpers import make_tiny_tokenizer  # noqa: E402
+from helpers import make_tiny_tokenizer, torchrun  # noqa: E402
 from sample import (REJECT_REASONS, Completion, check_sample, max_ngram_count, rejection_reason,  # noqa: E402
                     rejection_sample)
 from tokenizer import Tokenizer  # noqa: E402
@@ -234,12 +231,6 @@ def test_r1_distill_template_opens_think_in_the_prompt(r1_tok):
 # ---- the CLI on the shipped tiny model ---------------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_on_the_tiny_model_one_process_and_torchrun_agree(tmp_path, capsys):
     from data.jsonl import read_jsonl, write_jsonl
     from model import Transformer
@@ -272,10 +263,6 @@ def test_cli_on_the_tiny_model_one_process_and_torchrun_agree(tmp_path, capsys):
                         seed=row["seed"])[0][0]
     assert (c.text, len(c.tokens)) == (row["messages"][-1]["content"], row["num_tokens"])
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", "sample.py", *args, f"--out={tmp_path / 'two.jsonl'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun("sample.py", args + [f"--out={tmp_path / 'two.jsonl'}"], timeout=120)
     assert read_jsonl(tmp_path / "two.jsonl") == one  # rank 0 wrote the merged rows of one process
     assert json.loads((tmp_path / "two.jsonl.report.json").read_text()) == report

@@ -2,16 +2,13 @@
 RM/LM init detection, exact resume, DDP == one process."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import train_sft
-from helpers import make_tiny_checkpoint, write_jsonl
+from helpers import make_tiny_checkpoint, torchrun, write_jsonl
 from model import RewardModel
 from tokenizer import Tokenizer
 
@@ -55,12 +52,6 @@ def _run(ckpt, data, out, **kw):
                 lr=3e-3, warmup_steps=2, eval_frac=0.2, eval_every=3, progress=0, log_every=1, weight_decay=0)
     args.update(kw)
     return train_sft.main([f"--{k}={v}" for k, v in args.items()])
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -----------------------------------------------------------------------------
@@ -202,12 +193,7 @@ def test_rm_grad_accum_and_ddp_two_ranks_equal_one_process(tmp_path, ckpt, pairs
                   eval_frac=0.2, eval_every=3, progress=0)
     ddp_out = str(tmp_path / "ddp")
     args = [f"--{k}={v}" for k, v in {**common, "out_dir": ddp_out, "batch_size": 2, "grad_accum": 2}.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", os.path.join(ROOT, "train_sft.py"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "world 2" in proc.stdout
+    assert "world 2" in torchrun("train_sft.py", args)
     single = train_sft.main([f"--{k}={v}" for k, v in {**common, "out_dir": str(tmp_path / "one"),
                                                         "batch_size": 8}.items()])
     a = load_file(os.path.join(ddp_out, "ckpt", "model.safetensors"))

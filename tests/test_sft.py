@@ -1,9 +1,6 @@
 """train_sft.py: loss masks, packing, data errors, mixing, exact resume, DDP == one process."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import train_sft
-from helpers import make_tiny_checkpoint, make_tiny_tokenizer, write_jsonl
+from helpers import make_tiny_checkpoint, make_tiny_tokenizer, torchrun, write_jsonl
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -340,24 +337,13 @@ def test_pretrain_mode_from_scratch(tmp_path, ckpt):
     assert recs[-1]["loss"] < recs[0]["loss"] and "eval_loss" in recs[-1]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_ranks_equal_one_process(tmp_path, ckpt, sft_data):
     """torchrun --nproc_per_node=2 (gloo) == one process with the same global batch."""
     common = dict(init_from=ckpt, data=sft_data, max_seq_len=96, max_steps=3, lr=3e-3, warmup_steps=1,
                   eval_frac=0.1, eval_every=2, progress=0, grad_accum=2)
     ddp_out = str(tmp_path / "ddp")
     args = [f"--{k}={v}" for k, v in {**common, "out_dir": ddp_out, "batch_size": 2}.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", os.path.join(ROOT, "train_sft.py"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "world 2" in proc.stdout
+    assert "world 2" in torchrun("train_sft.py", args)
     single = train_sft.main([f"--{k}={v}" for k, v in {**common, "out_dir": str(tmp_path / "one"),
                                                         "batch_size": 4}.items()])
     a, b = _params(ddp_out), _params(tmp_path / "one")
