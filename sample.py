@@ -740,7 +740,7 @@ def rejection_sample(engine, tok, rows, num_samples=4, gen=None, seed=0, templat
 
 
 CONFIG = dict(
-    init_from="",  # HF-layout checkpoint dir with tokenizer files; "": TINY_GRPO, else TINY_SFT if trained, else TINY_BASE
+    init_from="",  # HF-layout checkpoint dir with tokenizer files; "": TINY_GRPO, else TINY_SFT, else TINY_BASE
     prompt="",  # text to continue; empty: the first problem of --data
     chat=0,  # 1: wrap --prompt as a user turn in the chat template (rows with `messages` always use it)
     num_samples=1,

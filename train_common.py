@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -88,6 +89,14 @@ def teardown(rt):
         dist.destroy_process_group()
 
 
+def exit_if_torchrun():
+    """Under torchrun, leave without interpreter teardown: gloo's worker threads can SIGABRT there even after
+    destroy_process_group (pytorch PR 179291). Call it last, when everything is saved."""
+    if "RANK" in os.environ:
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
+
+
 # -----------------------------------------------------------------------------
 # FSDP2 (--fsdp=1): parameters, gradients and AdamW state sharded over the ranks, for models whose optimizer state
 # does not fit one device (7B and up). Between forward/backward passes each parameter is a DTensor holding this
@@ -132,7 +141,8 @@ def optimizer_state(model, optimizer, fsdp):
 
 def load_optimizer_state(model, optimizer, state, fsdp, saved_fsdp):
     """Inverse of optimizer_state: under FSDP every rank has read the full state and keeps its own shard of it."""
-    if bool(fsdp) != bool(saved_fsdp):  # the two layouts differ (index- vs name-keyed); the model files are the same either way
+    # the two optimizer layouts differ (index- vs name-keyed); the model files are the same either way
+    if bool(fsdp) != bool(saved_fsdp):
         raise SystemExit(f"the checkpoint's optimizer state was saved with --fsdp={int(saved_fsdp)}: resume with that "
                          "flag (or start a new run from the checkpoint with --init_from)")
     if not fsdp:

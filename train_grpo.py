@@ -59,10 +59,10 @@ from model import RewardModel, Transformer, chunked_token_logprobs
 from reward import accuracy_reward, combine_rewards
 from sample import PROMPT_TEMPLATES, Engine, encode_problem, pass_at_1, prompt_messages, score_problems
 from tokenizer import Tokenizer
-from train_common import (Config, MetricsFile, all_rng_states, copy_full_params, find_checkpoint, full_state_dict,
-                          load_optimizer_state, load_trainer_state, lr_at, make_optimizer, optimizer_state,
-                          parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state, setup_runtime,
-                          shard_model, teardown)
+from train_common import (Config, MetricsFile, all_rng_states, copy_full_params, exit_if_torchrun, find_checkpoint,
+                          full_state_dict, load_optimizer_state, load_trainer_state, lr_at, make_optimizer,
+                          optimizer_state, parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state,
+                          setup_runtime, shard_model, teardown)
 from train_sft import RowStream, reward_model_input
 
 # -----------------------------------------------------------------------------
@@ -867,6 +867,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    if "RANK" in os.environ:  # torchrun: gloo's worker threads can SIGABRT during interpreter teardown even after
-        sys.stdout.flush(), sys.stderr.flush()  # destroy_process_group (pytorch PR 179291), so skip it: all is saved
-        os._exit(0)
+    exit_if_torchrun()

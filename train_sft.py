@@ -69,9 +69,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import parse_overrides
 from model import ModelConfig, RewardModel, Transformer, _weight_files, chunked_cross_entropy
 from tokenizer import Tokenizer
-from train_common import (Config, MetricsFile, all_rng_states, find_checkpoint, full_state_dict, load_optimizer_state,
-                          load_trainer_state, lr_at, make_optimizer, optimizer_state, parse_data_spec, peak_flops,
-                          read_rows, save_checkpoint, set_rng_state, setup_runtime, shard_model, teardown)
+from train_common import (Config, MetricsFile, all_rng_states, exit_if_torchrun, find_checkpoint, full_state_dict,
+                          load_optimizer_state, load_trainer_state, lr_at, make_optimizer, optimizer_state,
+                          parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state, setup_runtime,
+                          shard_model, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = cold-start SFT of the embedded tiny model on CPU)
@@ -707,6 +708,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    if "RANK" in os.environ:  # torchrun: gloo's worker threads can SIGABRT during interpreter teardown even after
-        sys.stdout.flush(), sys.stderr.flush()  # destroy_process_group (pytorch PR 179291), so skip it: all is saved
-        os._exit(0)
+    exit_if_torchrun()
