@@ -214,6 +214,17 @@ def save_checkpoint(path, model, tok_dir, trainer_state, state_dict=None):
     swap_in_dir(staging, path)
 
 
+def save_or_stop(step, last, save_every, stop_after, checkpoint, log):
+    """End of an optimizer step: checkpoint() every save_every steps and at the last one. Returns True when
+    stop_after says to exit now without the final save, as a crash would (what the resume tests simulate)."""
+    if (save_every and step % save_every == 0) or last:
+        checkpoint()
+    if stop_after and step >= stop_after and not last:
+        log(f"stopping after step {step} (--stop_after), without a final save")
+        return True
+    return False
+
+
 def find_checkpoint(path):
     """out_dir/ckpt, or ckpt.old when a crash hit between the two renames of save_checkpoint."""
     for p in (path, path + ".old"):

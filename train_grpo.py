@@ -61,8 +61,8 @@ from sample import PROMPT_TEMPLATES, Engine, encode_problem, pass_at_1, prompt_m
 from tokenizer import Tokenizer
 from train_common import (Config, MetricsFile, all_rng_states, copy_full_params, exit_if_torchrun, find_checkpoint,
                           full_state_dict, load_optimizer_state, load_trainer_state, lr_at, make_optimizer,
-                          optimizer_state, parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state,
-                          setup_runtime, shard_model, teardown)
+                          optimizer_state, parse_data_spec, peak_flops, read_rows, save_checkpoint, save_or_stop,
+                          set_rng_state, setup_runtime, shard_model, teardown)
 from train_sft import RowStream, reward_model_input
 
 # -----------------------------------------------------------------------------
@@ -841,10 +841,7 @@ def main(argv=None):
             say(f"--- step {step} samples for {g['item']['where']} (answer {g['item']['row'].get('answer')!r}):")
             for s in g["samples"][:2]:
                 say(f"[reward {s['reward']:.2f}] {s['text']!r}")
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            checkpoint()
-        if cfg.stop_after and step >= cfg.stop_after and not last:
-            log(f"stopping after step {step} (--stop_after), without a final save")
+        if save_or_stop(step, last, cfg.save_every, cfg.stop_after, checkpoint, log):
             break
     if bar is not None:
         bar.close()

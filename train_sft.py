@@ -71,8 +71,8 @@ from model import ModelConfig, RewardModel, Transformer, _weight_files, chunked_
 from tokenizer import Tokenizer
 from train_common import (Config, MetricsFile, all_rng_states, exit_if_torchrun, find_checkpoint, full_state_dict,
                           load_optimizer_state, load_trainer_state, lr_at, make_optimizer, optimizer_state,
-                          parse_data_spec, peak_flops, read_rows, save_checkpoint, set_rng_state, setup_runtime,
-                          shard_model, teardown)
+                          parse_data_spec, peak_flops, read_rows, save_checkpoint, save_or_stop, set_rng_state,
+                          setup_runtime, shard_model, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = cold-start SFT of the embedded tiny model on CPU)
@@ -687,10 +687,7 @@ def main(argv=None):
             post.update(loss=f"{train_loss:.4f}", lr=f"{lr_now:.2e}")
             bar.set_postfix(post, refresh=False)
             bar.update(1)
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            checkpoint()
-        if cfg.stop_after and step >= cfg.stop_after and not last:
-            log(f"stopping after step {step} (--stop_after), without a final save")
+        if save_or_stop(step, last, cfg.save_every, cfg.stop_after, checkpoint, log):
             break
     if bar is not None:
         bar.close()
