@@ -476,9 +476,8 @@ def policy_update(policy, ref_model, optimizer, rows, cfg, rt, pad_id, step):
     params = [p for p in policy.parameters() if p.requires_grad]
 
     def batch_logprobs(model, idx):
-        lp = completion_logprobs(model, [(rows[i]["prompt"], rows[i]["tokens"]) for i in idx], pad_id,
-                                 cfg.logp_chunk, cfg.temperature, rt.device)
-        return lp
+        return completion_logprobs(model, [(rows[i]["prompt"], rows[i]["tokens"]) for i in idx], pad_id,
+                                   cfg.logp_chunk, cfg.temperature, rt.device)
 
     def padded(key, idx):
         T = max(len(rows[i]["tokens"]) for i in idx)
@@ -500,7 +499,7 @@ def policy_update(policy, ref_model, optimizer, rows, cfg, rt, pad_id, step):
     old, ref = {}, {}
     t0 = time.time()
     need_old = list(range(rt.rank, B, rt.world)) if recompute_old else []
-    n_old = passes(len(range(0, B, rt.world)) if recompute_old else 0, len(need_old))
+    n_old = passes(-(-B // rt.world) if recompute_old else 0, len(need_old))  # most rows a rank has: ceil(B / world)
     with torch.no_grad(), rt.autocast():
         for s in range(0, n_old * cfg.micro_batch_size, cfg.micro_batch_size):
             idx = need_old[s:s + cfg.micro_batch_size]
@@ -605,19 +604,16 @@ def policy_update(policy, ref_model, optimizer, rows, cfg, rt, pad_id, step):
 
 
 def rollout_rows(groups, cfg):
-    """Groups -> (flat rows for the update, reward tensor, the step's rollout metrics)."""
+    """Groups -> (flat rows for the update, the step's rollout metrics)."""
     samples = [s for g in groups for s in g["samples"]]
+    prompts = [g["item"]["ids"] for g in groups for _ in g["samples"]]
     rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float64)
     adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards) if samples else rewards
     rows = []
-    for g in groups:
-        for s in g["samples"]:
-            truncated = s["finish"] == "length"
-            keep = 0 if (truncated and cfg.overlong == "mask") else 1
-            rows.append(dict(prompt=g["item"]["ids"], tokens=s["tokens"], logprobs=s["logprobs"],
-                             mask=[keep] * len(s["tokens"]), mask_all=[1] * len(s["tokens"]), adv=0.0))
-    for r, a in zip(rows, adv.tolist()):
-        r["adv"] = a
+    for prompt, s, a in zip(prompts, samples, adv.tolist()):
+        keep = 0 if (s["finish"] == "length" and cfg.overlong == "mask") else 1  # DAPO overlong filtering
+        rows.append(dict(prompt=prompt, tokens=s["tokens"], logprobs=s["logprobs"], mask=[keep] * len(s["tokens"]),
+                         mask_all=[1] * len(s["tokens"]), adv=a))
     lens = [len(s["tokens"]) for s in samples]
     rec = {"reward": float(rewards.mean()) if samples else 0.0}  # the mean total, over every sample
     # each component is the mean over the samples it scored (rule parts over rule-scored rows, rm over RM-scored

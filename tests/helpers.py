@@ -126,3 +126,13 @@ def torchrun(script, args, nproc=2, timeout=300):
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def corrupt_safetensors(path, fn):
+    """Apply fn to the tensors of path (a model.safetensors, as a dict) and write them back; returns path."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    fn(state)
+    save_file(state, path)
+    return path

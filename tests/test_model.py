@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_hf_checkpoint
+from helpers import corrupt_safetensors, tiny_hf_checkpoint
 from model import (KVCache, ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs,
                    load_config)
 
@@ -152,13 +152,7 @@ def test_config_forms_published_and_transformers5(tmp_path):
 
 def _corrupt(tmp_path, fn):
     tiny_hf_checkpoint(tmp_path)
-    from safetensors.torch import load_file, save_file
-
-    p = os.path.join(tmp_path, "model.safetensors")
-    state = load_file(p)
-    fn(state)
-    save_file(state, p)
-    return p
+    return corrupt_safetensors(os.path.join(tmp_path, "model.safetensors"), fn)
 
 
 def test_missing_config(tmp_path):

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from helpers import tiny_hf_checkpoint
+from helpers import corrupt_safetensors, tiny_hf_checkpoint
 from model import RewardModel, Transformer
 
 pytest.importorskip("transformers")
@@ -148,13 +148,8 @@ def test_reward_model_dir_is_not_a_causal_lm(tmp_path, tied):
 
 
 def _corrupt(tmp_path, fn):
-    from safetensors.torch import load_file, save_file
-
     tiny_hf_rm(tmp_path)
-    p = os.path.join(tmp_path, "model.safetensors")
-    state = load_file(p)
-    fn(state)
-    save_file(state, p)
+    corrupt_safetensors(os.path.join(tmp_path, "model.safetensors"), fn)
 
 
 @pytest.mark.parametrize("fn,error,match", [
