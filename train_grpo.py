@@ -72,6 +72,8 @@ init_from = "data/tiny/rl_start"  # HF-layout checkpoint dir (policy start and, 
 data = "data/tiny/train.jsonl"  # RL prompts: comma-separated files, each optionally path:weight
 eval_data = "data/tiny/test.jsonl"  # held-out problems for greedy pass@1
 eval_n = 500  # first eval_n problems of eval_data
+eval_rm_data = ""  # with --reward_model: held-out prompts whose greedy completions the RM scores at every eval
+eval_rm_n = 200  # first eval_rm_n prompts of eval_rm_data
 eval_every = 40  # steps between evaluations (plus one before the first step and one at the end); 0: none at all
 prompt_template = "chat"  # chat: the tokenizer's chat template | r1zero: R1-Zero's plain-text template (base models)
 rewards = "accuracy:1"  # reward.py names with weights; every component is logged on its own
@@ -648,6 +650,19 @@ def held_out_accuracy(engine, problems, prompts, cfg, rt, gen):
     return pass_at_1([[s["correct"] for s in rows] for rows in results])
 
 
+def held_out_rm_score(engine, items, rm, cfg, rt, gen, batch_size=64):
+    """Mean reward-model score of greedy completions of held-out prompts (R1 stage 4's measure on general prompts,
+    which no rule checks); each rank scores its share (items k % world == rank) and the sums are all-reduced."""
+    greedy = {**gen, "temperature": 0.0}
+    mine = items[rt.rank::rt.world]
+    total = 0.0
+    for s in range(0, len(mine), batch_size):
+        part = mine[s:s + batch_size]
+        outs = engine.generate([it["ids"] for it in part], num_samples=1, seed=cfg.seed, **greedy)
+        total += sum(rm([(it["row"], out[0].text) for it, out in zip(part, outs)]))
+    return rt.all_sum(total) / max(len(items), 1)
+
+
 def ascii_plot(series, width=60, height=11):
     """series: {name: [(step, value in [0, 1])]} -> lines of a text plot, one marker letter per series."""
     steps = [s for pts in series.values() for s, _ in pts]
@@ -697,12 +712,19 @@ def main(argv=None):
             eval_sources, _, _ = load_prompt_sources(cfg.eval_data, tok, Config({**cfg, "rewards": "accuracy"}),
                                                      ["accuracy"], lambda *a: None)
             eval_problems = [it for src in eval_sources for it in src][:cfg.eval_n]
+        eval_rm_items = []
+        if cfg.eval_every and cfg.eval_rm_data:
+            if not cfg.reward_model:
+                raise ValueError(f"--eval_rm_data={cfg.eval_rm_data}: needs --reward_model=DIR to score it")
+            rm_sources, _, _ = load_prompt_sources(cfg.eval_rm_data, tok, cfg, [], lambda *a: None, rm_rows=True)
+            eval_rm_items = [it for src in rm_sources for it in src][:cfg.eval_rm_n]
     except ValueError as e:
         raise SystemExit(str(e)) from None
     stream = RowStream(sources, weights, 0, cfg.seed, do_pack=False)
     to_rm = f"; {dstats['rm']} for the reward model" if cfg.reward_model else ""
     log(f"data: {sum(map(len, sources))} prompts from {len(sources)} file(s) ({dstats['too_long']} too long, "
-        f"{dstats['bad']} bad{to_rm}); {len(eval_problems)} held-out problems")
+        f"{dstats['bad']} bad{to_rm}); {len(eval_problems)} held-out problems"
+        f"{f', {len(eval_rm_items)} held-out RM prompts' if eval_rm_items else ''}")
 
     # ---- models: fp32 master weights (bf16 compute comes from autocast); a frozen reference only when beta > 0
     policy = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=torch.float32, device=rt.device)
@@ -725,7 +747,7 @@ def main(argv=None):
     if cfg.fsdp:
         shard_model(policy)  # in place, after the sampler copy and before the optimizer (it holds the DTensor shards)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=rt.dev_type == "cuda")
-    step, history = 0, {"accuracy": [], "reward": []}
+    step, history = 0, {"accuracy": [], "reward": [], "rm_score": []}
     if resume_from:
         state = load_trainer_state(resume_from, mmap=bool(cfg.fsdp))
         load_optimizer_state(policy, optimizer, state["optimizer"], cfg.fsdp, state.get("fsdp", False))
@@ -751,11 +773,19 @@ def main(argv=None):
     peak = peak_flops(torch.cuda.get_device_name(rt.device)) * rt.world if rt.dev_type == "cuda" else None
 
     def evaluate(at_step):
-        t0 = time.time()
-        acc = held_out_accuracy(engine, eval_rows, eval_prompts, cfg, rt, gen)
-        history["accuracy"].append((at_step, acc))
-        log(f"step {at_step}: held-out greedy pass@1 {100 * acc:.1f}% ({len(eval_problems)} problems, "
-            f"{time.time() - t0:.1f}s)")
+        acc = None
+        if eval_problems:
+            t0 = time.time()
+            acc = held_out_accuracy(engine, eval_rows, eval_prompts, cfg, rt, gen)
+            history["accuracy"].append((at_step, acc))
+            log(f"step {at_step}: held-out greedy pass@1 {100 * acc:.1f}% ({len(eval_problems)} problems, "
+                f"{time.time() - t0:.1f}s)")
+        if eval_rm_items:
+            t0 = time.time()
+            score = held_out_rm_score(engine, eval_rm_items, rm, cfg, rt, gen)
+            history.setdefault("rm_score", []).append((at_step, score))
+            log(f"step {at_step}: held-out reward-model score {score:.3f} (greedy, {len(eval_rm_items)} prompts, "
+                f"{time.time() - t0:.1f}s)")
         return acc
 
     def checkpoint():
@@ -771,8 +801,8 @@ def main(argv=None):
         if rt.ddp:
             dist.barrier()
 
-    do_eval = bool(cfg.eval_every and eval_problems)
-    if do_eval and not history["accuracy"]:
+    do_eval = bool(cfg.eval_every and (eval_problems or eval_rm_items))
+    if do_eval and not (history["accuracy"] or history.get("rm_score")):
         evaluate(0)
     bar = None
     if rt.master and cfg.progress:
@@ -819,7 +849,11 @@ def main(argv=None):
         history["reward"].append((step, rec["reward"]))
         last = step == cfg.max_steps
         if do_eval and (step % cfg.eval_every == 0 or last):
-            rec["eval_accuracy"] = evaluate(step)
+            acc = evaluate(step)
+            if acc is not None:
+                rec["eval_accuracy"] = acc
+            if history.get("rm_score"):
+                rec["eval_rm_score"] = history["rm_score"][-1][1]
         rec = {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in rec.items()}
         metrics.write(rec)
         if bar is not None:
@@ -853,6 +887,10 @@ def main(argv=None):
             before, after = history["accuracy"][0][1], history["accuracy"][-1][1]
             print(f"held-out accuracy: before {100 * before:.1f}% -> after {100 * after:.1f}%")
             result.update(before=before, after=after)
+        if history.get("rm_score"):
+            before, after = history["rm_score"][0][1], history["rm_score"][-1][1]
+            print(f"held-out reward-model score: before {before:.3f} -> after {after:.3f}")
+            result.update(rm_before=before, rm_after=after)
         print(f"checkpoint in {ckpt_path}")
     teardown(rt)
     return result

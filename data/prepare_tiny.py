@@ -9,6 +9,10 @@ Files (see data/tiny/README.md):
   train.jsonl      RL prompts                {"prompt", "messages", "answer"}
   coldstart.jsonl  R1-format SFT rows        {"messages": [user, assistant "<think>\\n...\\n</think>\\n\\boxed{N}"]}
   pretrain.jsonl   plain-text LM corpus      {"text"}  (worked steps, no chat / <think> / \\boxed)
+  coldstart_large.jsonl, coldstart_mixed.jsonl   the SFT sets of rl_start/ (see data/tiny/README.md)
+  general.jsonl    general chat SFT rows     {"messages"}  (no reasoning; data/tiny_chat.py)
+  general_prompts.jsonl, general_test.jsonl      general RL prompts {"prompt", "messages"} (no answer: RM-scored)
+  prefs.jsonl, prefs_test.jsonl                  preference pairs {"prompt", "chosen", "rejected"} (politeness)
   tokenizer/       tokenizer.json + tokenizer_config.json (ChatML, Qwen-style digit splitting)
 Every problem appears in at most one file, so nothing held out was ever seen in training.
 """
@@ -23,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from data import tiny_task
+from data import tiny_chat, tiny_task
 from data.jsonl import write_jsonl
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # special: skipped by decode(skip_special_tokens)
@@ -101,6 +105,12 @@ def main(argv=None):
     p.add_argument("--n_coldstart_mixed", type=int, default=6000)
     p.add_argument("--shortcut_frac", type=float, default=0.6,
                    help="coldstart_mixed: fraction of traces that state the result without working it out")
+    p.add_argument("--n_general", type=int, default=6000, help="general chat SFT rows (stage 3's non-reasoning mix)")
+    p.add_argument("--polite_frac", type=float, default=0.3, help="general.jsonl: fraction of polite answers")
+    p.add_argument("--n_general_prompts", type=int, default=2000)
+    p.add_argument("--n_general_test", type=int, default=200)
+    p.add_argument("--n_prefs", type=int, default=4000)
+    p.add_argument("--n_prefs_test", type=int, default=400)
     p.add_argument("--vocab_size", type=int, default=512)
     args = p.parse_args(argv)
     if not 1 <= args.min_ops <= args.max_ops:
@@ -151,6 +161,21 @@ def main(argv=None):
     write_jsonl(out("coldstart_mixed.jsonl"), [r1_row(e, rng.random() < args.shortcut_frac)
                                                for e in fresh_problems(args.n_coldstart_mixed)])
 
+    # The general (non-reasoning) side: one seeded stream per kind of file, apart from the arithmetic one, so that
+    # no file changes when another's size does; the held-out files use names that nothing trained on contains
+    # (tiny_chat.TEST_NAMES).
+    names, test_names = tiny_chat.NAMES, tiny_chat.TEST_NAMES
+    rng_sft, rng_prompts, rng_prefs = (random.Random(f"{args.seed}:{kind}") for kind in ("general", "prompts", "prefs"))
+    write_jsonl(out("general.jsonl"), [tiny_chat.sft_row(rng_sft, names, args.polite_frac)
+                                       for _ in range(args.n_general)])
+    write_jsonl(out("general_prompts.jsonl"), [tiny_chat.prompt_row(rng_prompts, names)
+                                               for _ in range(args.n_general_prompts)])
+    write_jsonl(out("general_test.jsonl"), [tiny_chat.prompt_row(rng_prompts, test_names)
+                                            for _ in range(args.n_general_test)])
+    write_jsonl(out("prefs.jsonl"), [tiny_chat.preference_row(rng_prefs, names) for _ in range(args.n_prefs)])
+    write_jsonl(out("prefs_test.jsonl"), [tiny_chat.preference_row(rng_prefs, test_names)
+                                          for _ in range(args.n_prefs_test)])
+
     # Tokenizer trained on everything the tiny model will read, chat-rendered cold-start rows included.
     texts = [r["text"] for r in pretrain] + EXTRA_TEXT
     texts += [m["content"] for r in coldstart for m in r["messages"]] + ["user\n", "assistant\n"] * len(coldstart)
@@ -162,8 +187,10 @@ def main(argv=None):
         json.dump(tokenizer_config(tok), f, indent=2, ensure_ascii=False)
         f.write("\n")
 
-    for name, n in {**sizes, "coldstart_large": args.n_coldstart_large,
-                                   "coldstart_mixed": args.n_coldstart_mixed}.items():
+    for name, n in {**sizes, "coldstart_large": args.n_coldstart_large, "coldstart_mixed": args.n_coldstart_mixed,
+                    "general": args.n_general, "general_prompts": args.n_general_prompts,
+                    "general_test": args.n_general_test, "prefs": args.n_prefs,
+                    "prefs_test": args.n_prefs_test}.items():
         print(f"{name:>9}: {n} rows")
     print(f"tokenizer: {tok.get_vocab_size()} tokens -> {args.out_dir}")
 

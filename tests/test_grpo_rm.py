@@ -137,3 +137,31 @@ def test_bad_reward_model_dirs(setup, tmp_path):
     make_tiny_tokenizer(other, vocab_size=280)
     with pytest.raises(SystemExit, match="tokenizer.json is not the policy's tokenizer"):
         _run(ckpt, general, str(tmp_path / "x"), reward_model=other)
+
+
+def test_held_out_reward_model_score_is_evaluated_and_printed(setup, tmp_path):
+    """--eval_rm_data: the mean RM score of greedy completions on held-out general prompts, before and after, equal
+    to scoring those completions directly with the reward model."""
+    ckpt, rm_dir, rule, general = setup
+    out, lines = _run(ckpt, f"{rule}:0.5,{general}:0.5", str(tmp_path / "o"), reward_model=rm_dir, eval_every=2,
+                      eval_data=rule, eval_n=4, eval_rm_data=general, eval_rm_n=3)
+    m = re.search(r"held-out reward-model score: before (-?[\d.]+) -> after (-?[\d.]+)", out)
+    assert m, out
+    assert lines[-1]["eval_rm_score"] == pytest.approx(float(m.group(2)), abs=1e-3)
+    # the 'before' figure is the RM's score of the initial policy's greedy completions
+    from sample import Engine, encode_problem
+    from model import Transformer
+    tok = Tokenizer.from_pretrained(ckpt)
+    rows = [json.loads(line) for line in open(general)][:3]
+    engine = Engine(Transformer.from_pretrained(ckpt).eval(), tok)
+    texts = [o[0].text for o in engine.generate([encode_problem(tok, r, "chat") for r in rows], max_new_tokens=16,
+                                                temperature=0.0)]
+    scorer = train_grpo.RewardModelScorer(rm_dir, tok, 1.0, "cpu", torch.float32, 8)
+    direct = sum(scorer([(r, t) for r, t in zip(rows, texts)])) / 3
+    assert float(m.group(1)) == pytest.approx(direct, abs=1e-3)
+
+
+def test_held_out_reward_model_prompts_need_a_reward_model(setup, tmp_path):
+    ckpt, _, rule, general = setup
+    with pytest.raises(SystemExit, match="--eval_rm_data=.*needs --reward_model"):
+        _run(ckpt, rule, str(tmp_path / "o"), eval_every=1, eval_rm_data=general, rewards="accuracy:1")
