@@ -851,3 +851,58 @@ def chunked_token_logprobs(hidden, weight, targets, chunk_size=1024, temperature
     shape = targets.shape
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).clamp(min=0)
     return _TokenLogprobs.apply(hidden, weight, targets, chunk_size, temperature).view(shape)
+
+
+class _ForwardKL(torch.autograd.Function):
+    """Sum over positions of T^2 KL(p_teacher || p_student), p = softmax(logits / T): logit distillation's loss
+    (Hinton et al. 2015, "Distilling the knowledge in a neural network"; the T^2 keeps the gradient's size the same
+    as T changes). topk > 0: the teacher's distribution cut to its k likeliest words and renormalised over them (the
+    student's stays over the whole vocabulary), so only [N, k] of the teacher matters. As in _ChunkedCE the gradient
+    is made in the forward pass, where both softmaxes are at hand: d(T^2 KL)/d student logits = T (q - p)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, t_weight, chunk_size, temperature, topk):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        T = float(temperature)
+        loss = torch.zeros((), device=hidden.device, dtype=acc)
+        grad_h = torch.empty_like(hidden) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
+        for s in range(0, hidden.shape[0], chunk_size):
+            h = hidden[s:s + chunk_size]
+            log_q = torch.log_softmax((h @ weight.t()).to(acc) / T, dim=-1)
+            t_logits = (t_hidden[s:s + chunk_size] @ t_weight.t()).to(acc) / T
+            if topk:
+                top, idx = t_logits.topk(topk, dim=-1)
+                log_p = torch.log_softmax(top, dim=-1)
+                loss += T * T * (log_p.exp() * (log_p - log_q.gather(1, idx))).sum()
+                p = torch.zeros_like(log_q).scatter_(1, idx, log_p.exp())
+            else:
+                log_p = torch.log_softmax(t_logits, dim=-1)
+                p = log_p.exp()
+                loss += T * T * (p * (log_p - log_q)).sum()
+            if need_grad:
+                g = (log_q.exp_() - p).mul_(T)
+                grad_h[s:s + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_w += g.t() @ h.to(acc)
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None, None
+
+
+def chunked_forward_kl(hidden, weight, teacher_hidden, teacher_weight, chunk_size=1024, temperature=1.0, topk=0):
+    """Summed T^2 KL(teacher || student) of the next-token distributions at N positions (see _ForwardKL), never
+    holding more than one [chunk, V] block of either model's logits. hidden [..., D] / weight [V, D]: the student's
+    final hidden states and lm_head (differentiable); teacher_hidden [..., Dt] / teacher_weight [V, Dt]: the
+    teacher's (no gradient), on the same device. Both heads must cover the same V words (same tokenizer)."""
+    if weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student head has {weight.shape[0]} words, teacher head {teacher_weight.shape[0]}: "
+                         "logit distillation needs one vocabulary")
+    hidden, teacher_hidden = hidden.reshape(-1, hidden.shape[-1]), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    return _ForwardKL.apply(hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), chunk_size,
+                            temperature, topk)

@@ -39,6 +39,7 @@ class Runtime:
     device: torch.device
     dev_type: str
     amp_dtype: torch.dtype | None  # bf16 autocast dtype, or None for plain fp32
+    owns_group: bool = True  # this setup_runtime created the process group (teardown destroys only its own)
 
     @property
     def master(self):
@@ -68,9 +69,11 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         if dev_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if dev_type == "cuda" else "gloo")
+        owns_group = not dist.is_initialized()  # a script calling another in-process (distill.py -> train_sft.py)
+        if owns_group:
+            dist.init_process_group(backend="nccl" if dev_type == "cuda" else "gloo")
     else:
-        rank, local_rank, world = 0, 0, 1
+        rank, local_rank, world, owns_group = 0, 0, 1, False
     amp = {"auto": torch.bfloat16 if dev_type == "cuda" else None, "float32": None, "bfloat16": torch.bfloat16}
     if dtype not in amp:
         raise SystemExit(f"--dtype={dtype}: expected auto, float32 or bfloat16")
@@ -81,11 +84,11 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
     np.random.seed(seed)
     torch.manual_seed(seed)
     return Runtime(ddp, rank, local_rank, world, torch.device(f"cuda:{local_rank}" if dev_type == "cuda" else dev_type),
-                   dev_type, amp[dtype])
+                   dev_type, amp[dtype], owns_group)
 
 
 def teardown(rt):
-    if rt.ddp:
+    if rt.ddp and rt.owns_group:
         dist.destroy_process_group()
 
 

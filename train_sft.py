@@ -697,7 +697,7 @@ def main(argv=None):
             f"{f', eval pairwise accuracy {eval_acc:.1%}' if rm and eval_acc is not None else ''}"
             f"; checkpoint in {ckpt_path}")
     teardown(rt)
-    res = {"step": step, "train_loss": train_loss, "eval_loss": eval_loss, "stats": stats}
+    res = {"step": step, "total_steps": total_steps, "train_loss": train_loss, "eval_loss": eval_loss, "stats": stats}
     if rm:
         res["eval_pair_acc"] = eval_acc
     return res
