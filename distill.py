@@ -19,7 +19,8 @@ Launch:
     # the embedded default: the shipped GRPO-trained tiny teacher into a smaller shipped student, CPU, minutes
     python distill.py
     python distill.py --mode=logit --topk=8
-    python distill.py --mode=onpolicy --init_from=out/distill/ckpt     # after sequence distillation, as usual
+    python distill.py --mode=onpolicy --init_from=out/distill/ckpt --lr=5e-5 --min_lr=5e-6   # after sequence mode
+    # measured on the embedded task (README, "Distillation"): sequence 2.6% -> 52.8% in 4 min 49 s, logit 45.0%
     # real models: R1-Distill-Qwen-1.5B taught by a 7B, students on 8 GPUs, the teacher on each rank's GPU
     torchrun --standalone --nproc_per_node=8 distill.py config/distill_r1_7b_to_qwen2.5_1.5b_math.py
     # continue where the last checkpoint left off (sequence: the teacher samples on disk are reused)

@@ -199,6 +199,19 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path, mode):
     assert [r["step"] for r in lines if "step" in r][-1] == 4
 
 
+def test_sequence_mode_resumes_with_the_same_teacher_samples(tmp_path):
+    common = [f"--data={TRAIN}", "--n_prompts=16", "--eval_data=", "--max_steps=4", "--batch_size=2", "--progress=0"]
+    distill.main(common + [f"--out_dir={tmp_path / 'full'}"])
+    res = distill.main(common + [f"--out_dir={tmp_path / 'cut'}", "--stop_after=2", "--save_every=2"])
+    assert not res["finished"]
+    samples = (tmp_path / "cut" / "teacher_samples.jsonl").read_text()
+    res = distill.main(common + [f"--out_dir={tmp_path / 'cut'}", "--resume=1"])
+    assert res["finished"] and (tmp_path / "cut" / "teacher_samples.jsonl").read_text() == samples
+    assert samples == (tmp_path / "full" / "teacher_samples.jsonl").read_text()
+    a, b = _state(tmp_path / "full" / "ckpt"), _state(tmp_path / "cut" / "ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
     common = ["--mode=onpolicy", f"--data={TRAIN}", "--n_prompts=16", "--eval_data=", "--max_steps=2",
               "--prompts_per_step=4", "--samples_per_prompt=2", "--max_new_tokens=48", "--progress=0"]
