@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import parse_overrides
-from model import Transformer, chunked_forward_kl, chunked_token_logprobs
+from model import Transformer, chunked_forward_kl
 from reward import accuracy_reward
 from sample import Engine, encode_problem, rejection_sample
 from tokenizer import Tokenizer

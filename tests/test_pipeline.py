@@ -14,6 +14,7 @@ import sample
 import train_grpo
 import train_sft
 from model import RewardModel, Transformer
+from tests.helpers import write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "data/tiny")
@@ -33,16 +34,10 @@ def _quiet(fn, argv):
     return res, out.getvalue()
 
 
-def _jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return str(path)
-
-
 def test_r1_recipe_end_to_end(tmp_path):
     problems = [json.loads(line) for line in open(os.path.join(TINY, "train.jsonl"))]
-    prompts = _jsonl(tmp_path / "prompts.jsonl", problems[:64])
-    held_out = _jsonl(tmp_path / "held_out.jsonl", [json.loads(line) for line in open(os.path.join(TINY, "test.jsonl"))][:16])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", problems[:64])
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [json.loads(line) for line in open(os.path.join(TINY, "test.jsonl"))][:16])
     general = os.path.join(TINY, "general.jsonl")
     grpo = dict(group_size=4, prompts_per_step=4, max_completion_len=64, progress=0, sample_every=0, warmup_steps=1,
                 eval_data=held_out, eval_n=16, eval_every=2, max_steps=2)
