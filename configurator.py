@@ -1,9 +1,10 @@
 """
 `--key=value` overrides for the plain config values at the top of each script (nanoGPT style, no exec), and
-recipe files: `python train_grpo.py config/r1zero_qwen2.5_0.5b.py --lr=2e-6` applies the recipe, then the
+recipe files: `python train_grpo.py config/r1zero_qwen2.5_0.5b_gsm8k.py --lr=2e-6` applies the recipe, then the
 overrides, in the order given.
 
     cfg = parse_overrides(sys.argv[1:], {"lr": 1e-3, "batch_size": 8, "out_dir": "out", "eval": False})
+    cfg = parse_overrides([], defaults, {"lr": 2e-5})   # from code: keyword values, checked like a recipe's
 
 Each value is parsed as the type of its default: an int accepts 1e4 but not 0.5, a bool accepts 0/1/true/false
 or a bare `--key`, a str is taken as is (so `--prompt=123` stays the text "123").
@@ -13,9 +14,9 @@ must be a literal (number, string, bool) of its key's type.
 import ast
 
 
-def parse_overrides(argv, defaults):
-    """A copy of `defaults` with every recipe file and `--key=value` of argv applied. Bad arguments exit with a
-    message."""
+def parse_overrides(argv, defaults, overrides=None):
+    """A copy of `defaults` with every recipe file and `--key=value` of argv applied, then the `overrides` dict (values
+    of their keys' types, as in a recipe). Bad arguments exit with a message."""
     cfg = dict(defaults)
     for arg in argv:
         if not arg.startswith("--") and arg.endswith(".py"):
@@ -32,6 +33,10 @@ def parse_overrides(argv, defaults):
                 raise SystemExit(f"bad argument {arg!r}: expected --{key}=value")
             val = "1"
         cfg[key] = _parse(key, val, kind)
+    for key, value in (overrides or {}).items():
+        if key not in cfg:
+            raise SystemExit(f"unknown option {key!r}; options: {', '.join(cfg)}")
+        cfg[key] = _typed(key, value, type(defaults[key]), f"{key}={value!r}")
     return cfg
 
 
@@ -74,12 +79,16 @@ def read_recipe(path, defaults):
             value = ast.literal_eval(node.value)
         except ValueError:
             raise SystemExit(f"{where}: {key} must be a literal value (number, string, bool)") from None
-        kind = type(defaults[key])
-        if kind is float and type(value) is int:
-            value = float(value)
-        elif kind is bool and value in (0, 1):
-            value = bool(value)
-        if type(value) is not kind:
-            raise SystemExit(f"{where}: {key} = {value!r}: expected {kind.__name__}")
-        out[key] = value
+        out[key] = _typed(key, value, type(defaults[key]), f"{where}: {key} = {value!r}")
     return out
+
+
+def _typed(key, value, kind, where):
+    """value as kind (an int is a float too; 0/1 a bool), else exit naming where it came from."""
+    if kind is float and type(value) is int:
+        value = float(value)
+    elif kind is bool and value in (0, 1):
+        value = bool(value)
+    if type(value) is not kind:
+        raise SystemExit(f"{where}: expected {kind.__name__}")
+    return value

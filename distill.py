@@ -3,13 +3,13 @@ Distillation for nanoR1: a strong reasoner's behaviour into a small dense model 
 models, which beat running RL on the small model itself). Three ways:
 
   --mode=sequence  what R1 did: the teacher samples num_samples completions per prompt, R1 stage 3's rejection
-                   filters (sample.rejection_sample: correct, well formed, one language, not degenerate, at most
+                   filters (rejection.rejection_sample: correct, well formed, one language, not degenerate, at most
                    max_per_prompt) keep the good ones, written to out_dir/teacher_samples.jsonl with provenance, and
-                   the student is fine-tuned on them by train_sft.py's own loop, in-process. Works across tokenizers.
+                   the student is fine-tuned on them by train_sft.py's own loop, in-process (train_sft.main). Works across tokenizers.
   --mode=logit     the student matches the teacher's whole next-token distribution (forward KL, Hinton-style with
                    --kd_temperature, optionally cut to the teacher's --topk words) on the same teacher-generated
-                   sequences, or on given SFT rows (--sequences=FILE); model.chunked_forward_kl, chunked over positions.
-  --mode=onpolicy  the student samples completions itself (sample.Engine), the teacher only scores the student's
+                   sequences, or on given SFT rows (--sequences=FILE); losses.chunked_forward_kl, chunked over positions.
+  --mode=onpolicy  the student samples completions itself (engine.Engine), the teacher only scores the student's
                    tokens, and the student minimises the per-token reverse KL, log pi_student - log pi_teacher used
                    as a per-token negative advantage (on-policy distillation: Agarwal et al. 2024, "On-policy
                    distillation of language models"; Thinking Machines 2025, "On-policy distillation"). Teacher
@@ -41,16 +41,18 @@ import time
 import torch
 import torch.distributed as dist
 
+import train_sft  # sequence mode runs the SFT loop itself, in-process (the one script another script calls)
 from configurator import parse_overrides
-from model import Transformer, chunked_forward_kl
+from dataloader import PackStream, collate, load_examples, load_prompt_sources, packed_attention_mask, parse_data_spec, read_rows
+from engine import Engine, sample_seed
+from losses import chunked_forward_kl, completion_logprobs, reverse_kl_loss
+from model import Transformer
+from rejection import rejection_sample, save_samples
 from reward import accuracy_reward
-from sample import Engine, encode_problem, rejection_sample
+from tasks import encode_problem, held_out_accuracy
 from tokenizer import Tokenizer
-from train_common import (Config, MetricsFile, all_rng_states, exit_if_torchrun, find_checkpoint, load_trainer_state,
-                          lr_at, make_optimizer, parse_data_spec, read_rows, save_checkpoint, save_or_stop,
-                          set_rng_state, setup_runtime, teardown)
-from train_grpo import completion_logprobs, held_out_accuracy, load_prompt_sources, row_seed
-from train_sft import RowStream, collate, load_examples, packed_attention_mask
+from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, lr_at, make_optimizer,
+                          restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, sum_gradients, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = sequence distillation of the embedded tiny teacher into the tiny student, CPU)
@@ -74,7 +76,7 @@ gen_batch_size = 64  # prompts per generate call
 # student training (sequence: handed to train_sft.py; logit, onpolicy: this script's loop)
 epochs = 6.0  # sequence, logit: passes over the kept samples (max_steps > 0 overrides)
 max_steps = 0  # onpolicy: 0 -> 200
-batch_size = 16  # sequence, logit: packed rows of max_seq_len per micro-batch per rank
+batch_size = 16  # sequence, logit: packs of max_seq_len per micro-batch per rank
 max_seq_len = 512
 lr = 1e-3
 min_lr = 1e-4
@@ -90,7 +92,7 @@ kd_chunk = 1024  # positions per chunk (peak logits memory = 2 x kd_chunk x voca
 # onpolicy
 prompts_per_step = 16  # over all ranks
 samples_per_prompt = 4  # student completions per prompt
-micro_batch_size = 64  # rows per forward/backward
+micro_batch_size = 64  # completions per forward/backward
 logp_chunk = 1024
 # runtime
 teacher_device = "auto"  # auto: the student's device; or e.g. cuda:1 / cpu
@@ -110,7 +112,7 @@ CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k
 MODES = ("sequence", "logit", "onpolicy")
 
 
-def configure(argv):
+def configure(argv=()):
     cfg = Config(parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS}))
     if cfg.mode not in MODES:
         raise SystemExit(f"--mode={cfg.mode}: expected one of {', '.join(MODES)}")
@@ -135,8 +137,64 @@ def check_same_vocabulary(teacher_tok, student_tok, teacher_dir, student_dir):
                          "(--mode=sequence works across tokenizers)")
 
 
+def load_teacher(cfg, rt):
+    """The frozen teacher on --teacher_device (bf16 on CUDA), in eval mode."""
+    t_dev = rt.device if cfg.teacher_device == "auto" else torch.device(cfg.teacher_device)
+    teacher = Transformer.from_pretrained(cfg.teacher, dtype=torch.bfloat16 if t_dev.type == "cuda" else torch.float32,
+                                          device=t_dev).eval()
+    return teacher.requires_grad_(False)
+
+
 # -----------------------------------------------------------------------------
-# the two losses of this script (sequence mode is train_sft.py's cross-entropy)
+# teacher samples (sequence, logit): R1 stage 3's rejection sampling, reused as is
+
+
+def teacher_samples(cfg, rt, path):
+    """The teacher's filtered samples for the first n_prompts of data, written to `path` (+ .report.json) on rank 0
+    and returned; reused as they are when path and its report exist and resume=1."""
+    if cfg.resume and os.path.isfile(path) and os.path.isfile(path + ".report.json"):
+        rt.log(f"reusing the teacher samples in {path}")
+        return [r for _, r in read_rows(path)], json.load(open(path + ".report.json"))
+    model, tok = load_teacher(cfg, rt), Tokenizer.from_pretrained(cfg.teacher)
+    rows, files = [], []
+    for spec_path, _ in parse_data_spec(cfg.data):
+        part = [row for _, row in read_rows(spec_path)]
+        rows, files = rows + part, files + [spec_path] * len(part)
+    rows, files = rows[:cfg.n_prompts or None], files[:cfg.n_prompts or None]
+    engine = Engine(model, tok, cuda_graphs=model.lm_head.weight.device.type == "cuda")
+    t0 = time.time()
+    kept, report = rejection_sample(engine, tok, rows, cfg.num_samples, dict(max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature), cfg.seed, cfg.prompt_template, cfg.max_per_prompt,
+                                    cfg.prefer, rank=rt.rank, world=rt.world, source=cfg.teacher, row_files=files,
+                                    batch_size=cfg.gen_batch_size, progress=bool(cfg.progress))
+    if not kept:
+        raise SystemExit(f"the teacher {cfg.teacher} kept no sample of {len(rows)} prompts x {cfg.num_samples} "
+                         f"(rejected: {report['rejected']}); nothing to distil")
+    if rt.master:
+        save_samples(path, kept, report)
+    rt.log(f"teacher samples: kept {report['kept']} of {report['samples']} ({report['acceptance_rate']:.1%}), mean "
+           f"{report['mean_kept_tokens']:.1f} tokens, rejected {dict((k, v) for k, v in report['rejected'].items() if v)}"
+           f" ({time.time() - t0:.1f}s) -> {path}")
+    if rt.ddp:
+        dist.barrier()  # the file is complete before any rank reads it
+    return kept, report
+
+
+def run_sequence(cfg, rt):
+    """Teacher samples, then train_sft.py's loop on them (in-process, the same process group) -> whether it ran to
+    the end (False: stopped by stop_after)."""
+    samples_path = os.path.join(cfg.out_dir, "teacher_samples.jsonl")
+    teacher_samples(cfg, rt, samples_path)
+    shared = ("init_from", "out_dir", "epochs", "max_steps", "batch_size", "max_seq_len", "lr", "min_lr", "warmup_steps",
+              "weight_decay", "beta1", "beta2", "grad_clip", "seed", "device", "dtype", "resume", "save_every",
+              "stop_after", "progress", "log_every")
+    rt.log(f"student: train_sft.main on {samples_path}")
+    res = train_sft.main(data=samples_path, eval_every=0, eval_frac=0.0, **{k: cfg[k] for k in shared})
+    return res["step"] == res["total_steps"]
+
+
+# -----------------------------------------------------------------------------
+# logit and on-policy distillation: this script's own loop
 
 
 def logit_kd_loss(student, teacher, batch, teacher_head, cfg):
@@ -158,247 +216,39 @@ def logit_kd_loss(student, teacher, batch, teacher_head, cfg):
     return loss, int(sel.sum())
 
 
-def reverse_kl_loss(student_lp, teacher_lp, mask):
-    """On-policy distillation on the student's own samples. student_lp / teacher_lp: [B, T] log-probs of the
-    sampled tokens under each model (student differentiable), mask [B, T]. The per-token estimate of the reverse KL
-    KL(pi_student || pi_teacher) at a sampled token is k_t = log pi_s(x_t) - log pi_t(x_t) (its mean over samples
-    is the exact KL); -k_t is that token's advantage, so the loss is sum_t k_t.detach() * log pi_s(x_t), whose
-    expected gradient is the gradient of the reverse KL (E[grad log pi_s] = 0 removes the term the detach drops).
-    -> (summed loss, summed k_t): divide both by the token count."""
-    k = (student_lp - teacher_lp).detach() * mask
-    return (k * student_lp).sum(), k.sum()
-
-
-# -----------------------------------------------------------------------------
-# teacher samples (sequence, logit): R1 stage 3's rejection sampling, reused as is
-
-
-def teacher_samples(cfg, rt, path):
-    """The teacher's filtered samples for the first n_prompts of data, written to `path` (+ .report.json) on rank 0
-    and returned; reused as they are when path and its report exist and resume=1."""
-    if cfg.resume and os.path.isfile(path) and os.path.isfile(path + ".report.json"):
-        rt.log(f"reusing the teacher samples in {path}")
-        return [r for _, r in read_rows(path)], json.load(open(path + ".report.json"))
-    t_dev = rt.device if cfg.teacher_device == "auto" else torch.device(cfg.teacher_device)
-    model = Transformer.from_pretrained(cfg.teacher, dtype=torch.bfloat16 if t_dev.type == "cuda" else torch.float32,
-                                        device=t_dev).eval()
-    tok = Tokenizer.from_pretrained(cfg.teacher)
-    rows, files = problem_rows(cfg)
-    engine = Engine(model, tok, cuda_graphs=t_dev.type == "cuda")
-    gen = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    t0 = time.time()
-    kept, report = rejection_sample(engine, tok, rows, cfg.num_samples, gen, cfg.seed, cfg.prompt_template,
-                                    cfg.max_per_prompt, cfg.prefer, rank=rt.rank, world=rt.world, source=cfg.teacher,
-                                    row_files=files, batch_size=cfg.gen_batch_size, progress=bool(cfg.progress))
-    if not kept:
-        raise SystemExit(f"the teacher {cfg.teacher} kept no sample of {len(rows)} prompts x {cfg.num_samples} "
-                         f"(rejected: {report['rejected']}); nothing to distil")
-    if rt.master:
-        from data.jsonl import write_jsonl
-        write_jsonl(path, kept)
-        with open(path + ".report.json", "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
-    rt.log(f"teacher samples: kept {report['kept']} of {report['samples']} ({report['acceptance_rate']:.1%}), mean "
-           f"{report['mean_kept_tokens']:.1f} tokens, rejected {dict((k, v) for k, v in report['rejected'].items() if v)}"
-           f" ({time.time() - t0:.1f}s) -> {path}")
-    if rt.ddp:
-        dist.barrier()  # the file is complete before any rank reads it
-    return kept, report
-
-
-def problem_rows(cfg):
-    """The first n_prompts problem rows of data (comma-separated files) and each row's file."""
-    rows, files = [], []
-    for path, _ in parse_data_spec(cfg.data):
-        for _, row in read_rows(path):
-            rows.append(row)
-            files.append(path)
-    if cfg.n_prompts:
-        rows, files = rows[:cfg.n_prompts], files[:cfg.n_prompts]
-    return rows, files
-
-
-# -----------------------------------------------------------------------------
-
-
-def evaluate_dir(path, cfg, rt, problems):
-    """Greedy pass@1 of the checkpoint at path on the held-out problems (train_grpo's eval, any rank split)."""
-    model = Transformer.from_pretrained(path, dtype=torch.float32, device=rt.device).eval()
-    return evaluate_model(model, Tokenizer.from_pretrained(path), cfg, rt, problems)
-
-
-def evaluate_model(model, tok, cfg, rt, problems):
-    engine = Engine(model, tok, cuda_graphs=False)
-    prompts = [encode_problem(tok, row, cfg.prompt_template) for row in problems]
-    acc = held_out_accuracy(engine, problems, prompts, cfg, rt, dict(max_new_tokens=cfg.max_new_tokens))
-    engine.free()
-    return acc
-
-
-def run_sequence(cfg, rt):
-    """Teacher samples, then train_sft.py's loop on them (in-process, the same process group) -> student dir."""
-    import train_sft
-
-    samples_path = os.path.join(cfg.out_dir, "teacher_samples.jsonl")
-    teacher_samples(cfg, rt, samples_path)
-    args = [f"--init_from={cfg.init_from}", f"--data={samples_path}", f"--out_dir={cfg.out_dir}",
-            f"--epochs={cfg.epochs}", f"--max_steps={cfg.max_steps}", f"--batch_size={cfg.batch_size}",
-            f"--max_seq_len={cfg.max_seq_len}", f"--lr={cfg.lr}", f"--min_lr={cfg.min_lr}",
-            f"--warmup_steps={cfg.warmup_steps}", f"--weight_decay={cfg.weight_decay}", f"--beta1={cfg.beta1}",
-            f"--beta2={cfg.beta2}", f"--grad_clip={cfg.grad_clip}", f"--seed={cfg.seed}", f"--device={cfg.device}",
-            f"--dtype={cfg.dtype}", f"--resume={cfg.resume}", f"--save_every={cfg.save_every}",
-            f"--stop_after={cfg.stop_after}", f"--progress={cfg.progress}", f"--log_every={cfg.log_every}",
-            "--eval_every=0", "--eval_frac=0"]
-    rt.log("student: train_sft.py " + " ".join(args))
-    res = train_sft.main(args)
-    return res["step"] == res["total_steps"]
-
-
-def run_trainer(cfg, rt, student_tok, eval_problems, history):
-    """The logit / onpolicy loop: -> whether it ran to the end (False: stopped by stop_after)."""
-    log = rt.log
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt")
-    resume_from = find_checkpoint(ckpt_path) if cfg.resume else None
-    t_dev = rt.device if cfg.teacher_device == "auto" else torch.device(cfg.teacher_device)
-    teacher = Transformer.from_pretrained(cfg.teacher, dtype=torch.bfloat16 if t_dev.type == "cuda" else torch.float32,
-                                          device=t_dev).eval()
-    teacher.requires_grad_(False)
-    student = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=torch.float32, device=rt.device)
-    V = min(student.config.vocab_size, teacher.config.vocab_size)  # heads padded past the tokenizer may differ
-    if V < student_tok.vocab_size:
-        raise SystemExit(f"a head of {V} words does not cover the tokenizer's {student_tok.vocab_size}")
-    teacher_head = teacher.lm_head.weight[:V].detach().to(rt.device)
-    optimizer = make_optimizer(student, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=rt.dev_type == "cuda")
-    params = [p for p in student.parameters() if p.requires_grad]
-
-    if cfg.mode == "logit":
-        if cfg.sequences:
-            path = cfg.sequences
-        else:
-            path = os.path.join(cfg.out_dir, "teacher_samples.jsonl")
-            teacher_samples(cfg, rt, path)
-        sft_cfg = Config(mode="sft", max_seq_len=cfg.max_seq_len, skip_bad_rows=0)
-        try:
-            sources, _ = load_examples([path], student_tok, sft_cfg, log, rt.rank, rt.world)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        stream = RowStream(sources, None, cfg.max_seq_len, cfg.seed, True)
-        rows_per_step = cfg.batch_size * rt.world
-        total = cfg.max_steps or max(1, int(cfg.epochs * len(stream.rows_in_epoch(0)) / rows_per_step + 0.999))
-        log(f"logit distillation: {len(sources[0])} sequences from {path}, {total} steps of {rows_per_step} rows, "
-            f"T={cfg.kd_temperature}, topk={cfg.topk or 'all'}")
-    else:
-        prompt_cfg = Config(max_prompt_len=10**9, prompt_template=cfg.prompt_template, skip_bad_rows=0,
-                            rewards="accuracy")
-        try:
-            items, _, _ = load_prompt_sources(cfg.data, student_tok, prompt_cfg, [], lambda *a: None, rm_rows=True)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        items = [it for src in items for it in src][:cfg.n_prompts or None]
-        stream = RowStream([items], None, 0, cfg.seed, do_pack=False)
-        total = cfg.max_steps or 200
-        log(f"on-policy distillation: {len(items)} prompts, {total} steps of {cfg.prompts_per_step} prompts x "
-            f"{cfg.samples_per_prompt} student samples")
-
-    step = 0
-    if resume_from:
-        state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        step, stream.epoch, stream.pos = state["step"], state["data"]["epoch"], state["data"]["pos"]
-        history.update(state["history"])
-        set_rng_state(state["rng"][rt.rank] if rt.rank < len(state["rng"]) else state["rng"][0])
-        log(f"resumed from {resume_from} at step {step}")
-    metrics = MetricsFile(cfg.out_dir, rt.master, step if resume_from else None)
-    engine = Engine(student, student_tok, cuda_graphs=False)
-
-    def checkpoint():
-        rngs = all_rng_states(rt)
-        if rt.master:
-            save_checkpoint(ckpt_path, student, cfg.init_from if not resume_from else resume_from, {
-                "optimizer": optimizer.state_dict(), "step": step, "data": stream.state(), "rng": rngs,
-                "history": history, "config": dict(cfg), "world_size": rt.world})
-        if rt.ddp:
-            dist.barrier()
-
-    def evaluate(at):
-        acc = evaluate_model(student, student_tok, cfg, rt, eval_problems)
-        history["student"].append((at, acc))
-        log(f"step {at}: student held-out greedy pass@1 {100 * acc:.1f}%")
-
-    if not history["student"] and eval_problems:
-        evaluate(0)
-    bar = None
-    if rt.master and cfg.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.mode)
-    while step < total:
-        t0 = time.time()
-        lr_now = lr_at(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_now
-        rec = {"step": step + 1, "lr": lr_now}
-        if cfg.mode == "logit":
-            rows = stream.take(rows_per_step)[rt.rank * cfg.batch_size:(rt.rank + 1) * cfg.batch_size]
-            batch = {k: v.to(rt.device) for k, v in collate(rows, student_tok.pad_id).items()}
-            n = rt.all_sum(int((batch["targets"] != -100).sum()))
-            with rt.autocast():
-                loss, _ = logit_kd_loss(student, teacher, batch, teacher_head, cfg)
-            (loss / max(n, 1.0)).backward()
-            rec["kd_loss"] = rt.all_sum(loss.item()) / max(n, 1.0)
-            rec["tokens"] = int(n)
-        else:
-            rec.update(onpolicy_step(student, teacher, engine, stream, step, cfg, rt, student_tok))
-        if rt.ddp:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-        rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        rec["time_step"] = time.time() - t0
-        last = step == total
-        if eval_problems and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
-            evaluate(step)
-            rec["eval_accuracy"] = history["student"][-1][1]
-        if step % cfg.log_every == 0 or last or "eval_accuracy" in rec:
-            rec = {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in rec.items()}
-            metrics.write(rec)
-            if bar is None and rt.master:
-                print(json.dumps(rec), flush=True)
-        if bar is not None:
-            bar.set_postfix({k: f"{rec[k]:.4f}" for k in ("kd_loss", "reverse_kl", "accuracy") if k in rec},
-                            refresh=False)
-            bar.update(1)
-        if save_or_stop(step, last, cfg.save_every, cfg.stop_after, checkpoint, log):
-            break
-    if bar is not None:
-        bar.close()
-    return step == total
+def logit_step(student, teacher, teacher_head, stream, cfg, rt, tok):
+    """One logit-distillation gradient: this rank's batch_size packs of the step, the loss divided by the step's
+    learned positions over all ranks."""
+    packs = stream.take(cfg.batch_size * rt.world)[rt.rank * cfg.batch_size:(rt.rank + 1) * cfg.batch_size]
+    batch = {k: v.to(rt.device) for k, v in collate(packs, tok.pad_id).items()}
+    n = rt.all_sum(int((batch["targets"] != -100).sum()))
+    with rt.autocast():
+        loss, _ = logit_kd_loss(student, teacher, batch, teacher_head, cfg)
+    (loss / max(n, 1.0)).backward()
+    return dict(kd_loss=rt.all_sum(loss.item()) / max(n, 1.0), tokens=int(n))
 
 
 def onpolicy_step(student, teacher, engine, stream, step, cfg, rt, tok):
-    """One on-policy step: this rank's prompts (k % world == rank) sampled by the student (seeds from the global
-    position, as in train_grpo), scored token by token by the teacher, one reverse-KL gradient accumulated."""
-    items = [r[0] for r in stream.take(cfg.prompts_per_step)]
+    """One on-policy step: this rank's prompts (k % world == rank) sampled by the student (engine.sample_seed, as in
+    train_grpo), scored token by token by the teacher, one reverse-KL gradient accumulated."""
+    items = [pack[0] for pack in stream.take(cfg.prompts_per_step)]
     mine = list(range(rt.rank, len(items), rt.world))
     K = cfg.samples_per_prompt
     t0 = time.time()
-    seeds = [row_seed(cfg.seed, step, k, j, K) for k in mine for j in range(K)]
+    seeds = [sample_seed(cfg.seed, step, k, j, K) for k in mine for j in range(K)]
     with torch.no_grad():
         outs = engine.generate([items[k]["ids"] for k in mine], num_samples=K, seed=seeds,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature) if mine else []
     engine.free()  # prepacked CPU weights go stale at the optimizer step
     time_gen = time.time() - t0
-    rows = [(items[k]["ids"], c.tokens) for k, group in zip(mine, outs) for c in group]
+    pairs = [(items[k]["ids"], c.tokens) for k, group in zip(mine, outs) for c in group]
     acc = [accuracy_reward(c.text, items[k]["row"]["answer"]) for k, group in zip(mine, outs) for c in group
            if "answer" in items[k]["row"]]
-    n_tok = rt.all_sum(sum(len(c) for _, c in rows))
+    n_tok = rt.all_sum(sum(len(c) for _, c in pairs))
     t_dev = next(teacher.parameters()).device
-    loss_sum = kl_sum = 0.0
-    for s in range(0, len(rows), cfg.micro_batch_size):
-        part = rows[s:s + cfg.micro_batch_size]
+    kl_sum = 0.0
+    for s in range(0, len(pairs), cfg.micro_batch_size):
+        part = pairs[s:s + cfg.micro_batch_size]
         with torch.inference_mode(), rt.autocast():
             t_lp = completion_logprobs(teacher, part, tok.pad_id, cfg.logp_chunk, 1.0, t_dev).float().to(rt.device)
         with rt.autocast():
@@ -408,14 +258,112 @@ def onpolicy_step(student, teacher, engine, stream, step, cfg, rt, tok):
             mask[b, :len(c)] = 1
         loss, kl = reverse_kl_loss(s_lp, t_lp.clone(), mask)
         (loss / max(n_tok, 1.0)).backward()
-        loss_sum, kl_sum = loss_sum + loss.item(), kl_sum + kl.item()
+        kl_sum += kl.item()
     kl_sum, n_acc, acc_sum = rt.all_sum([kl_sum, len(acc), sum(acc)])
     return dict(reverse_kl=kl_sum / max(n_tok, 1.0), accuracy=acc_sum / max(n_acc, 1.0),
                 completion_len=n_tok / max(len(items) * K, 1), time_gen=time_gen)
 
 
-def main(argv=None):
-    cfg = configure(sys.argv[1:] if argv is None else argv)
+def training_stream(cfg, rt, tok):
+    """-> (the stream of steps' inputs, the number of steps): packs of teacher samples (or --sequences) for logit,
+    prompts for onpolicy."""
+    try:
+        if cfg.mode == "logit":
+            path = cfg.sequences or os.path.join(cfg.out_dir, "teacher_samples.jsonl")
+            if not cfg.sequences:
+                teacher_samples(cfg, rt, path)
+            sources, _ = load_examples([path], tok, "sft", cfg.max_seq_len, log=rt.log, rank=rt.rank, world=rt.world)
+            stream = PackStream(sources, None, cfg.max_seq_len, cfg.seed, True)
+            per_step = cfg.batch_size * rt.world
+            total = cfg.max_steps or max(1, int(cfg.epochs * len(stream.packs_in_epoch(0)) / per_step + 0.999))
+            rt.log(f"logit distillation: {len(sources[0])} sequences from {path}, {total} steps of {per_step} packs, "
+                   f"T={cfg.kd_temperature}, topk={cfg.topk or 'all'}")
+            return stream, total
+        sources, _, _ = load_prompt_sources(cfg.data, tok, cfg.prompt_template, log=lambda *a: None, rm_rows=True)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    items = [it for src in sources for it in src][:cfg.n_prompts or None]
+    total = cfg.max_steps or 200
+    rt.log(f"on-policy distillation: {len(items)} prompts, {total} steps of {cfg.prompts_per_step} prompts x "
+           f"{cfg.samples_per_prompt} student samples")
+    return PackStream([items], None, 0, cfg.seed, do_pack=False), total
+
+
+def run_trainer(cfg, rt, tok, eval_problems, history):
+    """The logit / onpolicy loop: -> whether it ran to the end (False: stopped by stop_after)."""
+    ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
+    teacher = load_teacher(cfg, rt)
+    student = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=torch.float32, device=rt.device)
+    V = min(student.config.vocab_size, teacher.config.vocab_size)  # heads padded past the tokenizer may differ
+    if V < tok.vocab_size:
+        raise SystemExit(f"a head of {V} words does not cover the tokenizer's {tok.vocab_size}")
+    teacher_head = teacher.lm_head.weight[:V].detach().to(rt.device)
+    optimizer = make_optimizer(student, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=rt.dev_type == "cuda")
+    params = [p for p in student.parameters() if p.requires_grad]
+    stream, total = training_stream(cfg, rt, tok)
+    step = 0
+    if resume_from:
+        state = restore_checkpoint(rt, resume_from, student, optimizer)
+        step, stream.epoch, stream.pos = state["step"], state["data"]["epoch"], state["data"]["pos"]
+        history.update(state["history"])
+        rt.log(f"resumed from {resume_from} at step {step}")
+    log = RunLog(cfg.out_dir, rt, total, step, step if resume_from else None, cfg.mode, cfg.progress)
+    engine = Engine(student, tok, cuda_graphs=False)
+    if not history["student"] and eval_problems:
+        history["student"].append((0, evaluate_model(student, tok, cfg, rt, eval_problems, step=0)))
+    while step < total:
+        t0 = time.time()
+        lr = lr_at(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        rec = {"step": step + 1, "lr": lr}
+        if cfg.mode == "logit":
+            rec.update(logit_step(student, teacher, teacher_head, stream, cfg, rt, tok))
+        else:
+            rec.update(onpolicy_step(student, teacher, engine, stream, step, cfg, rt, tok))
+        if rt.ddp:
+            sum_gradients(params)
+        rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        rec["time_step"] = time.time() - t0
+        last = step == total
+        if eval_problems and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+            history["student"].append((step, evaluate_model(student, tok, cfg, rt, eval_problems, step=step)))
+            rec["eval_accuracy"] = history["student"][-1][1]
+        if step % cfg.log_every == 0 or last or "eval_accuracy" in rec:
+            log.write({k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in rec.items()})
+        log.tick({k: f"{rec[k]:.4f}" for k in ("kd_loss", "reverse_kl", "accuracy") if k in rec})
+        if save_or_stop(step, last, cfg.save_every, cfg.stop_after, lambda: save_checkpoint(
+                rt, ckpt_path, student, optimizer, resume_from or cfg.init_from, step=step, data=stream.state(),
+                history=history, config=dict(cfg)), rt.log):
+            break
+    log.close()
+    return step == total
+
+
+# -----------------------------------------------------------------------------
+
+
+def evaluate_model(model, tok, cfg, rt, problems, path=None, step=None):
+    """Greedy pass@1 of a model (or of the checkpoint at path) on the held-out problems, over all ranks; logged for a
+    training step."""
+    if path is not None:
+        model, tok = Transformer.from_pretrained(path, dtype=torch.float32, device=rt.device).eval(), \
+            Tokenizer.from_pretrained(path)
+    engine = Engine(model, tok, cuda_graphs=False)
+    prompts = [encode_problem(tok, row, cfg.prompt_template) for row in problems]
+    acc = held_out_accuracy(engine, problems, prompts, dict(max_new_tokens=cfg.max_new_tokens), cfg.seed, rt.rank,
+                            rt.world)
+    engine.free()
+    if step is not None:
+        rt.log(f"step {step}: student held-out greedy pass@1 {100 * acc:.1f}%")
+    return acc
+
+
+def main(argv=()):
+    cfg = configure(argv)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     for what, path in (("--teacher", cfg.teacher), ("--init_from", cfg.init_from)):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -426,22 +374,21 @@ def main(argv=None):
     eval_problems = [r for _, r in read_rows(cfg.eval_data)][:cfg.eval_n] if cfg.eval_data else []
     t0 = time.time()
     history = {"student": []}
-    teacher_acc = before = None
+    teacher_acc = before = after = None
     if eval_problems:
-        teacher_acc = evaluate_dir(cfg.teacher, cfg, rt, eval_problems)
-        before = evaluate_dir(cfg.init_from, cfg, rt, eval_problems) if cfg.mode == "sequence" else None
+        teacher_acc = evaluate_model(None, None, cfg, rt, eval_problems, path=cfg.teacher)
+        before = evaluate_model(None, None, cfg, rt, eval_problems, path=cfg.init_from) if cfg.mode == "sequence" \
+            else None
         rt.log(f"held-out greedy pass@1: teacher {100 * teacher_acc:.1f}%"
                + (f", student {100 * before:.1f}%" if before is not None else ""))
     if cfg.mode == "sequence":
         finished = run_sequence(cfg, rt)
-        after = evaluate_dir(os.path.join(cfg.out_dir, "ckpt"), cfg, rt, eval_problems) if (
-            finished and eval_problems) else None
+        if finished and eval_problems:
+            after = evaluate_model(None, None, cfg, rt, eval_problems, path=os.path.join(cfg.out_dir, "ckpt"))
     else:
         finished = run_trainer(cfg, rt, student_tok, eval_problems, history)
         if history["student"]:
             before, after = history["student"][0][1], history["student"][-1][1]
-        else:
-            after = None
     result = dict(teacher=teacher_acc, before=before, after=after, finished=finished, wall_s=time.time() - t0)
     if finished and after is not None and rt.master:
         print(f"held-out accuracy: teacher {100 * teacher_acc:.1f}% | student before {100 * before:.1f}% -> "
@@ -452,5 +399,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
     exit_if_torchrun()

@@ -14,7 +14,8 @@ thing, so everything here is deliberately conservative:
 
 Public API: extract_answer, is_equiv, accuracy_reward, format_reward,
 language_consistency_reward, countdown_reward, code_reward, REWARDS,
-parse_reward_spec, combine_rewards / RewardFn.
+parse_reward_spec, combine_rewards / RewardFn, REQUIRED_FIELDS / rule_scored.
+The one learned reward (R1 stage 4) is tasks.RewardModelScorer.
 Only invalid *arguments* (bad mode, unknown language, bad spec) raise ValueError.
 """
 from __future__ import annotations
@@ -923,3 +924,13 @@ class RewardFn:
 def combine_rewards(spec) -> RewardFn:
     """RewardFn from a spec string ("accuracy:1,format:0.5") or a {name: weight} dict."""
     return RewardFn(parse_reward_spec(spec) if isinstance(spec, str) else dict(spec))
+
+
+# Which row fields each rule reward reads; a row carrying none of RULE_FIELDS is scored by the reward model.
+REQUIRED_FIELDS = {"accuracy": ("answer",), "countdown": ("numbers", "target"), "code": ("tests",)}
+RULE_FIELDS = ("answer", "tests", "numbers", "target")  # with --reward_model: a row with none of these goes to the RM
+
+
+def rule_scored(row):
+    """Whether the rule rewards score this row (it carries something to check); else, with --reward_model, the RM."""
+    return any(f in row for f in RULE_FIELDS)

@@ -1,8 +1,8 @@
 """
-What train_sft.py and train_grpo.py share: process/device setup under torchrun, FSDP2 sharding (--fsdp=1), the
-optimizer and LR schedule, atomic checkpoints with exact-resume state, the metrics file, MFU's peak FLOP/s table, and
-data-file specs.
-Each function takes plain values (not a script's config object), so any training script can call it.
+What the trainers (train_sft.py, train_grpo.py, distill.py) and sample.py share: process/device setup under torchrun
+and the torchrun exit, FSDP2 sharding (--fsdp=1), the optimizer and LR schedule, atomic checkpoints with exact-resume
+state, the metrics file and MFU's peak FLOP/s table. One function for each; each takes plain values (not a script's
+config object).
 """
 import json
 import math
@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.jsonl import iter_jsonl
 from model import swap_in_dir
 
 
@@ -92,12 +91,12 @@ def teardown(rt):
         dist.destroy_process_group()
 
 
-def exit_if_torchrun():
-    """Under torchrun, leave without interpreter teardown: gloo's worker threads can SIGABRT there even after
-    destroy_process_group (pytorch PR 179291). Call it last, when everything is saved."""
+def exit_if_torchrun(rc=0):
+    """A script's last call: under torchrun leave with exit status rc without interpreter teardown (gloo's worker
+    threads can SIGABRT there even after destroy_process_group, pytorch PR 179291; everything is written by then)."""
     if "RANK" in os.environ:
         sys.stdout.flush(), sys.stderr.flush()
-        os._exit(0)
+        os._exit(rc or 0)
 
 
 # -----------------------------------------------------------------------------
@@ -169,6 +168,18 @@ def copy_full_params(dst, src):
 # optimizer and schedule
 
 
+def sum_gradients(params):
+    """Sum every parameter's gradient over the ranks, in place (a missing one counts as zeros): for trainers whose
+    ranks run different numbers of forward/backward passes, which the DDP wrapper cannot sync, and whose losses are
+    each divided by the global count, so the sum is the gradient of the whole step."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    works = [dist.all_reduce(p.grad, async_op=True) for p in params]
+    for w in works:
+        w.wait()
+
+
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), fused=False):
     """AdamW with decoupled weight decay on matrices/embeddings only: decaying norm gains or biases towards 0
     just hurts."""
@@ -202,19 +213,37 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-def save_checkpoint(path, model, tok_dir, trainer_state, state_dict=None):
-    """model (HF layout) + tokenizer files + trainer_state.pt, swapped in as one directory so a crash
-    at any moment leaves either the previous checkpoint or this one, never a mix. state_dict: the weights to write
-    instead of the model's own (full_state_dict of a sharded model)."""
-    staging = path + ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, state_dict=state_dict)
-    for name in TOKENIZER_FILES:
-        src = os.path.join(tok_dir, name)
-        if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(staging, name))
-    torch.save(trainer_state, os.path.join(staging, "trainer_state.pt"))
-    swap_in_dir(staging, path)
+def save_checkpoint(rt, path, model, optimizer, tok_dir, fsdp=False, **trainer_state):
+    """model (HF layout) + tokenizer files + trainer_state.pt (the optimizer, every rank's RNG state and the caller's
+    trainer_state: step, data position, ...), written by rank 0 and swapped in as one directory, so a crash at any
+    moment leaves either the previous checkpoint or this one, never a mix. Every rank calls it: under FSDP the weights
+    and optimizer state are gathered (collectives)."""
+    rngs = all_rng_states(rt)
+    weights = full_state_dict(model) if fsdp else None
+    opt_state = optimizer_state(model, optimizer, fsdp)
+    if rt.master:
+        staging = path + ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, state_dict=weights)
+        for name in TOKENIZER_FILES:
+            src = os.path.join(tok_dir, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(staging, name))
+        state = {"optimizer": opt_state, "rng": rngs, "fsdp": bool(fsdp), "world_size": rt.world, **trainer_state}
+        torch.save(state, os.path.join(staging, "trainer_state.pt"))
+        swap_in_dir(staging, path)
+    if rt.ddp:
+        dist.barrier()
+
+
+def restore_checkpoint(rt, path, model, optimizer, fsdp=False):
+    """The other half of save_checkpoint, for a model already loaded from path's weights (and sharded, under FSDP):
+    the optimizer state and this rank's RNG state. -> the trainer state (step, data position, ...)."""
+    state = load_trainer_state(path, mmap=bool(fsdp))
+    load_optimizer_state(model, optimizer, state["optimizer"], fsdp, state.get("fsdp", False))
+    rngs = state["rng"]
+    set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
+    return state
 
 
 def save_or_stop(step, last, save_every, stop_after, checkpoint, log):
@@ -228,12 +257,17 @@ def save_or_stop(step, last, save_every, stop_after, checkpoint, log):
     return False
 
 
-def find_checkpoint(path):
-    """out_dir/ckpt, or ckpt.old when a crash hit between the two renames of save_checkpoint."""
+def find_checkpoint(out_dir, resume=True, log=print):
+    """-> (out_dir/ckpt, the directory to resume from or None): the checkpoint itself, or ckpt.old when a crash hit
+    between the two renames of save_checkpoint; None when resume is off or there is none (then said)."""
+    path = os.path.join(out_dir, "ckpt")
+    if not resume:
+        return path, None
     for p in (path, path + ".old"):
         if os.path.isfile(os.path.join(p, "trainer_state.pt")):
-            return p
-    return None
+            return path, p
+    log(f"--resume=1 but no checkpoint in {path}; starting fresh")
+    return path, None
 
 
 def load_trainer_state(ckpt_dir, mmap=False):
@@ -268,58 +302,43 @@ def all_rng_states(rt):
 
 
 # -----------------------------------------------------------------------------
-# metrics file and data specs
+# metrics file
 
 
-class MetricsFile:
-    """out_dir/metrics.jsonl, one JSON line per logged step, written by rank 0. On resume only the lines up to
-    the checkpoint's step are kept, so the file never shows steps twice."""
+class RunLog:
+    """A run's log, on rank 0: out_dir/metrics.jsonl (one JSON line per logged step; on resume only the lines up to the
+    checkpoint's step are kept, so the file never shows a step twice), a tqdm bar (progress=1) or, without one, each
+    record printed, and lines printed above the bar (say)."""
 
-    def __init__(self, out_dir, master, resume_step=None):
-        self.path, self.master = os.path.join(out_dir, "metrics.jsonl"), master
-        if master:
+    def __init__(self, out_dir, rt, total, step=0, resume_step=None, desc="", progress=True):
+        self.path, self.rt, self.bar = os.path.join(out_dir, "metrics.jsonl"), rt, None
+        if rt.master:
             os.makedirs(out_dir, exist_ok=True)
             kept = []
             if resume_step is not None and os.path.isfile(self.path):
                 kept = [line for line in open(self.path) if json.loads(line).get("step", 0) <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(kept)
+            if progress:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=desc)
 
     def write(self, rec):
-        if self.master:
+        if self.rt.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.bar is None:
+                print(json.dumps(rec), flush=True)
 
+    def say(self, line):
+        self.bar.write(line) if self.bar is not None else self.rt.log(line)
 
-def parse_data_spec(spec):
-    """'a.jsonl:0.7,b.jsonl:0.3' -> [(path, weight)], weights normalised; no weights -> None weights."""
-    items = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        path, sep, w = part.rpartition(":")
-        try:
-            items.append((path, float(w)) if sep else (part, None))
-        except ValueError:
-            items.append((part, None))
-    if not items:
-        raise ValueError("no data files given")
-    weights = [w for _, w in items]
-    if all(w is None for w in weights):
-        return items
-    if any(w is None or w <= 0 for w in weights):
-        raise ValueError(f"--data={spec}: give a positive weight for every file, or for none")
-    total = sum(weights)
-    return [(p, w / total) for p, w in items]
+    def tick(self, postfix):
+        """The end of a step: the bar moves one step and shows postfix {name: text}."""
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
 
-
-def read_rows(path, skip_bad_rows=False):
-    """[("path:line", row)]: keeping each row's line number lets later errors (no assistant turn, ...)
-    point at it too. A .txt file is one document."""
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if not text.strip():
-            raise ValueError(f"{path}: empty file")
-        return [(f"{path}:1", {"text": text})]
-    return [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl(path, skip_bad_rows=bool(skip_bad_rows))]
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

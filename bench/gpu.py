@@ -8,10 +8,10 @@ process under `timeout` and then `record`s it, so a crash, OOM or timeout costs 
 Subcommands (all take --name --out --work [--smoke]; the measurement's dict goes to OUT/parts/NAME.json):
     setup        random-weight checkpoints (Qwen2.5-0.5B / 1.5B shapes, bf16, the real Qwen2.5 tokenizer from
                  tests/fixtures) written once into WORK, plus the environment (GPU name, versions, peaks)
-    decode       batch-1 decode tokens/s of sample.Engine (CUDA graphs) and its fraction of the HBM roofline
+    decode       batch-1 decode tokens/s of engine.Engine (CUDA graphs) and its fraction of the HBM roofline
     rollout      batched generation tokens/s, --impl=ours (Engine) or hf (transformers.generate)
     sft          train_sft's step (collate + batch_loss_sum + AdamW, bench/train.py's worker), MFU
-    grpo_update  train_grpo.completion_logprobs + grpo_loss + backward + AdamW step, MFU
+    grpo_update  losses.completion_logprobs + grpo_loss + backward + AdamW step, MFU
     grpo_e2e     train_grpo.main for a few steps: time split, peak memory per phase, logp_mismatch
     record       append NAME's JSON line to OUT/results.jsonl (status ok, or failed / timeout with the log tail)
     summary      OUT/summary.txt and a last "summary" line (ratios and targets) from OUT/results.jsonl
@@ -253,7 +253,7 @@ def cmd_sft(a):
 def cmd_grpo_update(a):
     import torch
 
-    import train_grpo
+    import losses
     from model import Transformer
     from train_common import make_optimizer
 
@@ -279,8 +279,8 @@ def cmd_grpo_update(a):
 
     def step():  # train_grpo.policy_update's micro-batch with one optimizer step per rollout batch (pi_old = pi)
         with amp:
-            lp = train_grpo.completion_logprobs(model, rows, 0, 1024, 1.0, dev).float()
-        loss, _ = train_grpo.grpo_loss(lp, lp.detach(), None, adv, mask, loss_agg="sequence")
+            lp = losses.completion_logprobs(model, rows, 0, 1024, 1.0, dev).float()
+        loss, _ = losses.grpo_loss(lp, lp.detach(), None, adv, mask, loss_agg="sequence")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

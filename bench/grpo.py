@@ -101,7 +101,7 @@ def worker_ours(a):
     torch.set_num_threads(a.threads)
     import train_grpo
 
-    from sample import encode_problem
+    from tasks import encode_problem
     from tokenizer import Tokenizer
 
     rss_imports = rss_mb()

@@ -1,11 +1,11 @@
 """
-Why sample.Engine runs its CPU linears through oneDNN: F.linear vs oneDNN's linear on a prepacked weight
-(sample.onednn_linears), per call, at the shapes a decode step and a prefill hit. fp32, one process.
+Why engine.Engine runs its CPU linears through oneDNN: F.linear vs oneDNN's linear on a prepacked weight
+(engine.onednn_linears), per call, at the shapes a decode step and a prefill hit. fp32, one process.
 
     python bench/linear.py --threads=1
 
-Prints, per (rows M, in K, out N): microseconds of each, their ratio, and whether sample.py routes that call
-to oneDNN (M*K*N >= sample.ONEDNN_MIN_MACS).
+Prints, per (rows M, in K, out N): microseconds of each, their ratio, and whether the Engine routes that call
+to oneDNN (M*K*N >= engine.ONEDNN_MIN_MACS).
 """
 import argparse
 import os
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import hardware  # noqa: E402  (bench/common.py)
-from sample import ONEDNN_MIN_MACS, onednn_available  # noqa: E402
+from engine import ONEDNN_MIN_MACS, onednn_available  # noqa: E402
 
 SHAPES = [  # (M, K, N): decode rows x hidden -> out, for the tiny / small presets and Qwen2.5-0.5B
     (1, 192, 512), (4, 192, 512), (16, 192, 192), (16, 192, 512), (16, 512, 192),

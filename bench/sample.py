@@ -1,5 +1,5 @@
 """
-Rollout throughput: sample.py's Engine vs transformers' generate() on the same random checkpoint, same
+Rollout throughput: engine.py's Engine vs transformers' generate() on the same random checkpoint, same
 prompts (mixed lengths, left-padded), same number of new tokens (EOS ignored), greedy (or --temperature); each
 (impl, batch) in a fresh subprocess so peak memory is its own.
 
@@ -77,7 +77,7 @@ def worker(args):
             assert out.shape[1] == L + n
     else:
         from model import Transformer
-        from sample import Engine
+        from engine import Engine
 
         model = Transformer.from_pretrained(args.ckpt, dtype=dtype, device=device).eval()
         vocab = model.config.vocab_size

@@ -39,6 +39,7 @@ def worker(a):
                 num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, tie_word_embeddings=True)
     x = torch.randint(0, a.vocab, (a.batch, a.seq), device=dev)
     if a.impl == "ours":
+        import dataloader
         import train_sft
         from model import ModelConfig, Transformer
         from train_common import make_optimizer
@@ -48,7 +49,7 @@ def worker(a):
         cfg = train_sft.configure([])
         opt = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=dev.type == "cuda")
         rows = [[(row.tolist(), [1] * a.seq)] for row in x.cpu()]  # one document per row: plain causal path
-        batch = {k: v.to(dev) for k, v in train_sft.collate(rows, 0).items()}
+        batch = {k: v.to(dev) for k, v in dataloader.collate(rows, 0).items()}
         n = (batch["targets"] != -100).sum()
 
         def step():

@@ -1,5 +1,5 @@
 # R1-Zero on Qwen2.5-1.5B (base, no SFT): GRPO with accuracy + format rewards on GSM8K, R1-Zero's template.
-# Published reference point (SimpleRL-Zoo, R1-NOTES.md): GSM8K 55.7 -> 74.4 for this model.
+# Published reference point (SimpleRL-Zoo, Zeng et al. 2025, arXiv 2503.18892): GSM8K 55.7 -> 74.4 for this model.
 #   python data/prepare_gsm8k.py
 #   torchrun --standalone --nproc_per_node=8 train_grpo.py config/r1zero_qwen2.5_1.5b_gsm8k.py --init_from=/models/Qwen2.5-1.5B
 init_from = "/models/Qwen2.5-1.5B"

@@ -1,5 +1,5 @@
 # R1-Zero on Qwen2.5-1.5B (base) on MATH, held out on MATH-500; longer completions than GSM8K.
-# Published reference point (SimpleRL-Zoo, R1-NOTES.md): MATH-500 29.6 -> 59.0 for this model.
+# Published reference point (SimpleRL-Zoo, Zeng et al. 2025, arXiv 2503.18892): MATH-500 29.6 -> 59.0 for this model.
 #   python data/prepare_math500.py                                          # -> data/math500/test.jsonl
 #   python data/prepare_math500.py --src=MATH_train.jsonl --out=data/math   # the MATH train split, same fields
 #   mv data/math/test.jsonl data/math/train.jsonl

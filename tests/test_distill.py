@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import distill
-import sample
-from model import Transformer, chunked_forward_kl
+import engine
+import losses
+import rejection
+from losses import chunked_forward_kl, completion_logprobs
+from model import Transformer
 from tests.helpers import make_tiny_checkpoint, make_tiny_tokenizer, torchrun, write_jsonl
 from tokenizer import Tokenizer
-from train_grpo import completion_logprobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(REPO, "data/tiny/teacher")
@@ -69,7 +71,7 @@ def test_reverse_kl_estimate_matches_a_direct_computation(tmp_path):
     student, teacher = Transformer.from_pretrained(s_dir), Transformer.from_pretrained(t_dir)
     tok = Tokenizer.from_pretrained(s_dir)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}])
-    outs = sample.Engine(student, tok).generate([prompt], num_samples=4, max_new_tokens=12, seed=3, temperature=1.0)[0]
+    outs = engine.Engine(student, tok).generate([prompt], num_samples=4, max_new_tokens=12, seed=3, temperature=1.0)[0]
     rows = [(prompt, c.tokens) for c in outs]
     s_lp = completion_logprobs(student, rows, tok.pad_id, 5, 1.0, "cpu")
     with torch.no_grad():
@@ -88,7 +90,7 @@ def test_reverse_kl_estimate_matches_a_direct_computation(tmp_path):
         assert torch.allclose(torch.tensor(outs[b].logprobs, dtype=torch.float64), direct_s.gather(1, y)[:, 0],
                               atol=1e-4)
 
-    loss, k_sum = distill.reverse_kl_loss(s_lp, t_lp, mask)
+    loss, k_sum = losses.reverse_kl_loss(s_lp, t_lp, mask)
     assert torch.allclose(k_sum, ((s_lp - t_lp) * mask).sum())
     params = [p for p in student.parameters()]
     g = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
@@ -112,22 +114,22 @@ def test_reverse_kl_estimate_matches_a_direct_computation(tmp_path):
 
 def test_sequence_mode_trains_only_on_samples_the_filters_kept(tmp_path, monkeypatch):
     seen = {}  # completion text -> reason check_sample gave it
-    real_check = sample.check_sample
+    real_check = rejection.check_sample
 
     def recording_check(completion, *args, **kwargs):
         reason, rewards = real_check(completion, *args, **kwargs)
         seen.setdefault(completion, set()).add(reason)
         return reason, rewards
 
-    monkeypatch.setattr(sample, "check_sample", recording_check)
+    monkeypatch.setattr(rejection, "check_sample", recording_check)
     import train_sft
     trained_on = {}
     real_main = train_sft.main
 
-    def recording_main(argv):
-        data = next(a.split("=", 1)[1] for a in argv if a.startswith("--data="))
-        trained_on["rows"] = [json.loads(line) for line in open(data)]
-        return real_main(argv)
+    def recording_main(argv=(), **overrides):  # a plain call with keyword arguments, no argv list
+        assert not argv
+        trained_on["rows"] = [json.loads(line) for line in open(overrides["data"])]
+        return real_main(**overrides)
 
     monkeypatch.setattr(train_sft, "main", recording_main)
     out = tmp_path / "d"

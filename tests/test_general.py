@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+import dataloader
 from data import prepare_general, tiny_chat
 from tests.helpers import make_tiny_tokenizer, write_jsonl
 from tokenizer import Tokenizer
@@ -98,8 +99,6 @@ def test_cli_writes_rows_that_train_sft_reads(tmp_path, capsys):
     out = tmp_path / "general.jsonl"
     prepare_general.main([f"--src={src}", f"--out={out}", "--n=4"])
     assert "wrote 4 rows" in capsys.readouterr().out
-    import train_sft
-    from train_common import Config
     tok = Tokenizer.from_pretrained(make_tiny_tokenizer(tmp_path / "tok"))
-    sources, stats = train_sft.load_examples([str(out)], tok, Config(mode="sft", max_seq_len=64, skip_bad_rows=0))
+    sources, stats = dataloader.load_examples([str(out)], tok, mode="sft", max_seq_len=64)
     assert len(sources[0]) == 4 and stats["skipped"] == 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import losses
 import train_grpo
 from helpers import make_tiny_checkpoint, torchrun, write_jsonl
 from model import ModelConfig, Transformer
@@ -107,7 +108,7 @@ def test_grpo_loss_value_and_grad_match_slow_loop(loss_agg, importance_sampling,
     ref_arg = ref if beta else None
     L = 8
     x = lp.clone().requires_grad_(True)
-    loss, stats = train_grpo.grpo_loss(x, old, ref_arg, adv, mask, eps_low, eps_high, beta, loss_agg,
+    loss, stats = losses.grpo_loss(x, old, ref_arg, adv, mask, eps_low, eps_high, beta, loss_agg,
                                        importance_sampling, max_completion_len=L)
     (grad,) = torch.autograd.grad(loss, x)
     y = lp.clone().requires_grad_(True)
@@ -134,7 +135,7 @@ def test_grpo_loss_with_an_empty_row(loss_agg):
     lp, old, ref, adv, mask = _loss_inputs()
     mask[2] = 0
     x = lp.clone().requires_grad_(True)
-    loss, stats = train_grpo.grpo_loss(x, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_agg, "sequence", 8)
+    loss, stats = losses.grpo_loss(x, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_agg, "sequence", 8)
     y = lp.clone().requires_grad_(True)
     slow = _slow_grpo(y, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_agg, "sequence", 8)[0]
     torch.testing.assert_close(loss, slow, rtol=1e-12, atol=1e-12)
@@ -153,17 +154,17 @@ def test_grpo_loss_normalizer_splits_a_batch_exactly(loss_agg, importance_sampli
     kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, beta=0.1, loss_agg=loss_agg,
               importance_sampling=importance_sampling, max_completion_len=L)
     x = lp.clone().requires_grad_(True)
-    whole, _ = train_grpo.grpo_loss(x, old, ref, adv, mask, **kw)
+    whole, _ = losses.grpo_loss(x, old, ref, adv, mask, **kw)
     (g_whole,) = torch.autograd.grad(whole, x)
     count = {"sequence": int((mask.sum(-1) > 0).sum()), "token": int(mask.sum()), "constant": 8 * L}[loss_agg]
     y = lp.clone().requires_grad_(True)
-    parts = [train_grpo.grpo_loss(y[s], old[s], ref[s], adv[s], mask[s], normalizer=float(count), **kw)[0]
+    parts = [losses.grpo_loss(y[s], old[s], ref[s], adv[s], mask[s], normalizer=float(count), **kw)[0]
              for s in (slice(0, 4), slice(4, 8))]
     (g_split,) = torch.autograd.grad(parts[0] + parts[1], y)
     torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_split, g_whole, rtol=1e-12, atol=1e-14)
     # without the normaliser each half uses its own count: not the same loss
-    own = sum(train_grpo.grpo_loss(lp[s], old[s], ref[s], adv[s], mask[s], **kw)[0] for s in (slice(0, 4),
+    own = sum(losses.grpo_loss(lp[s], old[s], ref[s], adv[s], mask[s], **kw)[0] for s in (slice(0, 4),
                                                                                              slice(4, 8)))
     assert not torch.allclose(own, whole)
 
@@ -171,24 +172,24 @@ def test_grpo_loss_normalizer_splits_a_batch_exactly(loss_agg, importance_sampli
 def test_grpo_loss_argument_errors():
     lp, old, ref, adv, mask = _loss_inputs()
     with pytest.raises(ValueError, match="ref_logprobs"):
-        train_grpo.grpo_loss(lp, old, None, adv, mask, beta=0.1)
+        losses.grpo_loss(lp, old, None, adv, mask, beta=0.1)
     with pytest.raises(ValueError, match="max_completion_len"):
-        train_grpo.grpo_loss(lp, old, None, adv, mask, loss_agg="constant")
+        losses.grpo_loss(lp, old, None, adv, mask, loss_agg="constant")
     with pytest.raises(ValueError, match="loss_agg"):
-        train_grpo.grpo_loss(lp, old, None, adv, mask, loss_agg="mean")
+        losses.grpo_loss(lp, old, None, adv, mask, loss_agg="mean")
     with pytest.raises(ValueError, match="importance_sampling"):
-        train_grpo.grpo_loss(lp, old, None, adv, mask, importance_sampling="tok")
+        losses.grpo_loss(lp, old, None, adv, mask, importance_sampling="tok")
 
 
 def test_kl_k3_formula_and_nonnegative():
     g = torch.Generator().manual_seed(3)
     lp = -torch.rand(50, generator=g, dtype=torch.float64) * 5
     ref = lp + torch.randn(50, generator=g, dtype=torch.float64) * 2
-    got = train_grpo.kl_k3(lp, ref)
+    got = losses.kl_k3(lp, ref)
     want = torch.tensor([torch.exp(r - p) - (r - p) - 1 for p, r in zip(lp, ref)], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     assert (got >= 0).all() and (got > 0).all()
-    assert (train_grpo.kl_k3(lp, lp) == 0).all()
+    assert (losses.kl_k3(lp, lp) == 0).all()
 
 
 # -----------------------------------------------------------------------------
@@ -198,7 +199,7 @@ def test_kl_k3_formula_and_nonnegative():
 def test_group_advantages_hand_worked():
     eps = 1e-4
     r = torch.tensor([0.5, 0.5, 0.5, 0.5, 1, 0, 0, 0, 0, 1, 0.5, 0.5], dtype=torch.float64)
-    got = train_grpo.group_advantages(r, 4)
+    got = losses.group_advantages(r, 4)
     assert (got[:4] == 0).all()  # all-equal group: exactly 0
     # [1, 0, 0, 0]: mean 0.25, Bessel std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
     torch.testing.assert_close(got[4:8], torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64) / (0.5 + eps))
@@ -206,7 +207,7 @@ def test_group_advantages_hand_worked():
     std = (0.5 / 3) ** 0.5
     torch.testing.assert_close(got[8:], torch.tensor([-0.5, 0.5, 0, 0], dtype=torch.float64) / (std + eps))
     # batch: the same centring, divided by the std of all 12 rewards
-    b = train_grpo.group_advantages(r, 4, "batch")
+    b = losses.group_advantages(r, 4, "batch")
     mean, n = float(r.mean()), 12
     batch_std = (sum((float(x) - mean) ** 2 for x in r) / (n - 1)) ** 0.5
     assert (b[:4] == 0).all()
@@ -214,38 +215,38 @@ def test_group_advantages_hand_worked():
                                (batch_std + eps))
     torch.testing.assert_close(b[8:], torch.tensor([-0.5, 0.5, 0, 0], dtype=torch.float64) / (batch_std + eps))
     # none (Dr. GRPO): just centred
-    n_ = train_grpo.group_advantages(r, 4, "none")
+    n_ = losses.group_advantages(r, 4, "none")
     torch.testing.assert_close(n_, torch.tensor([0, 0, 0, 0, 0.75, -0.25, -0.25, -0.25, -0.5, 0.5, 0, 0],
                                                 dtype=torch.float64))
     # every group's advantages sum to 0, whatever the scale
     for scale in ("group", "batch", "none"):
-        assert train_grpo.group_advantages(r, 4, scale).view(3, 4).sum(-1).abs().max() < 1e-12
-        assert train_grpo.group_advantages(r, 2, scale).view(6, 2).sum(-1).abs().max() < 1e-12
+        assert losses.group_advantages(r, 4, scale).view(3, 4).sum(-1).abs().max() < 1e-12
+        assert losses.group_advantages(r, 2, scale).view(6, 2).sum(-1).abs().max() < 1e-12
 
 
 def test_group_advantages_exact_zero_for_awkward_equal_floats():
     r = torch.full((6,), 0.1, dtype=torch.float64)  # mean() of three 0.1s is 1 ulp off 0.1
     for scale in ("group", "batch", "none"):
-        assert (train_grpo.group_advantages(r, 3, scale) == 0).all()
+        assert (losses.group_advantages(r, 3, scale) == 0).all()
 
 
 def test_group_advantages_errors():
     with pytest.raises(ValueError, match="group_size"):
-        train_grpo.group_advantages(torch.zeros(4), 1)
+        losses.group_advantages(torch.zeros(4), 1)
     with pytest.raises(ValueError, match="multiple of 4"):
-        train_grpo.group_advantages(torch.zeros(6), 4)
+        losses.group_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError):
-        train_grpo.group_advantages(torch.zeros(2, 4), 4)
+        losses.group_advantages(torch.zeros(2, 4), 4)
     with pytest.raises(ValueError, match="scale"):
-        train_grpo.group_advantages(torch.zeros(4), 4, "rank")
+        losses.group_advantages(torch.zeros(4), 4, "rank")
 
 
 def test_overlong_penalty():
-    assert train_grpo.overlong_penalty(10, 16, 4) == 0.0
-    assert train_grpo.overlong_penalty(12, 16, 4) == 0.0
-    assert train_grpo.overlong_penalty(14, 16, 4) == pytest.approx(-0.5)
-    assert train_grpo.overlong_penalty(16, 16, 4) == pytest.approx(-1.0)
-    assert train_grpo.overlong_penalty(20, 16, 4) == -1.0
+    assert losses.overlong_penalty(10, 16, 4) == 0.0
+    assert losses.overlong_penalty(12, 16, 4) == 0.0
+    assert losses.overlong_penalty(14, 16, 4) == pytest.approx(-0.5)
+    assert losses.overlong_penalty(16, 16, 4) == pytest.approx(-1.0)
+    assert losses.overlong_penalty(20, 16, 4) == -1.0
 
 
 # -----------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
 def _ragged_logprobs(temperature):
     """completion_logprobs of two completions of lengths 2 and 4 (row 0 is padded by 2), tiny random model."""
     rows = [([5, 6, 7], [8, 9]), ([5, 6], [8, 9, 10, 11])]
-    return train_grpo.completion_logprobs(_tiny_model(), rows, 0, 1024, temperature, "cpu")
+    return losses.completion_logprobs(_tiny_model(), rows, 0, 1024, temperature, "cpu")
 
 
 def test_completion_logprobs_match_one_row_at_a_time():
@@ -453,7 +454,7 @@ def test_beta_loss_is_finite_on_a_ragged_batch():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     ref = lp.detach().clone()
     ref[0, 2:] = 0  # what policy_update builds past a row's end
-    loss, stats = train_grpo.grpo_loss(lp, lp.detach(), ref, torch.tensor([1.0, -1.0]), mask, beta=0.1)
+    loss, stats = losses.grpo_loss(lp, lp.detach(), ref, torch.tensor([1.0, -1.0]), mask, beta=0.1)
     loss.backward()
     assert torch.isfinite(loss) and stats["kl"] == 0
 

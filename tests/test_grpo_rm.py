@@ -10,6 +10,8 @@ import shutil
 import pytest
 import torch
 
+import reward
+import tasks
 import train_grpo
 from helpers import make_tiny_checkpoint, make_tiny_tokenizer, write_jsonl
 from model import RewardModel
@@ -85,7 +87,7 @@ def test_mixed_rule_and_reward_model_rows(setup, tmp_path, monkeypatch):
             for s in g["samples"]:
                 if not by_rm:  # the rule rewards, as without a reward model
                     assert set(s["parts"]) == {"accuracy", "language"}
-                    total, _ = train_grpo.combine_rewards("accuracy:1,language:1")(s["text"], g["item"]["row"])
+                    total, _ = reward.combine_rewards("accuracy:1,language:1")(s["text"], g["item"]["row"])
                     assert s["reward"] == total
                     rule_samples.append(s)
                     continue
@@ -156,7 +158,7 @@ def test_held_out_reward_model_score_is_evaluated_and_printed(setup, tmp_path):
     engine = Engine(Transformer.from_pretrained(ckpt).eval(), tok)
     texts = [o[0].text for o in engine.generate([encode_problem(tok, r, "chat") for r in rows], max_new_tokens=16,
                                                 temperature=0.0)]
-    scorer = train_grpo.RewardModelScorer(rm_dir, tok, 1.0, "cpu", torch.float32, 8)
+    scorer = tasks.RewardModelScorer(rm_dir, tok, 1.0, "cpu", torch.float32, 8)
     direct = sum(scorer([(r, t) for r, t in zip(rows, texts)])) / 3
     assert float(m.group(1)) == pytest.approx(direct, abs=1e-3)
 

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import corrupt_safetensors, tiny_hf_checkpoint
-from model import (KVCache, ModelConfig, Transformer, chunked_cross_entropy, chunked_token_logprobs,
-                   load_config)
+from model import ModelConfig, Transformer, load_config
+from engine import KVCache
+from losses import chunked_cross_entropy, chunked_token_logprobs
 
 pytest.importorskip("transformers")
 

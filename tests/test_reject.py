@@ -13,10 +13,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+import dataloader  # noqa: E402
 import sample  # noqa: E402
+import tasks  # noqa: E402
+from engine import Completion, Engine  # noqa: E402
 from helpers import make_tiny_tokenizer, torchrun  # noqa: E402
-from sample import (REJECT_REASONS, Completion, check_sample, max_ngram_count, rejection_reason,  # noqa: E402
-                    rejection_sample)
+from rejection import REJECT_REASONS, check_sample, max_ngram_count, rejection_reason, rejection_sample  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 RL_START = ROOT / "data/tiny/rl_start"
@@ -115,8 +117,8 @@ class StubEngine:
     def __init__(self, tok, canned):
         self.tok, self.canned, self.calls = tok, canned, []
 
-    def generate(self, prompts, num_samples=1, seed=0, **gen):
-        self.calls.append(dict(seeds=list(seed), num_samples=num_samples, gen=gen))
+    def generate(self, prompts, num_samples=1, seed=0, **sampling):
+        self.calls.append(dict(seeds=list(seed), num_samples=num_samples, sampling=sampling))
         out = []
         for ids in prompts:
             text = self.tok.decode(ids)
@@ -155,9 +157,9 @@ def run_stub(tok, **kw):
 
 
 def test_rejection_sample_keeps_the_shortest_good_one_and_reports(tok):
-    engine, kept, report = run_stub(tok, gen=dict(max_new_tokens=64, temperature=0.7))
+    engine, kept, report = run_stub(tok, sampling=dict(max_new_tokens=64, temperature=0.7))
     assert engine.calls == [dict(seeds=list(range(100, 112)), num_samples=4,  # one batch, seed + problem*K + sample
-                                 gen=dict(max_new_tokens=64, temperature=0.7))]
+                                 sampling=dict(max_new_tokens=64, temperature=0.7))]
     assert [(r["problem_index"], r["sample_index"]) for r in kept] == [(0, 1), (2, 1)]
     assert kept[0] == {
         "messages": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": P0_SHORT}],
@@ -175,7 +177,7 @@ def test_rejection_sample_keeps_the_shortest_good_one_and_reports(tok):
     assert report["settings"]["max_per_prompt"] == 1 and report["settings"]["source"] == "ckpt/x"
     json.dumps(report), json.dumps(kept)  # both serialise as they are
     # batching never changes a row (seeds follow the problem index)
-    assert run_stub(tok, gen=dict(max_new_tokens=64, temperature=0.7), batch_size=1)[1:] == (kept, report)
+    assert run_stub(tok, sampling=dict(max_new_tokens=64, temperature=0.7), batch_size=1)[1:] == (kept, report)
 
 
 def test_max_per_prompt_and_prefer(tok):
@@ -197,16 +199,15 @@ def test_max_per_prompt_and_prefer(tok):
 
 
 def test_kept_rows_load_in_train_sft(tok, tmp_path):
-    import train_sft
     from data.jsonl import write_jsonl
 
     _, kept, _ = run_stub(tok, max_per_prompt=0)
     path = str(tmp_path / "sft.jsonl")
     write_jsonl(path, kept)
-    examples, stats = train_sft.load_examples([path], tok, train_sft.configure(["--max_seq_len=256"]), log=lambda *a: 0)
+    examples, stats = dataloader.load_examples([path], tok, "sft", 256, log=lambda *a: 0)
     assert stats["rows"] == len(kept) and stats["skipped"] == stats["truncated"] == 0 and len(examples[0]) == len(kept)
     for row in kept:
-        ids, mask = train_sft.row_to_example(row, tok, "sft", "x")
+        ids, mask = dataloader.row_to_example(row, tok, "sft", "x")
         prompt = tok.render_chat(row["messages"][:-1], add_generation_prompt=True)
         assert tok.decode(ids).startswith(prompt + row["messages"][-1]["content"])  # what the model saw + wrote
         learned = tok.decode([t for t, m in zip(ids, mask) if m])
@@ -216,15 +217,14 @@ def test_kept_rows_load_in_train_sft(tok, tmp_path):
 def test_r1_distill_template_opens_think_in_the_prompt(r1_tok):
     """The R1-Distill template ends the prompt with "<think>\\n": the model writes the CoT straight away, the kept
     row's assistant turn gets the "<think>\\n" back in front, and SFT trains on exactly the generated text."""
-    import train_sft
 
     canned = {"What is 2+3?": [S("2+3=5\n</think>\n\n\\boxed{5}", 12), S("<think>\n2+3=5\n</think>\n\\boxed{5}", 13)]}
     kept, report = rejection_sample(StubEngine(r1_tok, canned), r1_tok, [ROW], num_samples=2)
     assert report["rejected"]["format"] == 1  # a second <think> after the prompt's is malformed
     content = kept[0]["messages"][-1]["content"]
     assert content == "<think>\n2+3=5\n</think>\n\n\\boxed{5}" and kept[0]["rewards"]["format"] == 1.0
-    ids, mask = train_sft.row_to_example(kept[0], r1_tok, "sft", "x")
-    prompt_text = r1_tok.decode(sample.encode_problem(r1_tok, ROW))
+    ids, mask = dataloader.row_to_example(kept[0], r1_tok, "sft", "x")
+    prompt_text = r1_tok.decode(tasks.encode_problem(r1_tok, ROW))
     assert r1_tok.decode(ids).startswith(prompt_text + "2+3=5\n</think>")
 
 
@@ -250,7 +250,7 @@ def test_cli_on_the_tiny_model_one_process_and_torchrun_agree(tmp_path, capsys):
     assert report["kept"] + sum(report["rejected"].values()) == 32
     assert list(report["per_source"]) == [str(a), str(b)] and report["per_source"][str(b)]["samples"] == 12
     model, tok = Transformer.from_pretrained(RL_START).eval(), Tokenizer.from_pretrained(RL_START)
-    engine = sample.Engine(model, tok)
+    engine = Engine(model, tok)
     for row in one:
         problem = easy[row["problem_index"]]
         completion = row["messages"][-1]["content"]
@@ -259,7 +259,7 @@ def test_cli_on_the_tiny_model_one_process_and_torchrun_agree(tmp_path, capsys):
         assert row["rewards"] == {"format": 1.0, "language": 1.0, "accuracy": 1.0}
         assert row["seed"] == 0 + row["problem_index"] * 4 + row["sample_index"]
     row = one[0]  # the seed reproduces the sample
-    c = engine.generate([sample.encode_problem(tok, easy[row["problem_index"]])], max_new_tokens=64, temperature=1.0,
+    c = engine.generate([tasks.encode_problem(tok, easy[row["problem_index"]])], max_new_tokens=64, temperature=1.0,
                         seed=row["seed"])[0][0]
     assert (c.text, len(c.tokens)) == (row["messages"][-1]["content"], row["num_tokens"])
 

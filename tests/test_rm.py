@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import dataloader
+import model
 import train_sft
 from helpers import make_tiny_checkpoint, torchrun, write_jsonl
 from model import RewardModel
@@ -46,6 +48,11 @@ def pairs(tmp_path_factory):
 def _cfg(**kw):
     return train_sft.configure([f"--{k}={v}" for k, v in {"mode": "rm", **kw}.items()])
 
+def _data(cfg):
+    """load_examples' keywords from a train_sft config."""
+    return dict(mode=cfg.mode, max_seq_len=cfg.max_seq_len, skip_bad_rows=cfg.skip_bad_rows)
+
+
 
 def _run(ckpt, data, out, **kw):
     args = dict(mode="rm", init_from=ckpt, data=data, out_dir=out, max_seq_len=64, batch_size=8, max_steps=6,
@@ -66,7 +73,7 @@ def test_bradley_terry_loss_and_gradient_match_the_direct_formula(ckpt):
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(1, 300, (n,), generator=g).tolist() for n in (7, 12, 3, 9, 15, 5)]
     rows = [[(seqs[i], seqs[i + 3])] for i in range(3)]  # pairs of unequal lengths: both sides get padding
-    batch = train_sft.collate_pairs(rows, pad_id=0)
+    batch = dataloader.collate_pairs(rows, pad_id=0)
     assert batch["input_ids"].shape == (6, 15) and batch["attention_mask"].sum() == sum(map(len, seqs))
 
     rm.zero_grad()
@@ -101,7 +108,7 @@ def test_loss_is_stable_for_huge_margins():
 
 def test_pair_layouts_give_the_same_sequences(ckpt):
     tok = Tokenizer.from_pretrained(ckpt)
-    got = [train_sft.row_to_example(_pair(3, 4, s), tok, "rm", "x:1") for s in ("prompt", "messages", "conversation")]
+    got = [dataloader.row_to_example(_pair(3, 4, s), tok, "rm", "x:1") for s in ("prompt", "messages", "conversation")]
     assert got[0] == got[1] == got[2]
     chosen, rejected = got[0]
     conv = [{"role": "user", "content": "What is 3+4?"}, {"role": "assistant", "content": "yes, 7"}]
@@ -121,14 +128,14 @@ def test_bad_pair_rows_name_file_and_line(tmp_path, ckpt):
     for name, (lines, msg) in cases.items():
         path = write_jsonl(tmp_path / f"{name}.jsonl", lines)
         with pytest.raises(ValueError, match=f"{name}.jsonl{msg}"):
-            train_sft.load_examples([path], tok, _cfg())
+            dataloader.load_examples([path], tok, **_data(_cfg()))
     path = write_jsonl(tmp_path / "mixed.jsonl", [good, json.dumps({"prompt": "q", "chosen": "yes"}), good])
-    (examples,), stats = train_sft.load_examples([path], tok, _cfg(skip_bad_rows=1), log=lambda *a: None)
+    (examples,), stats = dataloader.load_examples([path], tok, **_data(_cfg(skip_bad_rows=1)), log=lambda *a: None)
     assert len(examples) == 2 and stats["skipped"] == 1
     too_long = json.dumps({"prompt": "q", "chosen": "7 " * 40, "rejected": "no"})
     long = write_jsonl(tmp_path / "long.jsonl", [good, too_long])
     logs = []
-    (examples,), stats = train_sft.load_examples([long], tok, _cfg(max_seq_len=48), log=logs.append)
+    (examples,), stats = dataloader.load_examples([long], tok, **_data(_cfg(max_seq_len=48)), log=logs.append)
     assert len(examples) == 1 and stats["dropped"] == 1 and any("long.jsonl:2" in line for line in logs)
 
 
@@ -151,7 +158,7 @@ def test_rm_learns_a_separable_preference(tmp_path, ckpt, pairs):
     tok = Tokenizer.from_pretrained(os.path.join(out, "ckpt"))
     with torch.no_grad():
         for a, b in ((13, 2), (20, 7)):
-            c, r = train_sft.row_to_example(_pair(a, b, "prompt"), tok, "rm", "x:1")
+            c, r = dataloader.row_to_example(_pair(a, b, "prompt"), tok, "rm", "x:1")
             assert rm(torch.tensor([c]))[0] > rm(torch.tensor([r]))[0]
 
 
@@ -166,7 +173,7 @@ def test_init_detects_reward_model_or_causal_lm(tmp_path, ckpt, pairs):
     a["score.weight"] = a["score.weight"] + 1.0  # a head no fresh init would draw
     rm_dir = tmp_path / "a" / "ckpt"
     save_file(a, str(rm_dir / "model.safetensors"))
-    assert train_sft.is_reward_model_dir(str(rm_dir)) and not train_sft.is_reward_model_dir(ckpt)
+    assert model.is_reward_model_dir(str(rm_dir)) and not model.is_reward_model_dir(ckpt)
     _run(str(rm_dir), pairs, str(tmp_path / "b"), lr=0, min_lr=0, max_steps=1, eval_frac=0)
     b = load_file(str(tmp_path / "b" / "ckpt" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,11 +11,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine  # noqa: E402
 import sample  # noqa: E402
+import tasks  # noqa: E402
 from configurator import parse_overrides  # noqa: E402
+from engine import Engine, _buckets, sample_tokens  # noqa: E402
 from helpers import make_tiny_checkpoint  # noqa: E402
 from model import Transformer  # noqa: E402
-from sample import Engine, load_problems, maj_at_k, majority_vote, pass_at_1, pass_at_k, sample_tokens  # noqa: E402
+from tasks import load_problems, maj_at_k, majority_vote, pass_at_1, pass_at_k  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +226,7 @@ def test_stop_strings(mt, prompts):
 
 # ---- CPU fast paths: oneDNN linears on packed weights, block argmax ---------------------------------
 
-needs_onednn = pytest.mark.skipif(not sample.onednn_available(), reason="this PyTorch build has no oneDNN")
+needs_onednn = pytest.mark.skipif(not engine.onednn_available(), reason="this PyTorch build has no oneDNN")
 
 
 def has_patched_forward(model):
@@ -233,18 +236,18 @@ def has_patched_forward(model):
 @needs_onednn
 def test_onednn_linears_equal_f_linear(mt, prompts, monkeypatch):
     model, tok = mt
-    monkeypatch.setattr(sample, "ONEDNN_MIN_MACS", 0)  # every call through oneDNN, however small
+    monkeypatch.setattr("engine.ONEDNN_MIN_MACS", 0)  # every call through oneDNN, however small
     ids = torch.tensor([prompts[2]])
     with torch.inference_mode():
         ref = model(ids)
-        with sample.onednn_linears(model), torch.profiler.profile() as prof:
+        with engine.onednn_linears(model), torch.profiler.profile() as prof:
             assert has_patched_forward(model)
             got = model(ids)
     ran = [e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise"]
     assert ran == [7 * model.config.num_hidden_layers + 1]  # q k v o gate up down per layer + lm_head
     assert not has_patched_forward(model)  # plain nn.Linear again after the block
     assert (got - ref).abs().max() <= 1e-4
-    with pytest.raises(KeyError), sample.onednn_linears(model):
+    with pytest.raises(KeyError), engine.onednn_linears(model):
         raise KeyError("boom")
     assert not has_patched_forward(model)  # restored on an exception too
     kw = dict(num_samples=2, max_new_tokens=16, temperature=0, ignore_eos=True)
@@ -258,7 +261,7 @@ def test_onednn_linears_equal_f_linear(mt, prompts, monkeypatch):
 @needs_onednn
 def test_onednn_engine_repacks_only_changed_weights(ckpt, prompts, monkeypatch):
     # GRPO updates the weights in place between rollouts: the next generate must see the new weights
-    monkeypatch.setattr(sample, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr("engine.ONEDNN_MIN_MACS", 0)
     tok = Tokenizer.from_pretrained(ckpt)
     model = Transformer.from_pretrained(ckpt).eval()
     engine = Engine(model, tok)
@@ -292,7 +295,7 @@ def test_argmax_rows_equals_argmax():
         x[3] = 1.0  # all equal
         x[4, :] = -float("inf")
         x[4, 200] = 0.0
-        assert torch.equal(sample.argmax_rows(x), x.argmax(-1)), V
+        assert torch.equal(engine.argmax_rows(x), x.argmax(-1)), V
 
 
 # ---- the sampling step -----------------------------------------------------------------------------
@@ -381,13 +384,13 @@ def test_cli_default_samples_the_shipped_base_model_in_its_pretraining_format(mo
     monkeypatch.setattr(sample, "TINY_GRPO", "/nonexistent/out/grpo/ckpt")
     assert sample.main(["--max_new_tokens=24", "--temperature=0"]) == 0
     printed = capsys.readouterr().out
-    first = sample.load_problems(sample.DEFAULT_DATA)[0]["prompt"]
+    first = tasks.load_problems(sample.DEFAULT_DATA)[0]["prompt"]
     assert printed.startswith(f"Q: {first}\nA:") and "finish_reason=" in printed
 
 
 def test_cli_streams_prompt(ckpt, mt, capsys):
     model, tok = mt
-    assert sample.main([f"--init_from={ckpt}", "--prompt=What is 1 + 2?", "--chat=1", "--temperature=0",
+    assert sample.main([f"--init_from={ckpt}", "--prompt=What is 1 + 2?", "--prompt_template=chat", "--temperature=0",
                         "--max_new_tokens=12"]) == 0
     printed = capsys.readouterr().out
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}])
@@ -443,4 +446,4 @@ def test_graph_mode_logic_on_cpu(mt, prompts, monkeypatch):
             for j in range(2):
                 assert out[i][j].tokens == ref[i][j].tokens and out[i][j].finish_reason == ref[i][j].finish_reason
                 assert out[i][j].logprobs == pytest.approx(ref[i][j].logprobs, abs=1e-5)
-    assert len(engine._graphs) > 1 and set(engine._graphs) <= set(sample._buckets(2 * len(prompts)))
+    assert len(engine._graphs) > 1 and set(engine._graphs) <= set(_buckets(2 * len(prompts)))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+import dataloader
 import train_sft
 from helpers import make_tiny_checkpoint, make_tiny_tokenizer, torchrun, write_jsonl
 from model import ModelConfig, Transformer
@@ -42,6 +43,11 @@ def sft_data(tmp_path_factory):
 def _cfg(**kw):
     return train_sft.configure([f"--{k}={v}" for k, v in kw.items()])
 
+def _data(cfg):
+    """load_examples' keywords from a train_sft config."""
+    return dict(mode=cfg.mode, max_seq_len=cfg.max_seq_len, skip_bad_rows=cfg.skip_bad_rows)
+
+
 
 # -----------------------------------------------------------------------------
 # configurator
@@ -57,11 +63,11 @@ def test_configure_types_and_errors():
 
 
 def test_parse_data_spec():
-    assert train_sft.parse_data_spec("a.jsonl,b.jsonl") == [("a.jsonl", None), ("b.jsonl", None)]
-    got = train_sft.parse_data_spec("a.jsonl:3,b.jsonl:1")
+    assert dataloader.parse_data_spec("a.jsonl,b.jsonl") == [("a.jsonl", None), ("b.jsonl", None)]
+    got = dataloader.parse_data_spec("a.jsonl:3,b.jsonl:1")
     assert got == [("a.jsonl", 0.75), ("b.jsonl", 0.25)]
     with pytest.raises(ValueError, match="weight for every file"):
-        train_sft.parse_data_spec("a.jsonl:1,b.jsonl")
+        dataloader.parse_data_spec("a.jsonl:1,b.jsonl")
 
 
 # -----------------------------------------------------------------------------
@@ -72,8 +78,8 @@ def _learned_text(tok, rows):
     """Decode the tokens that get a loss, per example, through the same path training uses."""
     texts = []
     for row in rows:
-        ids, mask = train_sft.row_to_example(row, tok, "sft", "x:1")
-        batch = train_sft.collate([[(ids, mask)]], tok.pad_id)
+        ids, mask = dataloader.row_to_example(row, tok, "sft", "x:1")
+        batch = dataloader.collate([[(ids, mask)]], tok.pad_id)
         t = batch["targets"][0]
         keep = t != -100
         # a target is always the next input token
@@ -109,7 +115,7 @@ def test_loss_mask_is_exactly_the_assistant_tokens(tmp_path, family):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 32), min_size=1, max_size=60), st.integers(32, 64))
 def test_best_fit_packs_every_example_once_within_max_len(lengths, max_len):
-    rows = train_sft.pack_best_fit(lengths, max_len)
+    rows = dataloader.pack_best_fit(lengths, max_len)
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in r) <= max_len for r in rows)
     # best fit never leaves two rows that could have been merged... at least it beats one-per-row
@@ -126,14 +132,14 @@ def test_packed_loss_and_grads_equal_unpacked():
         ids = torch.randint(0, 96, (n,), generator=g).tolist()
         mask = [0] * (n // 3) + [1] * (n - n // 3)  # prompt then answer
         examples.append((ids, mask))
-    rows = [[examples[i] for i in r] for r in train_sft.pack_best_fit([len(e[0]) for e in examples], 40)]
+    rows = [[examples[i] for i in r] for r in dataloader.pack_best_fit([len(e[0]) for e in examples], 40)]
     assert len(rows) < len(examples) and any(len(r) > 1 for r in rows)
 
     def grads():
         return [p.grad.clone() for p in model.parameters()]
 
     # packed: the training path (block-diagonal mask, positions reset per document, fused chunked CE)
-    batch = train_sft.collate(rows, pad_id=0)
+    batch = dataloader.collate(rows, pad_id=0)
     n = (batch["targets"] != -100).sum()
     model.zero_grad()
     packed = train_sft.batch_loss_sum(model, model.lm_head.weight, batch, chunk=16) / n
@@ -156,15 +162,15 @@ def test_packed_loss_and_grads_equal_unpacked():
 
 def test_collate_targets_positions_and_mask():
     rows = [[([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1])], [([6, 7, 8, 9], [0, 0, 1, 1])]]
-    b = train_sft.collate(rows, pad_id=0)
+    b = dataloader.collate(rows, pad_id=0)
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
     assert b["targets"].tolist() == [[2, 3, -100, 5, -100], [-100, 8, 9, -100, -100]]  # never across docs
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    m = train_sft.packed_attention_mask(b["doc_ids"])[:, 0]
+    m = dataloader.packed_attention_mask(b["doc_ids"])[:, 0]
     assert not m[0, 3, 2] and m[0, 4, 3] and not m[0, 3, 4]  # doc 2 can't see doc 1; causal inside
     assert m.diagonal(dim1=1, dim2=2).all()  # padding sees itself: no NaN rows
-    single = train_sft.collate([[([1, 2, 3], [0, 1, 1])]], pad_id=0)
-    assert train_sft.packed_attention_mask(single["doc_ids"]) is None  # plain causal fast path
+    single = dataloader.collate([[([1, 2, 3], [0, 1, 1])]], pad_id=0)
+    assert dataloader.packed_attention_mask(single["doc_ids"]) is None  # plain causal fast path
 
 
 # -----------------------------------------------------------------------------
@@ -185,14 +191,14 @@ def test_bad_rows_name_file_and_line(tmp_path, ckpt):
     for name, (lines, msg) in cases.items():
         path = write_jsonl(tmp_path / f"{name}.jsonl", lines)
         with pytest.raises(ValueError, match=f"{name}.jsonl{msg}"):
-            train_sft.load_examples([path], tok, _cfg())
+            dataloader.load_examples([path], tok, **_data(_cfg()))
     # the same files with --skip_bad_rows=1: counted, and the good rows are kept
     path = write_jsonl(tmp_path / "mixed.jsonl", [good, '{"messages": [', good, json.dumps({"messages": []}), good])
-    (examples,), stats = train_sft.load_examples([path], tok, _cfg(skip_bad_rows=1), log=lambda *a: None)
+    (examples,), stats = dataloader.load_examples([path], tok, **_data(_cfg(skip_bad_rows=1)), log=lambda *a: None)
     assert len(examples) == 3 and stats["skipped"] == 1  # (read_jsonl counts the JSON error itself)
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="empty.jsonl"):
-        train_sft.load_examples([empty], tok, _cfg())
+        dataloader.load_examples([empty], tok, **_data(_cfg()))
 
 
 def _sharded_load(rank, world, init_file, tok_dir, paths, counts, results):
@@ -202,14 +208,14 @@ def _sharded_load(rank, world, init_file, tok_dir, paths, counts, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     tok = Tokenizer.from_pretrained(tok_dir)
     calls = []
-    original = train_sft.row_to_example
-    train_sft.row_to_example = lambda row, *a: calls.append(row) or original(row, *a)
+    original = dataloader.row_to_example
+    dataloader.row_to_example = lambda row, *a: calls.append(row) or original(row, *a)
     try:
-        (examples,), _ = train_sft.load_examples(paths[:1], tok, _cfg(), lambda *a: None, rank, world)
+        (examples,), _ = dataloader.load_examples(paths[:1], tok, **_data(_cfg()), log=lambda *a: None, rank=rank, world=world)
         results[rank] = [(ids.tolist(), mask.tolist()) for ids, mask in examples]
         counts[rank] = len(calls)
         try:
-            train_sft.load_examples(paths[1:], tok, _cfg(), lambda *a: None, rank, world)
+            dataloader.load_examples(paths[1:], tok, **_data(_cfg()), log=lambda *a: None, rank=rank, world=world)
         except ValueError as e:  # the bad row is on rank 1's shard; rank 0 must raise it too, not hang
             results[f"error{rank}"] = str(e)
     finally:
@@ -222,7 +228,7 @@ def test_each_rank_tokenizes_only_its_shard(tmp_path, ckpt):
 
     good = write_jsonl(tmp_path / "good.jsonl", [{"messages": _chat(a, a + 1)} for a in range(9)])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": _chat(1, 2)}, {"text": "x"}, {"messages": _chat(3, 4)}])
-    (single,), _ = train_sft.load_examples([good], Tokenizer.from_pretrained(ckpt), _cfg(), lambda *a: None)
+    (single,), _ = dataloader.load_examples([good], Tokenizer.from_pretrained(ckpt), **_data(_cfg()), log=lambda *a: None)
     with mp.Manager() as manager:
         counts, results = manager.dict(), manager.dict()
         mp.spawn(_sharded_load, args=(2, str(tmp_path / "store"), str(ckpt), [good, bad], counts, results), nprocs=2)
@@ -239,12 +245,12 @@ def test_truncation_is_counted_never_silent(tmp_path, ckpt):
     long_prompt = {"messages": [{"role": "user", "content": "1 " * 80}, {"role": "assistant", "content": "7"}]}
     path = write_jsonl(tmp_path / "long.jsonl", [{"messages": _chat(1, 2)}, long_answer, long_prompt])
     logs = []
-    (examples,), stats = train_sft.load_examples([path], tok, _cfg(max_seq_len=48), log=logs.append)
+    (examples,), stats = dataloader.load_examples([path], tok, **_data(_cfg(max_seq_len=48)), log=logs.append)
     assert stats["truncated"] == 2 and stats["dropped"] == 1 and len(examples) == 2
     assert all(len(ids) <= 48 for ids, _ in examples)
     assert any("long.jsonl:2" in line for line in logs) and any("dropped" in line for line in logs)
     # pretrain: long documents are split, every token still predicted exactly once
-    pieces, truncated = train_sft.fit_length(list(range(100)), [1] * 100, 32, "pretrain")
+    pieces, truncated = dataloader.fit_length(list(range(100)), [1] * 100, 32, "pretrain")
     assert not truncated and all(len(p[0]) <= 32 for p in pieces)
     assert sum(len(p[0]) - 1 for p in pieces) == 99
 
@@ -256,23 +262,23 @@ def test_truncation_is_counted_never_silent(tmp_path, ckpt):
 def test_mixing_weights_and_determinism():
     a = [([i, 0], [0, 1]) for i in range(10)]
     b = [([i, 1], [0, 1]) for i in range(100, 200)]
-    rows = train_sft.epoch_rows([a, b], [0.5, 0.5], 8, seed=3, epoch=0, do_pack=False)
+    rows = dataloader.epoch_packs([a, b], [0.5, 0.5], 8, seed=3, epoch=0, do_pack=False)
     src = [r[0][0][1] for r in rows]
     assert len(rows) == 110 and src.count(0) == 55 and src.count(1) == 55  # small file repeated
     counts = [sum(r[0][0][0] == i for r in rows) for i in range(10)]
     assert set(counts) <= {5, 6}  # repeats spread evenly: whole passes, then part of one
-    assert rows == train_sft.epoch_rows([a, b], [0.5, 0.5], 8, seed=3, epoch=0, do_pack=False)
-    assert rows != train_sft.epoch_rows([a, b], [0.5, 0.5], 8, seed=3, epoch=1, do_pack=False)
-    once = train_sft.epoch_rows([a, b], None, 8, seed=3, epoch=0, do_pack=True)
+    assert rows == dataloader.epoch_packs([a, b], [0.5, 0.5], 8, seed=3, epoch=0, do_pack=False)
+    assert rows != dataloader.epoch_packs([a, b], [0.5, 0.5], 8, seed=3, epoch=1, do_pack=False)
+    once = dataloader.epoch_packs([a, b], None, 8, seed=3, epoch=0, do_pack=True)
     assert sorted(ex[0][0] for r in once for ex in r) == list(range(10)) + list(range(100, 200))
 
 
 def test_row_stream_position_resumes_exactly():
     src = [[([i, i + 1, i + 2], [0, 1, 1]) for i in range(13)]]
-    s = train_sft.RowStream(src, None, 8, 0, True)
+    s = dataloader.PackStream(src, None, 8, 0, True)
     s.take(3)
     s.take(4)  # straddles the epoch boundary (5 packed rows per epoch)
-    t = train_sft.RowStream(src, None, 8, 0, True, **s.state())
+    t = dataloader.PackStream(src, None, 8, 0, True, **s.state())
     assert s.take(7) == t.take(7) and s.state() == t.state()
 
 

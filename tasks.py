@@ -1,0 +1,250 @@
+"""
+Problems: the rows RL, evaluation and rejection sampling pose to a model. Loading them, the prompt templates that
+turn them into token ids, and scoring a model's samples: against their answers (pass@1, pass@k, maj@k), or, for
+prompts no rule can check, by a frozen reward model (RewardModelScorer, R1 stage 4).
+
+    problems = load_problems("data/tiny/test.jsonl")
+    prompts = [encode_problem(tok, row, "chat") for row in problems]
+    acc = held_out_accuracy(engine, problems, prompts, dict(max_new_tokens=128))      # greedy pass@1
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data.jsonl import iter_jsonl
+from model import RewardModel
+from reward import accuracy_reward, answer_part, extract_answer
+
+# -----------------------------------------------------------------------------
+# problem rows and prompt templates
+
+
+def load_problems(path, targets=("answer",)):
+    """JSONL rows with `prompt` (str) or `messages` (list) and at least one of the `targets` fields to check a
+    completion against (default `answer`; rejection sampling also takes code rows' `tests`); errors name file:line."""
+    rows = []
+    for lineno, row in iter_jsonl(path, required=targets if len(targets) == 1 else ()):
+        if not any(k in row for k in targets):
+            raise ValueError(f"{path}:{lineno}: missing field {' or '.join(map(repr, targets))}")
+        if not isinstance(row.get("messages"), list) and not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{lineno}: needs 'prompt' (a string) or 'messages' (a list)")
+        rows.append(row)
+    return rows
+
+
+R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+                    "The assistant first thinks about the reasoning process in the mind and then provides the user "
+                    "with the answer. The reasoning process and answer are enclosed within <think> </think> and "
+                    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+                    "<answer> answer here </answer>. User: {prompt}. Assistant:")
+
+
+PROMPT_TEMPLATES = ("chat", "raw", "r1zero")
+
+
+def encode_problem(tok, row, template="chat"):
+    """A problem row -> prompt token ids. template "chat": the tokenizer's chat template (rows with `messages`
+    always use it, as the conversation they are); "raw": `prompt` as plain text; "r1zero": R1_ZERO_TEMPLATE
+    around `prompt` (or the last user turn of `messages`). A bool means "chat" (True) or "raw" (False)."""
+    template = {True: "chat", False: "raw"}.get(template, template) if isinstance(template, bool) else template
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"prompt template {template!r}: expected one of {', '.join(PROMPT_TEMPLATES)}")
+    messages = row.get("messages") if isinstance(row.get("messages"), list) else None
+    if template == "r1zero":
+        prompt = row["prompt"] if isinstance(row.get("prompt"), str) else \
+            next(m["content"] for m in reversed(messages) if m.get("role") == "user")
+        return tok.encode(R1_ZERO_TEMPLATE.format(prompt=prompt))
+    if messages is not None:
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+    if template == "chat":
+        return tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
+    return tok.encode(row["prompt"])
+
+
+def prompt_messages(row):
+    """The conversation a problem row asks: its `messages`, or its `prompt` as one user turn."""
+    if isinstance(row.get("messages"), list):
+        return [dict(m) for m in row["messages"]]
+    return [{"role": "user", "content": row["prompt"]}]
+
+
+def think_prefix(tok, prompt_ids):
+    """The "<think>..." a prompt ends with when its chat template opens the think block for the model (the
+    R1-Distill template's "<｜Assistant｜><think>\\n"), else "": it belongs to the assistant turn."""
+    text = tok.decode(prompt_ids)
+    i = text.rstrip().rfind("<think>")
+    return text[i:] if i >= 0 and text.rstrip().endswith("<think>") else ""
+
+
+
+# -----------------------------------------------------------------------------
+# scoring samples: `correct` is per problem a list of K bools, `answers` the extracted answers (None = none)
+
+
+def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, batch_size=32, rank=0, world=1,
+                   progress=True):
+    """Generate num_samples completions per problem and score each with reward.accuracy_reward against its
+    `answer`. prompts: token ids, one per problem. Under torchrun rank r takes problems r, r+world, ... and
+    every rank gets the merged results. Seeds depend on the problem index only (seed + problem*K + sample), so
+    the split never changes a sample. -> (results: per problem a list of sample dicts, generated tokens)."""
+    K = num_samples
+    mine = list(range(rank, len(problems), world))
+    results = []  # (problem index, [sample dicts])
+    n_tokens = 0
+    bar = tqdm(total=len(problems), desc="eval", disable=rank != 0 or not progress, dynamic_ncols=True, leave=False)
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s:s + batch_size]
+        seeds = [seed + i * K + j for i in idx for j in range(K)]
+        outs = engine.generate([prompts[i] for i in idx], num_samples=K, seed=seeds, **sampling)
+        for i, samples in zip(idx, outs):
+            gold = str(problems[i]["answer"])
+            rows = []
+            for j, c in enumerate(samples):
+                reward = float(accuracy_reward(c.text, gold))
+                rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)), reward=reward,
+                                 correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
+                                 completion=c.text))
+                n_tokens += len(c.tokens)
+            results.append((i, rows))
+        bar.update(min(len(idx) * world, bar.total - bar.n))  # the other ranks keep about the same pace
+    bar.close()
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (results, n_tokens))
+        results = [r for part, _ in gathered for r in part]
+        n_tokens = sum(n for _, n in gathered)
+    results.sort(key=lambda r: r[0])
+    return [rows for _, rows in results], n_tokens
+
+
+
+def pass_at_1(correct):
+    """Mean over problems of the fraction of correct samples (the unbiased pass@1 estimate)."""
+    return sum(sum(c) / len(c) for c in correct) / len(correct)
+
+
+
+def pass_at_k(correct):
+    """Fraction of problems with at least one correct sample among its K."""
+    return sum(any(c) for c in correct) / len(correct)
+
+
+
+def majority_vote(answers, equiv=None):
+    """Index of the sample whose answer is the most common one (None if no sample has an answer).
+    Answers are grouped with equiv(a, b) (default ==); a tie goes to the answer seen first."""
+    equiv = equiv or (lambda a, b: a == b)
+    groups = []  # [first index, count, representative answer]
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        for g in groups:
+            if equiv(a, g[2]):
+                g[1] += 1
+                break
+        else:
+            groups.append([i, 1, a])
+    if not groups:
+        return None
+    return max(groups, key=lambda g: (g[1], -g[0]))[0]
+
+
+
+def maj_at_k(correct, answers, equiv=None):
+    """Fraction of problems whose majority answer is correct."""
+    hits = 0
+    for c, a in zip(correct, answers):
+        i = majority_vote(a, equiv)
+        hits += i is not None and bool(c[i])
+    return hits / len(correct)
+
+
+
+def held_out_accuracy(engine, problems, prompts, sampling, seed=0, rank=0, world=1):
+    """Greedy pass@1 over the held-out problems (prompts: their token ids), the measure every trainer reports.
+    sampling: Engine.generate keywords (max_new_tokens, stop, ...); the temperature is set to 0."""
+    greedy = {**sampling, "temperature": 0.0}
+    results, _ = score_problems(engine, problems, prompts, 1, greedy, seed, batch_size=64, rank=rank, world=world,
+                                progress=False)
+    return pass_at_1([[s["correct"] for s in rows] for rows in results])
+
+
+def held_out_rm_score(engine, items, scorer, sampling, seed=0, rank=0, world=1, batch_size=64):
+    """Mean RewardModelScorer score of greedy completions of held-out prompts (R1 stage 4's measure on general
+    prompts, which no rule checks). items: {"row", "ids"}; rank r scores items r, r+world, ... and the sums are
+    all-reduced."""
+    greedy = {**sampling, "temperature": 0.0}
+    mine = items[rank::world]
+    total = 0.0
+    for s in range(0, len(mine), batch_size):
+        part = mine[s:s + batch_size]
+        outs = engine.generate([it["ids"] for it in part], num_samples=1, seed=seed, **greedy)
+        total += sum(scorer([(it["row"], out[0].text) for it, out in zip(part, outs)]))
+    if world > 1:
+        t = torch.tensor(total, dtype=torch.float64, device=scorer.device)
+        dist.all_reduce(t)
+        total = t.item()
+    return total / max(len(items), 1)
+
+
+# -----------------------------------------------------------------------------
+# the learned reward (R1 stage 4): a frozen reward model scores completions of prompts no rule can check
+
+
+def reward_model_input(tok, messages):
+    """What a RewardModel reads, in training (--mode=rm) and when train_grpo --reward_model scores rollouts: the
+    whole chat-templated conversation, ending in the assistant turn being scored (closed as the template closes it:
+    `<|im_end|>\n` in ChatML); the score is taken at its last token."""
+    ids, _ = tok.encode_chat_with_mask(messages)
+    return ids
+
+
+class RewardModelScorer:
+    """A frozen model.RewardModel scoring prompt + completion, for the rows the rule rewards cannot check: batched
+    (right-padded, with an attention mask), in inference mode, on the training device (bf16 on CUDA), never updated.
+    scorer(pairs of (problem row, completion text)) -> raw scores; a row's reward is weight x score.
+
+    It encodes with the policy's tokenizer, so it must have been trained with that one: its vocabulary must cover
+    the policy's ids, and a tokenizer.json in its directory must have the same vocabulary; anything else is refused
+    with a clear error."""
+
+    def __init__(self, path, tok, weight, device, dtype, batch_size):
+        try:
+            self.model = RewardModel.from_pretrained(path, dtype=dtype, device=device).eval()
+        except (KeyError, ValueError, FileNotFoundError) as e:  # e.g. a causal LM dir: no score.weight
+            raise SystemExit(f"--reward_model={path}: {e.args[0] if isinstance(e, KeyError) else e}") from None
+        self.model.requires_grad_(False)
+        if self.model.num_labels != 1:
+            raise SystemExit(f"--reward_model={path}: {self.model.num_labels} labels; a reward model has one score")
+        if self.model.config.vocab_size < tok.vocab_size:
+            raise SystemExit(f"--reward_model={path}: its vocabulary ({self.model.config.vocab_size} ids) does not "
+                             f"cover the policy tokenizer's {tok.vocab_size}; it must use the policy's tokenizer")
+        rm_tok = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(rm_tok):
+            from tokenizers import Tokenizer as RustTokenizer
+            if RustTokenizer.from_file(rm_tok).get_vocab(True) != tok._tok.get_vocab(True):
+                raise SystemExit(f"--reward_model={path}: {rm_tok} is not the policy's tokenizer "
+                                 f"({tok.config_path.parent}); the RM reads the policy's token ids")
+        self.weight, self.device, self.batch_size = weight, device, batch_size
+        self.tok, self.pad_id = tok, tok.pad_id
+
+    def inputs(self, row, text):
+        """The RM's input ids: exactly what train_sft --mode=rm trained it on (reward_model_input), the
+        problem's conversation plus the completion's text as the closed assistant turn. The text is re-tokenised
+        rather than the sampled ids reused, so the RM sees the same encoding (and turn ending) as in training."""
+        return reward_model_input(self.tok, prompt_messages(row) + [{"role": "assistant", "content": text}])
+
+    def __call__(self, pairs):
+        seqs = [self.inputs(p, c) for p, c in pairs]
+        scores = []
+        for s in range(0, len(seqs), self.batch_size):
+            chunk = seqs[s:s + self.batch_size]
+            ids = torch.full((len(chunk), max(map(len, chunk))), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, x in enumerate(chunk):
+                ids[b, :len(x)], mask[b, :len(x)] = torch.tensor(x), 1
+            with torch.inference_mode():
+                scores += self.model(ids.to(self.device), attention_mask=mask.to(self.device)).float().tolist()
+        return scores
