@@ -10,10 +10,7 @@ as one sequence (one example when packing is off).
     stream = PackStream(sources, None, 512, seed=1337, do_pack=True)
     batch = collate(stream.take(8), tok.pad_id)   # input_ids, targets, position_ids, doc_ids
 
-Data spec: `a.jsonl:0.7,b.jsonl:0.3` mixes files, a weight being the fraction of each epoch's stream drawn from that
-file (a file too small for its share is repeated as whole shuffled passes plus a partial one); with no weights each
-row is seen once per epoch. Epoch e's order is a deterministic function of (seed, e), so a resume needs only
-(epoch, position).
+`a.jsonl:0.7,b.jsonl:0.3` mixes files by the fraction of each epoch drawn from each (parse_data_spec, epoch_packs).
 """
 import bisect
 
@@ -233,7 +230,8 @@ def load_prompt_sources(spec, tok, template, max_prompt_len=10**9, reward_names=
                 error = f"{where}: needs 'prompt' (a string) or 'messages' (a list)"
             elif missing:
                 error = (f"{where}: missing field(s) {', '.join(map(repr, missing))} (needed by the reward(s) "
-                         f"{', '.join(reward_names)}{'' if rm_rows else '; or pass --reward_model=DIR to score rows without them'})")
+                         f"{', '.join(reward_names)}"
+                         f"{'' if rm_rows else '; or pass --reward_model=DIR to score rows without them'})")
             if error and not skip_bad_rows:
                 raise ValueError(error)
             stats["bad"] += bool(error)
@@ -244,7 +242,8 @@ def load_prompt_sources(spec, tok, template, max_prompt_len=10**9, reward_names=
                 items.append({"where": where, "row": row, "ids": ids})
                 stats["rm"] += by_rm
         if not items:
-            raise ValueError(f"{path}: no usable prompts ({stats['too_long']} longer than max_prompt_len={max_prompt_len})")
+            raise ValueError(f"{path}: no usable prompts ({stats['too_long']} longer than "
+                             f"max_prompt_len={max_prompt_len})")
         sources.append(items)
     if stats["too_long"]:
         log(f"warning: skipped {stats['too_long']} prompt(s) longer than max_prompt_len={max_prompt_len}")
@@ -277,7 +276,8 @@ def pack_best_fit(lengths, max_len):
 
 
 def epoch_packs(sources, weights, max_len, seed, epoch, do_pack):
-    """The packs of one epoch, a deterministic function of (seed, epoch). weights None -> every example once; else weight w_i -> round(w_i * total) draws from file i."""
+    """The packs of one epoch, a deterministic function of (seed, epoch). weights None -> every example once; else
+    weight w_i -> round(w_i * total) draws from file i."""
     rng = np.random.default_rng([seed, epoch])
     total = sum(len(s) for s in sources)
     stream = []

@@ -5,10 +5,12 @@ models, which beat running RL on the small model itself). Three ways:
   --mode=sequence  what R1 did: the teacher samples num_samples completions per prompt, R1 stage 3's rejection
                    filters (rejection.rejection_sample: correct, well formed, one language, not degenerate, at most
                    max_per_prompt) keep the good ones, written to out_dir/teacher_samples.jsonl with provenance, and
-                   the student is fine-tuned on them by train_sft.py's own loop, in-process (train_sft.main). Works across tokenizers.
+                   the student is fine-tuned on them by train_sft.py's own loop, in-process (train_sft.main). Works
+                   across tokenizers.
   --mode=logit     the student matches the teacher's whole next-token distribution (forward KL, Hinton-style with
                    --kd_temperature, optionally cut to the teacher's --topk words) on the same teacher-generated
-                   sequences, or on given SFT rows (--sequences=FILE); losses.chunked_forward_kl, chunked over positions.
+                   sequences, or on given SFT rows (--sequences=FILE); losses.chunked_forward_kl, chunked over
+                   positions.
   --mode=onpolicy  the student samples completions itself (engine.Engine), the teacher only scores the student's
                    tokens, and the student minimises the per-token reverse KL, log pi_student - log pi_teacher used
                    as a per-token negative advantage (on-policy distillation: Agarwal et al. 2024, "On-policy
@@ -43,7 +45,8 @@ import torch.distributed as dist
 
 import train_sft  # sequence mode runs the SFT loop itself, in-process (the one script another script calls)
 from configurator import parse_overrides
-from dataloader import PackStream, collate, load_examples, load_prompt_sources, packed_attention_mask, parse_data_spec, read_rows
+from dataloader import (PackStream, collate, load_examples, load_prompt_sources, packed_attention_mask, parse_data_spec,
+                        read_rows)
 from engine import Engine, sample_seed
 from losses import chunked_forward_kl, completion_logprobs, reverse_kl_loss
 from model import Transformer
@@ -173,7 +176,7 @@ def teacher_samples(cfg, rt, path):
     if rt.master:
         save_samples(path, kept, report)
     rt.log(f"teacher samples: kept {report['kept']} of {report['samples']} ({report['acceptance_rate']:.1%}), mean "
-           f"{report['mean_kept_tokens']:.1f} tokens, rejected {dict((k, v) for k, v in report['rejected'].items() if v)}"
+           f"{report['mean_kept_tokens']:.1f} tokens, rejected {({k: v for k, v in report['rejected'].items() if v})}"
            f" ({time.time() - t0:.1f}s) -> {path}")
     if rt.ddp:
         dist.barrier()  # the file is complete before any rank reads it
@@ -185,9 +188,9 @@ def run_sequence(cfg, rt):
     the end (False: stopped by stop_after)."""
     samples_path = os.path.join(cfg.out_dir, "teacher_samples.jsonl")
     teacher_samples(cfg, rt, samples_path)
-    shared = ("init_from", "out_dir", "epochs", "max_steps", "batch_size", "max_seq_len", "lr", "min_lr", "warmup_steps",
-              "weight_decay", "beta1", "beta2", "grad_clip", "seed", "device", "dtype", "resume", "save_every",
-              "stop_after", "progress", "log_every")
+    shared = ("init_from", "out_dir", "epochs", "max_steps", "batch_size", "max_seq_len", "lr", "min_lr",
+              "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "device", "dtype", "resume",
+              "save_every", "stop_after", "progress", "log_every")
     rt.log(f"student: train_sft.main on {samples_path}")
     res = train_sft.main(data=samples_path, eval_every=0, eval_frac=0.0, **{k: cfg[k] for k in shared})
     return res["step"] == res["total_steps"]
@@ -346,12 +349,13 @@ def run_trainer(cfg, rt, tok, eval_problems, history):
 # -----------------------------------------------------------------------------
 
 
-def evaluate_model(model, tok, cfg, rt, problems, path=None, step=None):
-    """Greedy pass@1 of a model (or of the checkpoint at path) on the held-out problems, over all ranks; logged for a
-    training step."""
-    if path is not None:
-        model, tok = Transformer.from_pretrained(path, dtype=torch.float32, device=rt.device).eval(), \
-            Tokenizer.from_pretrained(path)
+def evaluate_dir(path, cfg, rt, problems):
+    model = Transformer.from_pretrained(path, dtype=torch.float32, device=rt.device).eval()
+    return evaluate_model(model, Tokenizer.from_pretrained(path), cfg, rt, problems)
+
+
+def evaluate_model(model, tok, cfg, rt, problems, step=None):
+    """Greedy pass@1 on the held-out problems, over all ranks; logged for a training step."""
     engine = Engine(model, tok, cuda_graphs=False)
     prompts = [encode_problem(tok, row, cfg.prompt_template) for row in problems]
     acc = held_out_accuracy(engine, problems, prompts, dict(max_new_tokens=cfg.max_new_tokens), cfg.seed, rt.rank,
@@ -376,15 +380,14 @@ def main(argv=()):
     history = {"student": []}
     teacher_acc = before = after = None
     if eval_problems:
-        teacher_acc = evaluate_model(None, None, cfg, rt, eval_problems, path=cfg.teacher)
-        before = evaluate_model(None, None, cfg, rt, eval_problems, path=cfg.init_from) if cfg.mode == "sequence" \
-            else None
+        teacher_acc = evaluate_dir(cfg.teacher, cfg, rt, eval_problems)
+        before = evaluate_dir(cfg.init_from, cfg, rt, eval_problems) if cfg.mode == "sequence" else None
         rt.log(f"held-out greedy pass@1: teacher {100 * teacher_acc:.1f}%"
                + (f", student {100 * before:.1f}%" if before is not None else ""))
     if cfg.mode == "sequence":
         finished = run_sequence(cfg, rt)
         if finished and eval_problems:
-            after = evaluate_model(None, None, cfg, rt, eval_problems, path=os.path.join(cfg.out_dir, "ckpt"))
+            after = evaluate_dir(os.path.join(cfg.out_dir, "ckpt"), cfg, rt, eval_problems)
     else:
         finished = run_trainer(cfg, rt, student_tok, eval_problems, history)
         if history["student"]:

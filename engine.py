@@ -132,20 +132,14 @@ class KVCache:
         first len(rows) rows of the same buffers (grown only if len(rows) > capacity)."""
         rows = rows.to(self._k.device)
         n, end = rows.numel(), self.pos
-        if n > self.capacity:  # grow: a fresh, larger buffer (the only case that allocates)
-            old_k, old_v, old_valid, old_n = self._k, self._v, self._valid, self._n_valid
+        src = self._k, self._v, self._valid, self._n_valid
+        if n > self.capacity:  # grow: fresh, larger buffers (the only case that allocates)
             self._alloc(n)
-            for i in range(old_k.shape[0]):
-                self._k[i, :, :, :end] = old_k[i, rows, :, :end]
-                self._v[i, :, :, :end] = old_v[i, rows, :, :end]
-            self._valid.copy_(old_valid[rows])
-            self._n_valid.copy_(old_n[rows])
-        else:  # gather first (index_select copies), then write into the first n rows
-            for i in range(self._k.shape[0]):
-                self._k[i, :n, :, :end] = self._k[i, rows, :, :end]
-                self._v[i, :n, :, :end] = self._v[i, rows, :, :end]
-            self._valid[:n] = self._valid[rows]
-            self._n_valid[:n] = self._n_valid[rows]
+        for i in range(self._k.shape[0]):  # indexing with rows gathers (a copy) before the write into the first n rows
+            self._k[i, :n, :, :end] = src[0][i, rows, :, :end]
+            self._v[i, :n, :, :end] = src[1][i, rows, :, :end]
+        self._valid[:n] = src[2][rows]
+        self._n_valid[:n] = src[3][rows]
         self._view(n)
 
 
@@ -163,7 +157,6 @@ def argmax_rows(x):
     blocks = x.view(B, V // 128, 128)
     j = blocks.amax(-1).argmax(-1)
     return j * 128 + blocks[torch.arange(B), j].argmax(-1)
-
 
 
 def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, out=None):
@@ -202,7 +195,6 @@ def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
-
 # -----------------------------------------------------------------------------
 # the engine
 
@@ -216,7 +208,6 @@ class Completion:
     seed: int = 0  # this row's seed: generate([prompt], seed=this) reproduces the completion
 
 
-
 @dataclass
 class _Sample:  # host-side bookkeeping of one sample being generated
     seed: int
@@ -224,7 +215,6 @@ class _Sample:  # host-side bookkeeping of one sample being generated
     logprobs: list = field(default_factory=list)
     finish: str = ""
     by_string: bool = False  # stopped by a stop string (text is cut after it)
-
 
 
 def _buckets(n):
@@ -236,12 +226,10 @@ def _buckets(n):
     return sorted(set(b for b in out if b < n)) + [n]
 
 
-
 # -----------------------------------------------------------------------------
 # CPU: linears through oneDNN on prepacked weights
 
 ONEDNN_MIN_MACS = 2**20  # below ~1M multiply-adds a call, oneDNN's fixed cost (~10 us) outweighs its faster kernel
-
 
 
 def onednn_available():
@@ -249,7 +237,6 @@ def onednn_available():
         return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise is not None
     except (AttributeError, RuntimeError):  # a build without oneDNN, or the private op was renamed
         return False
-
 
 
 @contextlib.contextmanager
@@ -285,7 +272,6 @@ def onednn_linears(model, packed=None):
             vars(lin).pop("forward", None)
 
 
-
 def _eval_mode(method):
     """Run an Engine method in eval + inference mode (with oneDNN linears if the engine uses them), then put a
     training model back in train mode (GRPO alternates rollouts and updates on the same model)."""
@@ -300,7 +286,6 @@ def _eval_mode(method):
         finally:
             self.model.train(training)
     return wrapper
-
 
 
 class Engine:
@@ -518,7 +503,6 @@ class Engine:
             if row.by_string:  # cut right after the earliest-ending stop string
                 text = text[:min(text.find(s) + len(s) for s in stop_strs if s in text)]
         return Completion(row.tokens, text, row.logprobs, row.finish or "length", row.seed)
-
 
 
 def sample_seed(seed, step, draw, j, group_size):

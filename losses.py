@@ -1,16 +1,10 @@
 """
-Every training formula of nanoR1, each next to the paper (and equation) it comes from. Only torch; nothing of the
-repo. The trainers build batches and call these.
-
-  big-vocabulary losses, in chunks of positions: chunked_cross_entropy (SFT, pretraining), chunked_token_logprobs
-      (GRPO, on-policy distillation), chunked_forward_kl (logit distillation); completion_logprobs runs a model and
-      the second of these over the completion tokens of (prompt, completion) pairs
+Every training formula of nanoR1, each beside the paper (and equation) it comes from; only torch, nothing of the repo.
+  chunked over positions: chunked_cross_entropy (SFT), chunked_token_logprobs (GRPO; completion_logprobs runs a model
+      into it), chunked_forward_kl (logit distillation). Logits for 8k tokens x 151936 words in fp32 are 4.9 GB: these
+      take the final hidden states [N, D] and the lm_head weight [V, D] and hold one [chunk, V] block at a time.
   GRPO: group_advantages, kl_k3, grpo_loss (GRPO / DAPO / Dr. GRPO / GSPO), overlong_penalty
-  distillation: reverse_kl_loss (on-policy)
-  reward model: bradley_terry_loss
-
-Logits for 8k tokens x 151936 words in fp32 are 4.9 GB. The chunked functions take the final hidden states [N, D]
-and the lm_head weight [V, D] and only ever hold one [chunk, V] block of logits.
+  distillation: reverse_kl_loss (on-policy); reward model: bradley_terry_loss
 """
 import torch
 import torch.nn.functional as F
@@ -187,7 +181,6 @@ def chunked_forward_kl(hidden, weight, teacher_hidden, teacher_weight, chunk_siz
                             temperature, topk)
 
 
-
 def completion_logprobs(model, rows, pad_id, chunk, temperature, device):
     """Per-token log-probs of each row's completion given its prompt. rows: (prompt ids, completion ids) pairs.
     -> [B, Tc] fp32 (0 past a row's end). The batch is right-padded and needs no attention mask: under causal
@@ -238,13 +231,11 @@ def group_advantages(rewards, group_size, scale="group", eps=1e-4):
     return torch.where(flat, torch.zeros_like(centered), centered).reshape(-1)
 
 
-
 def kl_k3(logprobs, ref_logprobs):
     """Per-token k3 estimate of KL(pi_theta || pi_ref): pi_ref/pi_theta - log(pi_ref/pi_theta) - 1, unbiased and
     >= 0 (DeepSeekMath eq. 4; Schulman, "Approximating KL divergence")."""
     d = ref_logprobs - logprobs
     return torch.exp(d) - d - 1
-
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_low=0.2, clip_eps_high=0.2, beta=0.0,
@@ -306,7 +297,6 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_l
     return loss, stats
 
 
-
 def overlong_penalty(length, max_len, buffer):
     """DAPO's soft overlong punishment (arXiv 2503.14476 eq. 13): 0 up to max_len - buffer, then falling linearly
     to -1 at max_len (and -1 beyond)."""
@@ -315,7 +305,6 @@ def overlong_penalty(length, max_len, buffer):
     if length <= max_len:
         return ((max_len - buffer) - length) / buffer
     return -1.0
-
 
 
 # -----------------------------------------------------------------------------

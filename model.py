@@ -122,15 +122,6 @@ class ModelConfig:
         return d
 
 
-# Published Qwen2.5 shapes (their config.json files), for benchmarks with random weights of a real size
-QWEN25_SHAPES = {
-    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2),
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2),
-}
-
-
 # -----------------------------------------------------------------------------
 # modules (names mirror HF's Qwen2 so state dicts match key for key)
 
@@ -340,25 +331,19 @@ class Transformer(nn.Module):
         Built on the meta device, then each tensor is read straight to `device` in `dtype` (no double memory).
         dtype=None keeps the checkpoint's stored dtype."""
         config = load_config(path)
-        shards = _weight_files(path)
-        for f, keys in shards.items():
+        for f, keys in _weight_files(path).items():
             if "score.weight" in keys:
                 raise KeyError(f"{f}: unexpected tensor score.weight: this is a reward model "
                                f"(Qwen2ForSequenceClassification), not a causal LM; load it with RewardModel")
-        device = torch.device(device or "cpu")
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-        state = _read_safetensors(shards, expected, dtype, device, config.tie_word_embeddings)
-        if config.tie_word_embeddings:
+        tied = config.tie_word_embeddings
+        model, state = _load(lambda: cls(config), path, dtype, device, ("lm_head.weight",) if tied else (), tied)
+        if tied:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
-        if config.tie_word_embeddings:
+        if tied:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True broke the tie; restore it
         if dtype is None:
-            config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+            model.config.dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         return model
 
     def save_pretrained(self, path, max_shard_size=5 * 1024**3, state_dict=None):
@@ -366,11 +351,8 @@ class Transformer(nn.Module):
         The directory appears atomically: everything is written to a temp dir that is then renamed.
         state_dict: write these tensors instead of the module's own (the gathered weights of an FSDP-sharded model,
         whose own state_dict holds DTensor shards)."""
-        state = {k: v.detach().contiguous().cpu()
-                 for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")  # HF omits the tied head
-        _write_checkpoint(path, state, self.config.to_hf(), max_shard_size)
+        skip = ("lm_head.weight",) if self.config.tie_word_embeddings else ()  # HF omits the tied head
+        _write_checkpoint(path, self, state_dict, self.config.to_hf(), max_shard_size, skip)
 
 
 def swap_in_dir(tmp, path):
@@ -417,6 +399,15 @@ def _weight_files(path):
         with safe_open(single, framework="pt") as f:
             return {single: list(f.keys())}
     raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def _load(build, path, dtype, device, skip=(), tied=False):
+    """-> (build() on the meta device, its tensors but `skip` read from path's safetensors straight to device in dtype:
+    no double memory). tied: a stored lm_head.weight is the embedding's copy, left unread."""
+    with torch.device("meta"):
+        model = build()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
+    return model, _read_safetensors(_weight_files(path), expected, dtype, torch.device(device or "cpu"), tied)
 
 
 def _read_safetensors(files, expected, dtype, device, tied):
@@ -521,14 +512,10 @@ class RewardModel(nn.Module):
                            f"(Qwen2ForSequenceClassification): this looks like a causal LM checkpoint"
                            f"{' (it has lm_head.weight)' if lm else ''}; start a reward model from one with "
                            f"RewardModel.from_causal_lm")
-        device = torch.device(device or "cpu")
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        state = _read_safetensors(shards, expected, dtype, device, tied=False)
+        model, state = _load(lambda: cls(config), path, dtype, device)
         model.load_state_dict(state, strict=True, assign=True)
         if dtype is None:
-            config.dtype = str(state["score.weight"].dtype).removeprefix("torch.")
+            model.config.dtype = str(state["score.weight"].dtype).removeprefix("torch.")
         return model
 
     @classmethod
@@ -537,14 +524,10 @@ class RewardModel(nn.Module):
         model): the body read as strictly as from_pretrained reads it, lm_head.weight left out, and a score head
         drawn from N(0, std) (transformers' initializer_range) with torch's global RNG."""
         config = load_config(path)
-        shards = _weight_files(path)
-        device = torch.device(device or "cpu")
-        with torch.device("meta"):
-            model = cls(config, num_labels, pad_token_id)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "score.weight"}
-        state = _read_safetensors(shards, expected, dtype, device, tied=True)  # tied=True: skip a stored lm_head
+        model, state = _load(lambda: cls(config, num_labels, pad_token_id), path, dtype, device, skip=("score.weight",),
+                             tied=True)  # tied=True: skip a stored lm_head
         head_dtype = dtype or state["model.embed_tokens.weight"].dtype
-        state["score.weight"] = torch.empty(tuple(model.score.weight.shape), device=device,
+        state["score.weight"] = torch.empty(tuple(model.score.weight.shape), device=device or "cpu",
                                             dtype=head_dtype).normal_(0.0, std)
         model.load_state_dict(state, strict=True, assign=True)
         model.config.dtype = str(head_dtype).removeprefix("torch.")
@@ -565,9 +548,7 @@ class RewardModel(nn.Module):
     def save_pretrained(self, path, max_shard_size=5 * 1024**3, state_dict=None):
         """Write config.json + safetensors into `path`, atomically, sharded above max_shard_size bytes (as
         Transformer.save_pretrained). state_dict: write these tensors instead of the module's own (FSDP)."""
-        state = {k: v.detach().contiguous().cpu()
-                 for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
-        _write_checkpoint(path, state, self.hf_config(), max_shard_size)
+        _write_checkpoint(path, self, state_dict, self.hf_config(), max_shard_size)
 
 
 def _config_num_labels(config: ModelConfig) -> int:
@@ -578,11 +559,14 @@ def _config_num_labels(config: ModelConfig) -> int:
     return int(config.extra.get("num_labels") or 1)
 
 
-def _write_checkpoint(path, state, config, max_shard_size):
-    """config.json (torch_dtype set from the tensors when they share one dtype) + safetensors, sharded with an
-    index above max_shard_size bytes, written to path.tmp and swapped in (swap_in_dir)."""
+def _write_checkpoint(path, module, state_dict, config, max_shard_size, skip=()):
+    """config.json (torch_dtype set from the tensors when they share one dtype) + the tensors but `skip` of state_dict
+    (None: the module's own) as safetensors, sharded with an index above max_shard_size bytes, written to path.tmp and
+    swapped in (swap_in_dir)."""
     from safetensors.torch import save_file
 
+    state_dict = module.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k not in skip}
     path = os.path.abspath(path)
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -4,7 +4,7 @@ correct, well formed, in one language, within budget, not degenerate and not a d
 max_per_prompt per prompt. The kept samples are SFT rows with provenance. sample.py --reject=1 and distill.py's
 sequence mode run it.
 
-    kept, report = rejection_sample(engine, tok, rows, num_samples=4, sampling=dict(max_new_tokens=512, temperature=0.7))
+    kept, report = rejection_sample(engine, tok, rows, num_samples=4, sampling=dict(max_new_tokens=512))
     save_samples("out/reject/x.jsonl", kept, report)
 """
 import json
@@ -12,12 +12,9 @@ import random
 import re
 from collections import Counter
 
-import torch.distributed as dist
-from tqdm import tqdm
-
 from data.jsonl import write_jsonl
 from reward import accuracy_reward, code_reward, format_reward, language_consistency_reward
-from tasks import encode_problem, prompt_messages, think_prefix
+from tasks import encode_problem, prompt_messages, sample_problems, think_prefix
 
 # Why a sample is dropped, in the order the checks run; a sample failing several is counted under the first.
 # The per-sample checks (check_sample) go cheapest first, so correctness (for code rows a sandboxed test run)
@@ -32,7 +29,6 @@ _LETTER = re.compile(r"[^\W\d_]")
 _LATEX_CMD = re.compile(r"\\[A-Za-z]+")
 
 
-
 def max_ngram_count(text, n):
     """How often the most frequent n-gram of text's pieces (words, numbers, symbol runs) occurs, overlaps
     counted: a completion stuck in a loop repeats its period's n-grams once per turn of the loop."""
@@ -42,7 +38,6 @@ def max_ngram_count(text, n):
     return max(Counter(tuple(pieces[i:i + n]) for i in range(len(pieces) - n + 1)).values())
 
 
-
 def cot_language(completion, lang="en"):
     """reward.language_consistency_reward of a well-formed completion, except that a chain of thought with no
     words at all (pure arithmetic, the tiny task's) mixes no languages and scores 1.0 (the reward gives 0.0,
@@ -50,7 +45,6 @@ def cot_language(completion, lang="en"):
     score = language_consistency_reward(completion, lang)
     cot = completion.split("<think>", 1)[-1].split("</think>", 1)[0]
     return score if _LETTER.search(_LATEX_CMD.sub(" ", cot)) else 1.0
-
 
 
 def check_sample(completion, finish_reason, n_tokens, row, max_completion_tokens=None, ngram_size=20,
@@ -86,13 +80,6 @@ def check_sample(completion, finish_reason, n_tokens, row, max_completion_tokens
     return (None if ok else "incorrect"), rewards
 
 
-
-def rejection_reason(completion, finish_reason, n_tokens, row, **limits):
-    """Why check_sample drops this completion (a REJECT_REASONS name), or None to keep it."""
-    return check_sample(completion, finish_reason, n_tokens, row, **limits)[0]
-
-
-
 def _select(i, row, samples, prefix, max_per_prompt, prefer, seed, limits):
     """One problem's K samples -> (reason per sample, None for the kept ones; [(sample index, rewards)] kept)."""
     reasons, rewards, good, seen = [], [], [], set()
@@ -114,7 +101,6 @@ def _select(i, row, samples, prefix, max_per_prompt, prefer, seed, limits):
     return reasons, [(j, rewards[j]) for j in sorted(good[:max_per_prompt or len(good)])]
 
 
-
 def rejection_sample(engine, tok, rows, num_samples=4, sampling=None, seed=0, template="chat", max_per_prompt=1,
                      prefer="shortest", max_completion_tokens=None, ngram_size=20, max_ngram_repeats=4, lang="en",
                      min_language=1.0, rank=0, world=1, source="", row_files=None, batch_size=32, progress=False):
@@ -124,9 +110,9 @@ def rejection_sample(engine, tok, rows, num_samples=4, sampling=None, seed=0, te
     (prefer="random"). -> (kept rows in problem then sample order, report).
 
     rows: problem rows (`prompt` or `messages`, and `answer` or `tests`), encoded by encode_problem(template);
-    sampling: Engine.generate keywords (max_new_tokens, temperature, ...). Sample j of problem i has the seed
-    seed + i*num_samples + j, as in score_problems, so under torchrun (rank r takes problems r, r+world, ...;
-    the results are all-gathered) every rank returns the rows and report of one process.
+    sampling: Engine.generate keywords (max_new_tokens, temperature, ...). The samples come from
+    tasks.sample_problems (seed + i*num_samples + j), so under torchrun every rank returns the rows and report of one
+    process.
     Each kept row is an SFT row for train_sft.py: {"messages": prompt turns + the assistant turn (the whole
     completion, <think> block included)}, with provenance: source (checkpoint), source_file and source_row
     (row_files[i] and the row's index in that file), problem_index, sample_index, seed, num_tokens (generated,
@@ -144,26 +130,15 @@ def rejection_sample(engine, tok, rows, num_samples=4, sampling=None, seed=0, te
         raise ValueError(f"row_files has {len(files)} entries for {len(rows)} rows")
     limits = dict(max_completion_tokens=max_completion_tokens, ngram_size=ngram_size,
                   max_ngram_repeats=max_ngram_repeats, lang=lang, min_language=min_language)
-    mine = list(range(rank, len(rows), world))
-    results = []  # (problem index, reasons, [(sample index, text, tokens, rewards)])
-    bar = tqdm(total=len(rows), desc="reject", disable=rank != 0 or not progress, dynamic_ncols=True, leave=False)
-    for s in range(0, len(mine), batch_size):
-        idx = mine[s:s + batch_size]
-        prompts = [encode_problem(tok, rows[i], template) for i in idx]
-        outs = engine.generate(prompts, num_samples=K, seed=[seed + i * K + j for i in idx for j in range(K)], **sampling)
-        for i, ids, samples in zip(idx, prompts, outs):
-            if len(samples) != K:
-                raise ValueError(f"engine returned {len(samples)} samples for problem {i}, expected {K}")
-            prefix = think_prefix(tok, ids)
-            reasons, kept = _select(i, rows[i], samples, prefix, max_per_prompt, prefer, seed, limits)
-            results.append((i, reasons, [(j, prefix + samples[j].text, len(samples[j].tokens), r) for j, r in kept]))
-        bar.update(min(len(idx) * world, bar.total - bar.n))
-    bar.close()
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        results = [r for part in gathered for r in part]
-    results.sort(key=lambda r: r[0])
+    def judge(i, samples):  # -> (reason per sample, None for the kept ones; [(sample index, text, tokens, rewards)])
+        if len(samples) != K:
+            raise ValueError(f"engine returned {len(samples)} samples for problem {i}, expected {K}")
+        prefix = think_prefix(tok, prompts[i])
+        reasons, kept = _select(i, rows[i], samples, prefix, max_per_prompt, prefer, seed, limits)
+        return reasons, [(j, prefix + samples[j].text, len(samples[j].tokens), r) for j, r in kept]
+
+    prompts = [encode_problem(tok, row, template) for row in rows]
+    results = sample_problems(engine, prompts, K, sampling, judge, seed, batch_size, rank, world, "reject", progress)
 
     source_row, counts = [], Counter()  # each row's index within its own file
     for f in files:
@@ -171,7 +146,7 @@ def rejection_sample(engine, tok, rows, num_samples=4, sampling=None, seed=0, te
         counts[f] += 1
     kept_rows, rejected = [], Counter()
     per_source = {f: dict(problems=0, samples=0, kept=0, rate=0.0) for f in dict.fromkeys(files)}
-    for i, reasons, kept in results:
+    for i, (reasons, kept) in enumerate(results):
         rejected.update(r for r in reasons if r is not None)
         ps = per_source[files[i]]
         ps["problems"] += 1
@@ -186,13 +161,12 @@ def rejection_sample(engine, tok, rows, num_samples=4, sampling=None, seed=0, te
         ps["rate"] = ps["kept"] / ps["samples"] if ps["samples"] else 0.0
     n = len(rows) * K
     report = dict(problems=len(rows), samples=n, kept=len(kept_rows), acceptance_rate=len(kept_rows) / n if n else 0.0,
-                  problems_with_kept=sum(bool(kept) for _, _, kept in results),
+                  problems_with_kept=sum(bool(kept) for _, kept in results),
                   mean_kept_tokens=sum(r["num_tokens"] for r in kept_rows) / len(kept_rows) if kept_rows else 0.0,
                   rejected={r: rejected[r] for r in REJECT_REASONS}, per_source=per_source,
                   settings=dict(source=source, num_samples=K, seed=seed, template=template,
                                 max_per_prompt=max_per_prompt, prefer=prefer, **limits, sampling=sampling))
     return kept_rows, report
-
 
 
 def save_samples(path, kept, report):

@@ -695,7 +695,6 @@ def countdown_reward(completion: str, numbers, target) -> float:
         return 0.0
 
 
-
 _EQUATION = regex.compile(r"^\s*([-+*/() \d.]+?)\s*=\s*(-?\d+(?:\.\d+)?)\s*(?:,\s*so\s+([-+*/() \d.]+?))?\s*$")
 
 
@@ -926,9 +925,9 @@ def combine_rewards(spec) -> RewardFn:
     return RewardFn(parse_reward_spec(spec) if isinstance(spec, str) else dict(spec))
 
 
-# Which row fields each rule reward reads; a row carrying none of RULE_FIELDS is scored by the reward model.
+# the row fields each rule reward reads; with --reward_model, a row carrying none of RULE_FIELDS goes to the RM
 REQUIRED_FIELDS = {"accuracy": ("answer",), "countdown": ("numbers", "target"), "code": ("tests",)}
-RULE_FIELDS = ("answer", "tests", "numbers", "target")  # with --reward_model: a row with none of these goes to the RM
+RULE_FIELDS = ("answer", "tests", "numbers", "target")
 
 
 def rule_scored(row):

@@ -19,6 +19,7 @@ import time
 import torch
 
 from configurator import parse_overrides
+from data.jsonl import write_jsonl
 from engine import Engine
 from model import Transformer
 from rejection import rejection_sample, save_samples
@@ -128,8 +129,6 @@ def run_prompt(engine, tok, cfg, sampling):
 
 
 def run_eval(engine, tok, cfg, sampling, rt):
-    from data.jsonl import write_jsonl
-
     problems = load_problems(cfg["data"])
     K = cfg["num_samples"]
     t0 = time.time()

@@ -78,46 +78,48 @@ def think_prefix(tok, prompt_ids):
     return text[i:] if i >= 0 and text.rstrip().endswith("<think>") else ""
 
 
-
 # -----------------------------------------------------------------------------
 # scoring samples: `correct` is per problem a list of K bools, `answers` the extracted answers (None = none)
 
 
-def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, batch_size=32, rank=0, world=1,
-                   progress=True):
-    """Generate num_samples completions per problem and score each with reward.accuracy_reward against its
-    `answer`. prompts: token ids, one per problem. Under torchrun rank r takes problems r, r+world, ... and
-    every rank gets the merged results. Seeds depend on the problem index only (seed + problem*K + sample), so
-    the split never changes a sample. -> (results: per problem a list of sample dicts, generated tokens)."""
-    K = num_samples
-    mine = list(range(rank, len(problems), world))
-    results = []  # (problem index, [sample dicts])
-    n_tokens = 0
-    bar = tqdm(total=len(problems), desc="eval", disable=rank != 0 or not progress, dynamic_ncols=True, leave=False)
+def sample_problems(engine, prompts, num_samples, sampling, judge, seed=0, batch_size=32, rank=0, world=1, desc="",
+                    progress=False):
+    """num_samples completions of each prompt (token ids, one per problem), judged problem by problem: -> the list of
+    judge(problem index, its samples), in problem order, on every rank. Rank r samples problems r, r+world, ... and
+    the judgements are all-gathered; sample j of problem i has the seed seed + i*num_samples + j, so the rank split
+    never changes a sample. sampling: Engine.generate keywords."""
+    K, mine, results = num_samples, list(range(rank, len(prompts), world)), []
+    bar = tqdm(total=len(prompts), desc=desc, disable=rank != 0 or not progress, dynamic_ncols=True, leave=False)
     for s in range(0, len(mine), batch_size):
         idx = mine[s:s + batch_size]
         seeds = [seed + i * K + j for i in idx for j in range(K)]
         outs = engine.generate([prompts[i] for i in idx], num_samples=K, seed=seeds, **sampling)
-        for i, samples in zip(idx, outs):
-            gold = str(problems[i]["answer"])
-            rows = []
-            for j, c in enumerate(samples):
-                reward = float(accuracy_reward(c.text, gold))
-                rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)), reward=reward,
-                                 correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
-                                 completion=c.text))
-                n_tokens += len(c.tokens)
-            results.append((i, rows))
+        results += [(i, judge(i, samples)) for i, samples in zip(idx, outs)]
         bar.update(min(len(idx) * world, bar.total - bar.n))  # the other ranks keep about the same pace
     bar.close()
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, (results, n_tokens))
-        results = [r for part, _ in gathered for r in part]
-        n_tokens = sum(n for _, n in gathered)
-    results.sort(key=lambda r: r[0])
-    return [rows for _, rows in results], n_tokens
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    return [r for _, r in sorted(results, key=lambda r: r[0])]
 
+
+def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, batch_size=32, rank=0, world=1,
+                   progress=True):
+    """sample_problems, each sample scored with reward.accuracy_reward against its problem's `answer`. -> (per problem
+    a list of sample dicts, generated tokens over all ranks)."""
+    def judge(i, samples):
+        gold, rows = str(problems[i]["answer"]), []
+        for j, c in enumerate(samples):
+            reward = float(accuracy_reward(c.text, gold))
+            rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)), reward=reward,
+                             correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
+                             completion=c.text))
+        return rows
+
+    results = sample_problems(engine, prompts, num_samples, sampling, judge, seed, batch_size, rank, world, "eval",
+                              progress)
+    return results, sum(s["num_tokens"] for rows in results for s in rows)
 
 
 def pass_at_1(correct):
@@ -125,11 +127,9 @@ def pass_at_1(correct):
     return sum(sum(c) / len(c) for c in correct) / len(correct)
 
 
-
 def pass_at_k(correct):
     """Fraction of problems with at least one correct sample among its K."""
     return sum(any(c) for c in correct) / len(correct)
-
 
 
 def majority_vote(answers, equiv=None):
@@ -151,7 +151,6 @@ def majority_vote(answers, equiv=None):
     return max(groups, key=lambda g: (g[1], -g[0]))[0]
 
 
-
 def maj_at_k(correct, answers, equiv=None):
     """Fraction of problems whose majority answer is correct."""
     hits = 0
@@ -159,7 +158,6 @@ def maj_at_k(correct, answers, equiv=None):
         i = majority_vote(a, equiv)
         hits += i is not None and bool(c[i])
     return hits / len(correct)
-
 
 
 def held_out_accuracy(engine, problems, prompts, sampling, seed=0, rank=0, world=1):

@@ -105,9 +105,6 @@ def exit_if_torchrun(rc=0):
 # rank's shard; a forward all-gathers one block at a time and a backward reduce-scatters its gradients (averaged
 # over ranks, like DDP). Every rank must therefore run the same number of forward and backward passes.
 
-_FULL = dict(full_state_dict=True, cpu_offload=True)  # gathered whole, on rank 0's CPU (other ranks get {})
-
-
 def shard_model(model):
     """Shard each transformer block, then the root (embeddings, final norm, lm_head), in place: the usual FSDP2
     pattern, one all-gather per block. Build the optimizer afterwards, on the DTensor parameters."""
@@ -122,36 +119,6 @@ def shard_model(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def full_state_dict(model):
-    """The whole model's state dict on rank 0 (CPU), {} elsewhere; a collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(**_FULL))
-
-
-def optimizer_state(model, optimizer, fsdp):
-    """The optimizer state for a checkpoint. Sharded: gathered whole onto rank 0 and keyed by parameter name, so it
-    does not depend on the world size (a collective)."""
-    if not fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_FULL))
-
-
-def load_optimizer_state(model, optimizer, state, fsdp, saved_fsdp):
-    """Inverse of optimizer_state: under FSDP every rank has read the full state and keeps its own shard of it."""
-    # the two optimizer layouts differ (index- vs name-keyed); the model files are the same either way
-    if bool(fsdp) != bool(saved_fsdp):
-        raise SystemExit(f"the checkpoint's optimizer state was saved with --fsdp={int(saved_fsdp)}: resume with that "
-                         "flag (or start a new run from the checkpoint with --init_from)")
-    if not fsdp:
-        return optimizer.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 @torch.no_grad()
@@ -216,11 +183,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def save_checkpoint(rt, path, model, optimizer, tok_dir, fsdp=False, **trainer_state):
     """model (HF layout) + tokenizer files + trainer_state.pt (the optimizer, every rank's RNG state and the caller's
     trainer_state: step, data position, ...), written by rank 0 and swapped in as one directory, so a crash at any
-    moment leaves either the previous checkpoint or this one, never a mix. Every rank calls it: under FSDP the weights
-    and optimizer state are gathered (collectives)."""
-    rngs = all_rng_states(rt)
-    weights = full_state_dict(model) if fsdp else None
-    opt_state = optimizer_state(model, optimizer, fsdp)
+    moment leaves either the previous checkpoint or this one, never a mix. Every rank calls it: it gathers."""
+    rngs = [rng_state()] * rt.world  # every rank's, in rank order: rank r resumes with entry r
+    if rt.ddp:
+        dist.all_gather_object(rngs, rng_state())
+    if fsdp:  # gathered whole onto rank 0's CPU ({} elsewhere); the optimizer state keyed by parameter name, so it does
+        # not depend on the world size
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights, opt_state = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optimizer,
+                                                                                                 options=full)
+    else:
+        weights, opt_state = None, optimizer.state_dict()
     if rt.master:
         staging = path + ".staging"
         shutil.rmtree(staging, ignore_errors=True)
@@ -239,8 +214,17 @@ def save_checkpoint(rt, path, model, optimizer, tok_dir, fsdp=False, **trainer_s
 def restore_checkpoint(rt, path, model, optimizer, fsdp=False):
     """The other half of save_checkpoint, for a model already loaded from path's weights (and sharded, under FSDP):
     the optimizer state and this rank's RNG state. -> the trainer state (step, data position, ...)."""
-    state = load_trainer_state(path, mmap=bool(fsdp))
-    load_optimizer_state(model, optimizer, state["optimizer"], fsdp, state.get("fsdp", False))
+    # our own file, so weights_only=False (it holds numpy/python RNG tuples). mmap under FSDP: every rank reads the
+    # file but keeps only its shard of the optimizer state, so the ranks share one copy in the page cache
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False, mmap=bool(fsdp))
+    if bool(fsdp) != bool(state.get("fsdp", False)):  # the two optimizer layouts differ (index- vs name-keyed)
+        raise SystemExit(f"the checkpoint's optimizer state was saved with --fsdp={int(not fsdp)}: resume with that "
+                         "flag (or start a new run from the checkpoint with --init_from)")
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     rngs = state["rng"]
     set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
     return state
@@ -270,13 +254,6 @@ def find_checkpoint(out_dir, resume=True, log=print):
     return path, None
 
 
-def load_trainer_state(ckpt_dir, mmap=False):
-    # our own file, written by save_checkpoint: it holds numpy/python RNG tuples, hence weights_only=False.
-    # mmap (FSDP): every rank loads the file (step, RNG, data position) but needs only its shard of the full optimizer
-    # state in it: mapped, the ranks share one copy in the page cache instead of holding world copies in RAM
-    return torch.load(os.path.join(ckpt_dir, "trainer_state.pt"), map_location="cpu", weights_only=False, mmap=mmap)
-
-
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -290,15 +267,6 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def all_rng_states(rt):
-    """Every rank's RNG state (rank order), for the checkpoint; rank r resumes with entry r."""
-    if not rt.ddp:
-        return [rng_state()]
-    states = [None] * rt.world
-    dist.all_gather_object(states, rng_state())
-    return states
 
 
 # -----------------------------------------------------------------------------

@@ -52,6 +52,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
 
 from configurator import parse_overrides
 from dataloader import PackStream, load_prompt_sources
@@ -59,7 +60,7 @@ from engine import Engine, sample_seed
 from losses import completion_logprobs, group_advantages, grpo_loss, overlong_penalty
 from model import Transformer
 from reward import accuracy_reward, combine_rewards, rule_scored
-from tasks import PROMPT_TEMPLATES, RewardModelScorer, held_out_accuracy, held_out_rm_score
+from tasks import PROMPT_TEMPLATES, RewardModelScorer, held_out_accuracy, held_out_rm_score, sample_problems
 from tokenizer import Tokenizer
 from train_common import (Config, RunLog, copy_full_params, exit_if_torchrun, find_checkpoint, lr_at,
                           make_optimizer, peak_flops, restore_checkpoint, save_checkpoint, save_or_stop,
@@ -160,43 +161,33 @@ def configure(argv=()):
 
 
 def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, sampling, scorer=None):
-    """Sample and score a group for each item (this rank takes items k % world == rank): by reward_fn, or with a
-    RewardModelScorer, rows without rule fields by it (one batched pass over this rank's such rows; parts
-    {"rm": score}). -> the groups of all ranks in draw order, each {"draw", "item", "samples": [{tokens, logprobs,
-    finish, reward, parts, accuracy, text}]}, and this rank's generated token count."""
-    mine = list(range(rt.rank, len(items), rt.world))
-    out, n_tok = [], 0
-    if mine:
-        G = cfg.group_size
-        seeds = [sample_seed(cfg.seed, step, first_draw + k, j, G) for k in mine for j in range(G)]
-        completions = engine.generate([items[k]["ids"] for k in mine], num_samples=G, seed=seeds, **sampling)
-        by_rm = [scorer is not None and not rule_scored(items[k]["row"]) for k in mine]
-        pairs = [(items[k]["row"], c.text) for k, group, r in zip(mine, completions, by_rm) if r for c in group]
-        rm_scores = iter(scorer(pairs) if pairs else [])
-        for k, group, r in zip(mine, completions, by_rm):
-            row, samples = items[k]["row"], []
-            for c in group:
-                if r:
-                    score = next(rm_scores)
-                    total, parts = scorer.weight * score, {"rm": score}
-                else:
-                    total, parts = reward_fn(c.text, row)
-                if cfg.overlong == "soft":
-                    parts["overlong"] = overlong_penalty(len(c.tokens), cfg.max_completion_len, cfg.overlong_buffer)
-                    total += parts["overlong"]
-                acc = accuracy_reward(c.text, row["answer"]) if "accuracy" not in parts and "answer" in row \
-                    else parts.get("accuracy")
-                samples.append(dict(tokens=c.tokens, logprobs=c.logprobs, finish=c.finish_reason, reward=total,
-                                    parts=parts, accuracy=acc, text=c.text))
-                n_tok += len(c.tokens)
-            out.append(dict(draw=first_draw + k, item=items[k], samples=samples))
-    if rt.ddp:
-        parts = [None] * rt.world
-        dist.all_gather_object(parts, [{**g, "item": None} for g in out])  # every rank has the items already
-        out = sorted((g for p in parts for g in p), key=lambda g: g["draw"])
-        for g in out:
-            g["item"] = items[g["draw"] - first_draw]
-    return out, n_tok
+    """Sample a group for each item and score it: by reward_fn, or with a RewardModelScorer, a row without rule fields
+    by the reward model (parts {"rm": score}). tasks.sample_problems splits the items over the ranks (k % world) and
+    gathers the groups; the seeds are engine.sample_seed's. -> (the groups in draw order, each {"draw", "item",
+    "samples": [{tokens, logprobs, finish, reward, parts, accuracy, text}]}, generated tokens over all ranks)."""
+    def judge(k, group):
+        row = items[k]["row"]
+        rm_scores = scorer([(row, c.text) for c in group]) if scorer is not None and not rule_scored(row) else None
+        samples = []
+        for j, c in enumerate(group):
+            if rm_scores is not None:
+                total, parts = scorer.weight * rm_scores[j], {"rm": rm_scores[j]}
+            else:
+                total, parts = reward_fn(c.text, row)
+            if cfg.overlong == "soft":
+                parts["overlong"] = overlong_penalty(len(c.tokens), cfg.max_completion_len, cfg.overlong_buffer)
+                total += parts["overlong"]
+            acc = accuracy_reward(c.text, row["answer"]) if "accuracy" not in parts and "answer" in row \
+                else parts.get("accuracy")
+            samples.append(dict(tokens=c.tokens, logprobs=c.logprobs, finish=c.finish_reason, reward=total,
+                                parts=parts, accuracy=acc, text=c.text))
+        return samples
+
+    first_seed = sample_seed(cfg.seed, step, first_draw, 0, cfg.group_size)
+    groups = sample_problems(engine, [it["ids"] for it in items], cfg.group_size, sampling, judge, first_seed,
+                             batch_size=len(items), rank=rt.rank, world=rt.world)
+    groups = [dict(draw=first_draw + k, item=items[k], samples=samples) for k, samples in enumerate(groups)]
+    return groups, sum(len(s["tokens"]) for g in groups for s in g["samples"])
 
 
 def collect_rollouts(engine, stream, step, cfg, rt, reward_fn, sampling, scorer=None):
@@ -276,7 +267,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     move the weights), on every rank alike."""
     B, multi = len(rollouts), cfg.ppo_epochs * cfg.minibatches > 1
     stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, kl=0.0, tokens=0.0, loss=0.0, trained_rows=0, time_logp=0.0,
-                 ratio_max=0.0, logp_mismatch=0.0)
+                 ratio_max=0.0, logp_mismatch=0.0, grad_norm=0.0)
     # pi_old: with one optimizer step per batch it is the policy itself (each micro-batch's detached log-probs);
     # when the policy moves within the step, its log-probs before the first move
     old = old_logprobs(policy, rollouts, cfg, rt, pad_id, stats) if multi else None
@@ -295,9 +286,10 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
             for idx, pad in micro_batches(trained[rt.rank::rt.world], len(trained[::rt.world]), trained[:1], cfg):
                 lp, old_lp, ref_lp = micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pad_id,
                                                           stats)
-                loss, st = grpo_loss(lp, old_lp, ref_lp, torch.tensor([rollouts[i]["adv"] for i in idx], device=lp.device),
-                                     padded(rollouts, "mask", idx, rt.device), cfg.clip_eps_low, cfg.clip_eps_high,
-                                     cfg.beta, cfg.loss_agg, cfg.importance_sampling, cfg.max_completion_len,
+                adv = torch.tensor([rollouts[i]["adv"] for i in idx], device=lp.device)
+                mask = padded(rollouts, "mask", idx, rt.device)
+                loss, st = grpo_loss(lp, old_lp, ref_lp, adv, mask, cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
+                                     cfg.loss_agg, cfg.importance_sampling, cfg.max_completion_len,
                                      normalizer=max(float(normalizer), 1.0))
                 # a padding pass weighs 0; x world under FSDP2, which averages the gradients over ranks where the
                 # hand all-reduce of optimizer_step sums them
@@ -316,11 +308,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
 
 def padded(rollouts, key, idx, device):
     """[len(idx), longest completion] float tensor of each rollout's per-token list `key`, 0 past its end."""
-    T = max(len(rollouts[i]["tokens"]) for i in idx)
-    out = torch.zeros(len(idx), T, dtype=torch.float32)
-    for b, i in enumerate(idx):
-        out[b, :len(rollouts[i][key])] = torch.tensor(rollouts[i][key], dtype=torch.float32)
-    return out.to(device)
+    return pad_sequence([torch.tensor(rollouts[i][key], dtype=torch.float32) for i in idx], batch_first=True).to(device)
 
 
 def micro_batches(mine, most, fill, cfg):
@@ -378,20 +366,13 @@ def micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pa
             with torch.no_grad(), rt.autocast():
                 r = batch_logprobs(ref_model, rollouts, missing, cfg, rt, pad_id)
             ref.update({i: r[b, :len(rollouts[i]["tokens"])] for b, i in enumerate(missing)})
-        ref_lp = stack_padded([ref[i] for i in idx], lp)
+        ref_lp = pad_sequence([ref[i] for i in idx], batch_first=True)
         stats["time_logp"] += time.time() - t0
     if old is not None:
-        return lp, stack_padded([old[i].to(lp.device) for i in idx], lp), ref_lp
+        return lp, pad_sequence([old[i].to(lp.device) for i in idx], batch_first=True), ref_lp
     # one optimizer step per rollout batch: pi_old is the current policy (ratio 1, gradient not 0)
     stats["logp_mismatch"] = max(stats["logp_mismatch"], logp_mismatch(lp.detach(), rollouts, idx, rt.device))
     return lp, lp.detach(), ref_lp
-
-
-def stack_padded(rows, like):
-    out = torch.zeros_like(like)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = r
-    return out
 
 
 def optimizer_step(params, optimizer, cfg, rt):
@@ -419,7 +400,6 @@ def reduce_update_stats(stats, rt):
         stats[k] /= n
     stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
     stats["trained_rows"] = int(stats["trained_rows"])
-    stats.setdefault("grad_norm", 0.0)
     return stats
 
 
@@ -463,8 +443,7 @@ def load_models(cfg, rt, resume_from):
         ref_model.requires_grad_(False)
     sample_dtype = {"auto": torch.bfloat16 if rt.dev_type == "cuda" else torch.float32, "float32": torch.float32,
                     "bfloat16": torch.bfloat16}[cfg.sample_dtype]
-    own = sample_dtype != torch.float32 or cfg.fsdp
-    sampler = copy.deepcopy(policy).to(sample_dtype).eval() if own else policy
+    sampler = copy.deepcopy(policy).to(sample_dtype).eval() if sample_dtype != torch.float32 or cfg.fsdp else policy
     sampler.requires_grad_(sampler is policy)
     return policy, ref_model, sampler
 
@@ -514,8 +493,8 @@ def final_report(history, ckpt_path):
     rewards = [v for _, v in history["reward"]]  # a 10-step running mean: one step's 16 groups are noisy
     smooth = [(s, sum(rewards[max(0, i - 9):i + 1]) / len(rewards[max(0, i - 9):i + 1]))
               for i, (s, _) in enumerate(history["reward"])]
-    for line in ascii_plot({"accuracy (held-out, greedy)": history["accuracy"], "reward (train, 10-step mean)": smooth}):
-        print(line)
+    print("\n".join(ascii_plot({"accuracy (held-out, greedy)": history["accuracy"],
+                                "reward (train, 10-step mean)": smooth})))
     result = {}
     if history["accuracy"]:
         before, after = history["accuracy"][0][1], history["accuracy"][-1][1]
@@ -568,11 +547,12 @@ def main(argv=()):
     sampling = dict(max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature, top_p=cfg.top_p,
                     top_k=cfg.top_k, ignore_eos=bool(cfg.ignore_eos),
                     stop=["</answer>"] if cfg.prompt_template == "r1zero" else None)
+    rm_info = f"; reward model {cfg.reward_model} ({scorer.model.num_params() / 1e6:.2f}M, x{scorer.weight})" \
+        if scorer else ""
     rt.log(f"model: {policy.num_params() / 1e6:.2f}M params; device {rt.device}, world {rt.world}, "
            f"{'bf16 autocast' if rt.amp_dtype else 'fp32'} training{', FSDP2-sharded' if cfg.fsdp else ''}, "
            f"{next(sampler.parameters()).dtype} rollouts; reference model: "
-           f"{'yes' if ref_model is not None else 'none (beta=0)'}"
-           f"{f'; reward model {cfg.reward_model} ({scorer.model.num_params() / 1e6:.2f}M, x{scorer.weight})' if scorer else ''}")
+           f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}")
     log = StepLog(cfg, rt, policy, step, resume_from)
     do_eval = bool(cfg.eval_every and (eval_problems or eval_rm_items))
     if do_eval and not (history["accuracy"] or history.get("rm_score")):
@@ -613,7 +593,8 @@ def main(argv=()):
         log.step(rec, rollouts, groups)
         if save_or_stop(step, last, cfg.save_every, cfg.stop_after, lambda: save_checkpoint(
                 rt, ckpt_path, policy, optimizer, tok_dir, cfg.fsdp, step=step, data=stream.state(), history=history,
-                config=dict(cfg), ref=ref_model.state_dict() if ref_model is not None and cfg.ref_update_every else None),
+                config=dict(cfg), ref=ref_model.state_dict() if ref_model is not None and cfg.ref_update_every
+                else None),
                 rt.log):
             break
     log.close()
@@ -635,7 +616,7 @@ class StepLog(RunLog):
 
     def step(self, rec, rollouts, groups):
         cfg, rt, step = self.cfg, self.rt, rec["step"]
-        rec.update(gen_tokens=int(rt.all_sum(rec["gen_tokens"])), peak_mem_mb=peak_mem_mb(rt))
+        rec["peak_mem_mb"] = peak_mem_mb(rt)
         rec["gen_tok_s"] = rec["gen_tokens"] / max(rec["time_gen"], 1e-9)
         if self.peak and rollouts:
             trained = sum(len(r["prompt"]) + len(r["tokens"]) for r in rollouts) * cfg.ppo_epochs

@@ -61,7 +61,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import parse_overrides
-from dataloader import PackStream, collate, collate_pairs, load_examples, pack_best_fit, packed_attention_mask, parse_data_spec
+from dataloader import (PackStream, collate, collate_pairs, load_examples, pack_best_fit, packed_attention_mask,
+                        parse_data_spec)
 from losses import bradley_terry_loss, chunked_cross_entropy
 from model import ModelConfig, RewardModel, Transformer, is_reward_model_dir
 from tokenizer import Tokenizer
@@ -145,7 +146,6 @@ def pair_loss_sum(model, batch):
 
 class TokenObjective:
     """sft and pretrain: cross-entropy on the learned tokens of packed sequences; a step's mean is over them."""
-    unit = "learned tokens"
 
     def __init__(self, model, pad_id, ce_chunk):
         self.model, self.pad_id, self.ce_chunk = model, pad_id, ce_chunk
@@ -168,7 +168,6 @@ class TokenObjective:
 
 class PairObjective(TokenObjective):
     """rm: Bradley-Terry on (chosen, rejected) pairs scored by a RewardModel; a step's mean is over pairs."""
-    unit = "pairs"
 
     def batch(self, packs, pad_to=0):
         return collate_pairs(packs, self.pad_id, pad_to)
@@ -196,12 +195,13 @@ def load_data(cfg, tok, rt):
     """-> (the training PackStream, the held-out packs, tokenising stats): --eval_data, or eval_frac of every file held
     out (the same examples in every run)."""
     spec = parse_data_spec(cfg.data)
-    load = dict(mode=cfg.mode, max_seq_len=cfg.max_seq_len, skip_bad_rows=cfg.skip_bad_rows, rank=rt.rank, world=rt.world)
+    load = dict(mode=cfg.mode, max_seq_len=cfg.max_seq_len, skip_bad_rows=cfg.skip_bad_rows, rank=rt.rank,
+                world=rt.world)
     sources, stats = load_examples([p for p, _ in spec], tok, log=rt.log, **load)
     held = []
     if cfg.eval_data:
-        eval_sources, _ = load_examples([p for p, _ in parse_data_spec(cfg.eval_data)], tok, log=lambda *a: None, **load)
-        held = [ex for src in eval_sources for ex in src]
+        files = [p for p, _ in parse_data_spec(cfg.eval_data)]
+        held = [ex for src in load_examples(files, tok, log=lambda *a: None, **load)[0] for ex in src]
     elif cfg.eval_frac > 0:
         for i, src in enumerate(sources):
             perm = np.random.default_rng([cfg.seed, 10_000 + i]).permutation(len(src))
@@ -219,7 +219,8 @@ def load_data(cfg, tok, rt):
             f"{cfg.max_seq_len})" if cfg.mode == "rm" else
             f"{len(epoch0)} packs of <= {cfg.max_seq_len}, {n_tok} tokens "
             f"({sum(int(ex[1][1:].sum()) for pack in epoch0 for ex in pack)} learned, fill "
-            f"{n_tok / (len(epoch0) * cfg.max_seq_len):.0%}); truncated {stats['truncated']}, dropped {stats['dropped']}")
+            f"{n_tok / (len(epoch0) * cfg.max_seq_len):.0%}); truncated {stats['truncated']}, "
+            f"dropped {stats['dropped']}")
     rt.log(f"data: {stats['rows']} rows from {len(sources)} file(s) -> {sum(map(len, sources))} train / {len(held)} "
            f"eval examples; epoch = {what}, skipped {stats['skipped']}")
     return stream, eval_packs, stats
@@ -242,7 +243,8 @@ def build_model(cfg, tok, device, resume_from):
         mconf = ModelConfig(**over)
     mconf.dtype = "float32"
     with torch.device(device):
-        return (RewardModel(mconf, pad_token_id=tok.pad_id) if cls is RewardModel else Transformer(mconf)).init_weights()
+        model = RewardModel(mconf, pad_token_id=tok.pad_id) if cls is RewardModel else Transformer(mconf)
+    return model.init_weights()
 
 
 @torch.no_grad()
@@ -350,7 +352,9 @@ def main(argv=(), **overrides):
                       else dict(target_tokens=int(n_terms))))
         if eval_packs and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
             eval_loss, eval_acc = evaluate(train_model, model, objective, eval_packs, cfg, rt)
-            rec.update(eval_loss=round(eval_loss, 5), **({"eval_pair_acc": round(eval_acc, 5)} if cfg.mode == "rm" else {}))
+            rec["eval_loss"] = round(eval_loss, 5)
+            if cfg.mode == "rm":
+                rec["eval_pair_acc"] = round(eval_acc, 5)
         log.step(step, last, step_time, step_tok, rec)
         if save_or_stop(step, last, cfg.save_every, cfg.stop_after, lambda: save_checkpoint(
                 rt, ckpt_path, model, optimizer, tok_dir, cfg.fsdp, step=step, total_steps=total_steps,

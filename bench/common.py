@@ -33,3 +33,12 @@ def hardware(threads=0):
         return torch.cuda.get_device_name()
     cpu = platform.processor() or platform.machine()
     return f"{cpu} CPU x{os.cpu_count()} ({threads or torch.get_num_threads()} threads)"
+
+
+# Published Qwen2.5 shapes (their config.json files), for benchmarks with random weights of a real size
+QWEN25_SHAPES = {
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2),
+}

@@ -16,8 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import QWEN25_SHAPES  # noqa: E402
-from common import hardware, peak_memory_bytes, run_worker  # noqa: E402  (bench/common.py)
+from common import QWEN25_SHAPES, hardware, peak_memory_bytes, run_worker  # noqa: E402  (bench/common.py)
 
 PRESETS = {  # Qwen2-shaped configs; "small" fits a 2-core CPU in about a minute
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,

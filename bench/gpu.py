@@ -35,7 +35,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 TOKENIZER_DIR = os.path.join(ROOT, "tests", "fixtures", "tokenizers", "qwen2.5")
 
-# Qwen2.5 shapes (model.QWEN25_SHAPES, copied so `record`/`summary` need not import torch); tied, rope_theta 1e6
+# Qwen2.5 shapes (common.QWEN25_SHAPES, copied so `record`/`summary` need not import torch); tied, rope_theta 1e6
 SHAPES = {
     "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                  num_attention_heads=14, num_key_value_heads=2),

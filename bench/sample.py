@@ -21,8 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import QWEN25_SHAPES  # noqa: E402
-from common import hardware, peak_memory_bytes, run_worker  # noqa: E402  (bench/common.py)
+from common import QWEN25_SHAPES, hardware, peak_memory_bytes, run_worker  # noqa: E402  (bench/common.py)
 
 PRESETS = {  # Qwen2-shaped; "tiny" ~ the embedded world's model, "small" a shrunk Qwen (32k vocab) for a CPU
     "tiny": dict(vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=4,

@@ -18,7 +18,7 @@ import sample  # noqa: E402
 import tasks  # noqa: E402
 from engine import Completion, Engine  # noqa: E402
 from helpers import make_tiny_tokenizer, torchrun  # noqa: E402
-from rejection import REJECT_REASONS, check_sample, max_ngram_count, rejection_reason, rejection_sample  # noqa: E402
+from rejection import REJECT_REASONS, check_sample, max_ngram_count, rejection_sample  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 RL_START = ROOT / "data/tiny/rl_start"
@@ -89,7 +89,7 @@ CODE = "<think>\nsquare it\n</think>\n```python\ndef f(x):\n    return x * x\n``
     (LOOP.replace("{5}", "{6}"), "stop", 300, ROW, {}, "degenerate"),
 ])
 def test_each_rejection_reason(completion, finish, n_tokens, row, limits, reason):
-    assert rejection_reason(completion, finish, n_tokens, row, **limits) == reason
+    assert check_sample(completion, finish, n_tokens, row, **limits)[0] == reason
 
 
 def test_check_sample_rewards_and_order():
@@ -255,7 +255,7 @@ def test_cli_on_the_tiny_model_one_process_and_torchrun_agree(tmp_path, capsys):
         problem = easy[row["problem_index"]]
         completion = row["messages"][-1]["content"]
         assert row["messages"][:-1] == problem["messages"] and row["source"] == str(RL_START)
-        assert rejection_reason(completion, "stop", row["num_tokens"], problem) is None
+        assert check_sample(completion, "stop", row["num_tokens"], problem)[0] is None
         assert row["rewards"] == {"format": 1.0, "language": 1.0, "accuracy": 1.0}
         assert row["seed"] == 0 + row["problem_index"] * 4 + row["sample_index"]
     row = one[0]  # the seed reproduces the sample

@@ -211,7 +211,8 @@ def _sharded_load(rank, world, init_file, tok_dir, paths, counts, results):
     original = dataloader.row_to_example
     dataloader.row_to_example = lambda row, *a: calls.append(row) or original(row, *a)
     try:
-        (examples,), _ = dataloader.load_examples(paths[:1], tok, **_data(_cfg()), log=lambda *a: None, rank=rank, world=world)
+        (examples,), _ = dataloader.load_examples(paths[:1], tok, **_data(_cfg()), log=lambda *a: None, rank=rank,
+                                                  world=world)
         results[rank] = [(ids.tolist(), mask.tolist()) for ids, mask in examples]
         counts[rank] = len(calls)
         try:
@@ -228,7 +229,8 @@ def test_each_rank_tokenizes_only_its_shard(tmp_path, ckpt):
 
     good = write_jsonl(tmp_path / "good.jsonl", [{"messages": _chat(a, a + 1)} for a in range(9)])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": _chat(1, 2)}, {"text": "x"}, {"messages": _chat(3, 4)}])
-    (single,), _ = dataloader.load_examples([good], Tokenizer.from_pretrained(ckpt), **_data(_cfg()), log=lambda *a: None)
+    (single,), _ = dataloader.load_examples([good], Tokenizer.from_pretrained(ckpt), **_data(_cfg()),
+                                            log=lambda *a: None)
     with mp.Manager() as manager:
         counts, results = manager.dict(), manager.dict()
         mp.spawn(_sharded_load, args=(2, str(tmp_path / "store"), str(ckpt), [good, bad], counts, results), nprocs=2)
