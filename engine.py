@@ -162,9 +162,11 @@ def argmax_rows(x):
 def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, out=None):
     """Pick one token per row. logits [B, V]; u [B] uniforms in [0, 1) (ignored when temperature == 0).
 
-    Returns (tokens [B], logprobs [B]). logprobs are log softmax(logits / T) at the chosen token: the
-    *unfiltered* temperature-scaled policy, which is what GRPO's log pi_old must be (top-k/top-p/min-p only
-    decide which tokens can be drawn). Greedy (T=0) reports T=1 log-probs.
+    Returns (tokens [B], logprobs [B], sample_logprobs [B]). logprobs are log softmax(logits / T) at the chosen
+    token: the *unfiltered* temperature-scaled policy, which is what GRPO's log pi_old must be. sample_logprobs are
+    the log-probs under the distribution the token was actually drawn from, top-k / top-p / min-p filtered and
+    renormalised (the rollout importance weights need them, losses.rollout_is_weights): the same tensor as
+    logprobs without filtering. Greedy (T=0) reports T=1 log-probs and sample log-probs 0 (the pick was certain).
     Sampling is by inverse CDF over the filtered probabilities: exact, and one uniform per row per token.
     out: optional fp32 buffer of >= B rows x V for the log-softmax. The Engine reuses one across steps: on the
     CPU a fresh [B, vocab] tensor each step is handed back to the OS by malloc and page-faulted in again
@@ -176,23 +178,27 @@ def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
     logp = torch.log_softmax(x, dim=-1, out=None if out is None else out[:x.shape[0]])
     if temperature == 0:
         tokens = argmax_rows(x)
-    else:
-        probs = logp.exp()
-        V = probs.shape[-1]
-        if 0 < top_k < V:
-            kth = probs.topk(top_k, dim=-1).values[:, -1:]
-            probs = probs.masked_fill(probs < kth, 0.0)
-        if min_p > 0:
-            probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
-        if top_p < 1:  # keep the smallest head of the sorted distribution whose mass reaches top_p
-            sp, si = probs.sort(-1, descending=True)
-            cum = sp.cumsum(-1)
-            sp = sp.masked_fill(cum - sp >= top_p * cum[:, -1:], 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-        cdf = probs.double().cumsum(-1)  # fp64: a 150k-word fp32 cumsum drifts enough to bias the tail
-        target = u.to(cdf) * cdf[:, -1]
-        tokens = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=V - 1)
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+        picked = logp.gather(-1, tokens[:, None])[:, 0]
+        return tokens, picked, torch.zeros_like(picked)
+    probs = logp.exp()
+    V = probs.shape[-1]
+    if 0 < top_k < V:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+    if top_p < 1:  # keep the smallest head of the sorted distribution whose mass reaches top_p
+        sp, si = probs.sort(-1, descending=True)
+        cum = sp.cumsum(-1)
+        sp = sp.masked_fill(cum - sp >= top_p * cum[:, -1:], 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    cdf = probs.double().cumsum(-1)  # fp64: a 150k-word fp32 cumsum drifts enough to bias the tail
+    target = u.to(cdf) * cdf[:, -1]
+    tokens = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=V - 1)
+    picked = logp.gather(-1, tokens[:, None])[:, 0]
+    if 0 < top_k < V or min_p > 0 or top_p < 1:  # renormalised over the kept mass cdf[:, -1]
+        return tokens, picked, picked - cdf[:, -1].log().to(picked)
+    return tokens, picked, picked
 
 
 # -----------------------------------------------------------------------------
@@ -206,6 +212,7 @@ class Completion:
     logprobs: list  # per token: log softmax(logits / T) of the sampled token (see sample_tokens)
     finish_reason: str  # "stop" (stop token or stop string) or "length" (hit max_new_tokens)
     seed: int = 0  # this row's seed: generate([prompt], seed=this) reproduces the completion
+    sample_logprobs: list = field(default_factory=list)  # per token: under the filtered distribution it came from
 
 
 @dataclass
@@ -213,6 +220,7 @@ class _Sample:  # host-side bookkeeping of one sample being generated
     seed: int
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    sample_logprobs: list = field(default_factory=list)
     finish: str = ""
     by_string: bool = False  # stopped by a stop string (text is cut after it)
 
@@ -449,20 +457,22 @@ class Engine:
         logp_buf = torch.empty(B, self.model.config.vocab_size, device=self.device)  # see sample_tokens
         while step < max_new_tokens:
             n = min(self.sync_every, max_new_tokens - step)
-            toks, lps = [], []
+            toks, lps, slps = [], [], []
             for i in range(n):
-                t, lp = sample_tokens(logits, None if u is None else u[:, step + i], temperature, top_k, top_p, min_p,
-                                      out=logp_buf)
-                toks.append(t), lps.append(lp)
+                t, lp, slp = sample_tokens(logits, None if u is None else u[:, step + i], temperature, top_k, top_p,
+                                           min_p, out=logp_buf)
+                toks.append(t), lps.append(lp), slps.append(slp)
                 if step + i + 1 < max_new_tokens:  # the last token never needs to be fed back
                     logits = self._decode(cache, t)
             step += n
+            same = all(a is b for a, b in zip(lps, slps))  # no filtering: sample_logprobs are the logprobs
             toks, lps = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # the host sync
+            slps = lps if same else torch.stack(slps, 1).tolist()
             for k, r in enumerate(live):
                 if r is None or rows[r].finish:
                     continue
                 before = len(rows[r].tokens)
-                self._accept(rows[r], toks[k], lps[k], stop_ids, stop_strs, lookback)
+                self._accept(rows[r], toks[k], lps[k], slps[k], stop_ids, stop_strs, lookback)
                 if on_tokens is not None and len(rows[r].tokens) > before:
                     on_tokens(r, rows[r].tokens[before:])
             keep = [k for k, r in enumerate(live) if r is not None and not rows[r].finish]
@@ -482,10 +492,10 @@ class Engine:
             r.finish = r.finish or "length"
         return [[self._finish(r, stop_strs) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
 
-    def _accept(self, row, toks, lps, stop_ids, stop_strs, lookback):
+    def _accept(self, row, toks, lps, slps, stop_ids, stop_strs, lookback):
         """Append a chunk of sampled tokens to a row, up to and including the first stop token / string."""
-        for t, lp in zip(toks, lps):
-            row.tokens.append(t), row.logprobs.append(lp)
+        for t, lp, slp in zip(toks, lps, slps):
+            row.tokens.append(t), row.logprobs.append(lp), row.sample_logprobs.append(slp)
             if t in stop_ids:
                 row.finish = "stop"
                 return
@@ -502,7 +512,7 @@ class Engine:
             text = self.tokenizer.decode(ids)
             if row.by_string:  # cut right after the earliest-ending stop string
                 text = text[:min(text.find(s) + len(s) for s in stop_strs if s in text)]
-        return Completion(row.tokens, text, row.logprobs, row.finish or "length", row.seed)
+        return Completion(row.tokens, text, row.logprobs, row.finish or "length", row.seed, row.sample_logprobs)
 
 
 def sample_seed(seed, step, draw, j, group_size):

@@ -3,7 +3,7 @@ Every training formula of nanoR1, each beside the paper (and equation) it comes 
   chunked over positions: chunked_cross_entropy (SFT), chunked_token_logprobs (GRPO; completion_logprobs runs a model
       into it), chunked_forward_kl (logit distillation). Logits for 8k tokens x 151936 words in fp32 are 4.9 GB: these
       take the final hidden states [N, D] and the lm_head weight [V, D] and hold one [chunk, V] block at a time.
-  GRPO: group_advantages, kl_k3, grpo_loss (GRPO / DAPO / Dr. GRPO / GSPO), overlong_penalty
+  GRPO: group_advantages, kl_k3, grpo_loss (GRPO / DAPO / Dr. GRPO / GSPO), rollout_is_weights, overlong_penalty
   distillation: reverse_kl_loss (on-policy); reward model: bradley_terry_loss
 """
 import torch
@@ -239,7 +239,8 @@ def kl_k3(logprobs, ref_logprobs):
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_low=0.2, clip_eps_high=0.2, beta=0.0,
-              loss_agg="sequence", importance_sampling="token", max_completion_len=None, normalizer=None):
+              loss_agg="sequence", importance_sampling="token", max_completion_len=None, normalizer=None,
+              is_weights=None):
     """The clipped GRPO surrogate, negated (a loss to minimise), and stats.
 
     logprobs, old_logprobs, ref_logprobs (None when beta == 0), mask: [B, T]; advantages: [B].
@@ -254,6 +255,8 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_l
       constant (Dr. GRPO): summed over every token; normaliser = rows x max_completion_len
     normalizer: divide by this instead of the batch's own count, so micro-batches and ranks that each pass the
     global count sum to exactly the one-batch gradient.
+    is_weights [B, T] (rollout_is_weights): each token's clipped term times its weight, for rollouts drawn from
+    another distribution than pi_old; the KL term, the aggregation and the normaliser stay as they are.
     stats (floats): clip_frac_low / clip_frac_high / clip_frac (fraction of masked tokens whose clip is active),
     kl (token mean of k3 to the reference, or to pi_old without one), ratio_max, tokens."""
     keep = mask.bool()  # values past a row's end can be anything (even -inf): zero them before exp()
@@ -269,6 +272,8 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_l
     ratio = torch.exp(log_ratio)
     adv = advantages.to(logprobs.dtype)[:, None]
     objective = torch.min(ratio * adv, ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * adv)
+    if is_weights is not None:
+        objective = objective * is_weights.detach().to(objective.dtype)
     kl = kl_k3(logprobs, ref_logprobs if ref_logprobs is not None else old_logprobs)
     if beta:
         if ref_logprobs is None:
@@ -295,6 +300,48 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_l
                      ratio_max=float(ratio.masked_fill(mask == 0, 0).max()) if n else 1.0)
         stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
     return loss, stats
+
+
+ROLLOUT_IS_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def rollout_is_weights(logprobs, sampler_logprobs, mask, mode="token_truncate", cap=2.0, floor=0.5):
+    """Importance weights for rollouts drawn from another distribution than the trainer's pi_old (a bf16 sampler,
+    top-k / top-p / min-p sampling). logprobs: the trainer's log pi_old [B, T]; sampler_logprobs: each token's
+    log-prob under the distribution it was drawn from [B, T]; mask [B, T]. With r_t = exp(logprobs - sampler_logprobs)
+    on masked tokens and R = prod_t r_t per row:
+      none:              1
+      token_truncate:    min(r_t, cap)  (truncated IS: Yao et al. 2025, "Your efficient RL framework secretly brings
+                         you off-policy RL training")
+      token_mask:        r_t where floor <= r_t <= cap, else 0
+      sequence_truncate: min(R, cap) on every token of the row
+      sequence_mask:     R where floor <= R <= cap, else 0 for the whole row
+    -> (weights: detached, 0 where mask is 0; stats over the masked tokens: is_mean, is_max (of the ratio the mode
+    weighs with, r_t or R), is_clipped_frac (truncated or masked out; for "none", what token_truncate would
+    truncate), mismatch_kl (the token mean of r - log r - 1, the k3 estimate of KL(sampler || trainer)), tokens)."""
+    if mode not in ROLLOUT_IS_MODES:
+        raise ValueError(f"rollout IS mode={mode!r}: expected one of {', '.join(ROLLOUT_IS_MODES)}")
+    if not cap > 0:
+        raise ValueError(f"rollout IS cap={cap}: expected > 0")
+    keep = mask.bool()
+    with torch.no_grad():
+        log_r = (logprobs.double() - sampler_logprobs.double()).masked_fill(~keep, 0.0)  # -inf padding: 0 before exp
+        r = log_r.exp()
+        if mode.startswith("sequence"):
+            r = log_r.sum(-1, keepdim=True).exp().expand_as(r)
+        if mode.endswith("mask"):
+            weights = torch.where((r >= floor) & (r <= cap), r, 0.0)
+        elif mode == "none":
+            weights = torch.ones_like(r)
+        else:
+            weights = r.clamp(max=cap)
+        weights = torch.where(keep, weights, 0.0)
+        n = int(keep.sum())
+        changed = (r > cap) if mode == "none" else (weights != r)
+        stats = dict(is_mean=float(r[keep].mean()) if n else 1.0, is_max=float(r[keep].max()) if n else 1.0,
+                     is_clipped_frac=float((changed & keep).sum()) / max(n, 1), tokens=n,
+                     mismatch_kl=float((log_r.exp() - log_r - 1)[keep].mean()) if n else 0.0)
+    return weights.to(logprobs.dtype), stats
 
 
 def overlong_penalty(length, max_len, buffer):

@@ -1,8 +1,8 @@
 """
 What the trainers (train_sft.py, train_grpo.py, distill.py) and sample.py share: process/device setup under torchrun
 and the torchrun exit, FSDP2 sharding (--fsdp=1), the optimizer and LR schedule, atomic checkpoints with exact-resume
-state, the metrics file and MFU's peak FLOP/s table. One function for each; each takes plain values (not a script's
-config object).
+state, the run log (metrics file, its picture, the bar) and MFU's peak FLOP/s table. One function for each; each takes
+plain values (not a script's config object).
 """
 import json
 import math
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from model import swap_in_dir
+from plot import write_curves
 
 
 class Config(dict):
@@ -270,23 +271,28 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
-# metrics file
+# the run log
+
+
+def truncate_jsonl(path, resume_step=None):
+    """Start a run's JSONL log: empty, or on resume only its lines up to the checkpoint's step (none shows twice)."""
+    kept = []
+    if resume_step is not None and os.path.isfile(path):
+        kept = [line for line in open(path) if json.loads(line).get("step", 0) <= resume_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 class RunLog:
-    """A run's log, on rank 0: out_dir/metrics.jsonl (one JSON line per logged step; on resume only the lines up to the
-    checkpoint's step are kept, so the file never shows a step twice), a tqdm bar (progress=1) or, without one, each
+    """A run's log, on rank 0: out_dir/metrics.jsonl (one JSON line per logged step), its picture out_dir/curves.svg
+    (plot.py; redrawn at each record with eval metrics and at the end), a tqdm bar (progress=1) or, without one, each
     record printed, and lines printed above the bar (say)."""
 
     def __init__(self, out_dir, rt, total, step=0, resume_step=None, desc="", progress=True):
         self.path, self.rt, self.bar = os.path.join(out_dir, "metrics.jsonl"), rt, None
         if rt.master:
             os.makedirs(out_dir, exist_ok=True)
-            kept = []
-            if resume_step is not None and os.path.isfile(self.path):
-                kept = [line for line in open(self.path) if json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            truncate_jsonl(self.path, resume_step)
             if progress:
                 from tqdm import tqdm
                 self.bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=desc)
@@ -297,6 +303,8 @@ class RunLog:
                 f.write(json.dumps(rec) + "\n")
             if self.bar is None:
                 print(json.dumps(rec), flush=True)
+            if any(k.startswith("eval_") for k in rec):
+                write_curves(self.path)
 
     def say(self, line):
         self.bar.write(line) if self.bar is not None else self.rt.log(line)
@@ -310,3 +318,5 @@ class RunLog:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+        if self.rt.master and os.path.isfile(self.path):
+            write_curves(self.path)

@@ -44,6 +44,7 @@ needs plain tensors at fixed addresses, which an FSDP module only has transientl
 used for inference only and stays unsharded. Checkpoints are gathered onto rank 0: the same HF-layout files.
 """
 import copy
+import json
 import os
 import resource
 import sys
@@ -57,12 +58,14 @@ from torch.nn.utils.rnn import pad_sequence
 from configurator import parse_overrides
 from dataloader import PackStream, load_prompt_sources
 from engine import Engine, sample_seed
-from losses import completion_logprobs, group_advantages, grpo_loss, overlong_penalty
+from losses import (ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss, overlong_penalty,
+                    rollout_is_weights)
 from model import Transformer
-from reward import accuracy_reward, combine_rewards, rule_scored
-from tasks import PROMPT_TEMPLATES, RewardModelScorer, held_out_accuracy, held_out_rm_score, sample_problems
+from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
+from tasks import (PROMPT_TEMPLATES, RewardModelScorer, held_out_accuracy, held_out_rm_score, maj_at_k, pass_at_1,
+                   pass_at_k, sample_problems, score_problems)
 from tokenizer import Tokenizer
-from train_common import (Config, RunLog, copy_full_params, exit_if_torchrun, find_checkpoint, lr_at,
+from train_common import (Config, RunLog, copy_full_params, truncate_jsonl, exit_if_torchrun, find_checkpoint, lr_at,
                           make_optimizer, peak_flops, restore_checkpoint, save_checkpoint, save_or_stop,
                           setup_runtime, shard_model, sum_gradients, teardown)
 
@@ -76,6 +79,8 @@ eval_n = 500  # first eval_n problems of eval_data
 eval_rm_data = ""  # with --reward_model: held-out prompts whose greedy completions the RM scores at every eval
 eval_rm_n = 200  # first eval_rm_n prompts of eval_rm_data
 eval_every = 40  # steps between evaluations (plus one before the first step and one at the end); 0: none at all
+eval_samples = 1  # K > 1: at every eval also K samples per held-out problem: sampled pass@1 (mean), pass@K and maj@K
+eval_temperature = 1.0  # the temperature of those K samples (greedy pass@1 is always measured too)
 prompt_template = "chat"  # chat: the tokenizer's chat template | r1zero: R1-Zero's plain-text template (base models)
 rewards = "accuracy:1"  # reward.py names with weights; every component is logged on its own
 reward_model = ""  # RewardModel dir (R1 stage 4): scores the rows without answer / tests / numbers+target
@@ -109,8 +114,15 @@ max_completion_len = 128
 temperature = 1.0
 top_p = 1.0
 top_k = 0
+min_p = 0.0
+rollout_is = "auto"  # importance weights for the sampler/trainer mismatch: auto | none | token_truncate | token_mask |
+# sequence_truncate | sequence_mask (losses.rollout_is_weights); auto: token_truncate when the rollouts come from
+# another distribution by construction (a lower-precision sampler, top-k / top-p / min-p), else none
+rollout_is_cap = 2.0  # weights above this are truncated (or masked out: *_mask)
+rollout_is_floor = 0.5  # *_mask: weights below this are masked out
 ignore_eos = 0  # 1 (benchmarks): every completion runs to max_completion_len
 sample_every = 40  # print a few completions every this many steps (0: never)
+log_rollouts = -1  # append every completion of every N-th step to out_dir/rollouts.jsonl (-1: N = sample_every; 0: never)
 logp_chunk = 1024  # positions per chunk of the training log-probs (peak logits memory = logp_chunk x vocab)
 grad_checkpointing = 0
 fsdp = 0  # 1 (torchrun): FSDP2 shards the policy's parameters, gradients and AdamW state over the ranks
@@ -130,6 +142,7 @@ CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k
 
 CHOICES = dict(loss_agg=("sequence", "token", "constant"), scale_rewards=("group", "batch", "none"),
                importance_sampling=("token", "sequence"), overlong=("none", "mask", "soft"),
+               rollout_is=("auto",) + ROLLOUT_IS_MODES,
                prompt_template=PROMPT_TEMPLATES, sample_dtype=("auto", "float32", "bfloat16"))
 
 
@@ -140,6 +153,8 @@ def configure(argv=()):
     for key, choices in CHOICES.items():
         if cfg[key] not in choices:
             raise SystemExit(f"--{key}={cfg[key]}: expected one of {', '.join(choices)}")
+    if cfg.eval_samples < 1:
+        raise SystemExit(f"--eval_samples={cfg.eval_samples}: must be >= 1")
     if cfg.group_size < 2:
         raise SystemExit(f"--group_size={cfg.group_size}: GRPO needs at least 2 samples per prompt (advantages are "
                          "relative to the group)")
@@ -147,12 +162,19 @@ def configure(argv=()):
                 "max_completion_len", "max_sampling_rounds"):
         if cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 1")
+    if not cfg.rollout_is_cap > 0:
+        raise SystemExit(f"--rollout_is_cap={cfg.rollout_is_cap}: must be > 0")
     if cfg.overlong == "soft" and not 0 < cfg.overlong_buffer < cfg.max_completion_len:
         raise SystemExit(f"--overlong_buffer={cfg.overlong_buffer}: needs 0 < buffer < max_completion_len")
     try:
         combine_rewards(cfg.rewards)
     except ValueError as e:
         raise SystemExit(f"--rewards={cfg.rewards}: {e}") from None
+    if cfg.rollout_is == "auto":  # the rollouts differ from pi_old by construction: a bf16 sampler, filtered sampling
+        cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        bf16_sampler = cfg.sample_dtype == "bfloat16" or (cfg.sample_dtype == "auto" and cuda)
+        off_policy = bf16_sampler or cfg.top_k > 0 or cfg.top_p < 1 or cfg.min_p > 0
+        cfg["rollout_is"] = "token_truncate" if off_policy else "none"
     return cfg
 
 
@@ -179,8 +201,8 @@ def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, samplin
                 total += parts["overlong"]
             acc = accuracy_reward(c.text, row["answer"]) if "accuracy" not in parts and "answer" in row \
                 else parts.get("accuracy")
-            samples.append(dict(tokens=c.tokens, logprobs=c.logprobs, finish=c.finish_reason, reward=total,
-                                parts=parts, accuracy=acc, text=c.text))
+            samples.append(dict(tokens=c.tokens, logprobs=c.logprobs, sample_logprobs=c.sample_logprobs,
+                                finish=c.finish_reason, reward=total, parts=parts, accuracy=acc, text=c.text))
         return samples
 
     first_seed = sample_seed(cfg.seed, step, first_draw, 0, cfg.group_size)
@@ -216,8 +238,9 @@ def collect_rollouts(engine, stream, step, cfg, rt, reward_fn, sampling, scorer=
 
 
 def rollout_batch(groups, cfg):
-    """Groups -> (rollouts: one dict per completion with prompt, tokens, logprobs (the sampler's), mask (0: out of the
-    loss), mask_all and its group-relative advantage; the step's rollout metrics)."""
+    """Groups -> (rollouts: one dict per completion with prompt, tokens, logprobs (the sampler's, unfiltered),
+    sample_logprobs (what the tokens were drawn from), mask (0: out of the loss), mask_all and its group-relative
+    advantage; the step's rollout metrics)."""
     samples = [s for g in groups for s in g["samples"]]
     prompts = [g["item"]["ids"] for g in groups for _ in g["samples"]]
     rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float64)
@@ -226,7 +249,7 @@ def rollout_batch(groups, cfg):
     for prompt, s, a in zip(prompts, samples, adv.tolist()):
         keep = 0 if (s["finish"] == "length" and cfg.overlong == "mask") else 1  # DAPO overlong filtering
         rollouts.append(dict(prompt=prompt, tokens=s["tokens"], logprobs=s["logprobs"], mask=[keep] * len(s["tokens"]),
-                             mask_all=[1] * len(s["tokens"]), adv=a))
+                             sample_logprobs=s["sample_logprobs"], mask_all=[1] * len(s["tokens"]), adv=a))
     return rollouts, rollout_metrics(groups, samples, rewards)
 
 
@@ -267,7 +290,8 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     move the weights), on every rank alike."""
     B, multi = len(rollouts), cfg.ppo_epochs * cfg.minibatches > 1
     stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, kl=0.0, tokens=0.0, loss=0.0, trained_rows=0, time_logp=0.0,
-                 ratio_max=0.0, logp_mismatch=0.0, grad_norm=0.0)
+                 rollout_is_mean=0.0, rollout_is_clipped_frac=0.0, mismatch_kl=0.0, is_tokens=0.0,
+                 ratio_max=0.0, logp_mismatch=0.0, rollout_is_max=0.0, grad_norm=0.0)
     # pi_old: with one optimizer step per batch it is the policy itself (each micro-batch's detached log-probs);
     # when the policy moves within the step, its log-probs before the first move
     old = old_logprobs(policy, rollouts, cfg, rt, pad_id, stats) if multi else None
@@ -288,9 +312,13 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
                                                           stats)
                 adv = torch.tensor([rollouts[i]["adv"] for i in idx], device=lp.device)
                 mask = padded(rollouts, "mask", idx, rt.device)
+                # rollouts drawn from another distribution than pi_old: weigh each token by pi_old / pi_sampler
+                is_w, ist = rollout_is_weights(old_lp, padded(rollouts, "sample_logprobs", idx, rt.device), mask,
+                                               cfg.rollout_is, cfg.rollout_is_cap, cfg.rollout_is_floor)
                 loss, st = grpo_loss(lp, old_lp, ref_lp, adv, mask, cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
                                      cfg.loss_agg, cfg.importance_sampling, cfg.max_completion_len,
-                                     normalizer=max(float(normalizer), 1.0))
+                                     normalizer=max(float(normalizer), 1.0),
+                                     is_weights=None if cfg.rollout_is == "none" else is_w)
                 # a padding pass weighs 0; x world under FSDP2, which averages the gradients over ranks where the
                 # hand all-reduce of optimizer_step sums them
                 (loss * (0.0 if pad else (rt.world if cfg.fsdp else 1))).backward()
@@ -301,6 +329,11 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
                     stats["loss"] += loss.item()
                     stats["trained_rows"] += len(idx)
                     stats["ratio_max"] = max(stats["ratio_max"], st["ratio_max"])
+                    for k in ("is_mean", "is_clipped_frac"):
+                        stats["rollout_" + k] += ist[k] * ist["tokens"]
+                    stats["mismatch_kl"] += ist["mismatch_kl"] * ist["tokens"]
+                    stats["is_tokens"] += ist["tokens"]
+                    stats["rollout_is_max"] = max(stats["rollout_is_max"], ist["is_max"])
             if rt.all_sum(float(any(p.grad is not None for p in params))):
                 stats["grad_norm"] = optimizer_step(params, optimizer, cfg, rt)
     return reduce_update_stats(stats, rt)
@@ -389,15 +422,20 @@ def optimizer_step(params, optimizer, cfg, rt):
 def reduce_update_stats(stats, rt):
     """This rank's sums over its micro-batches -> the step's stats over all ranks (token means, maxima)."""
     if rt.ddp:
-        keys = ["clip_frac_low", "clip_frac_high", "kl", "tokens", "trained_rows", "loss", "time_logp"]
+        keys = ["clip_frac_low", "clip_frac_high", "kl", "tokens", "trained_rows", "loss", "time_logp",
+                "rollout_is_mean", "rollout_is_clipped_frac", "mismatch_kl", "is_tokens"]
         stats.update(zip(keys, rt.all_sum([stats[k] for k in keys])))
-        t = torch.tensor([stats["ratio_max"], stats["logp_mismatch"]], dtype=torch.float64)
+        maxima = ["ratio_max", "logp_mismatch", "rollout_is_max"]
+        t = torch.tensor([stats[k] for k in maxima], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        stats["ratio_max"], stats["logp_mismatch"] = t.tolist()
+        stats.update(zip(maxima, t.tolist()))
         stats["time_logp"] /= rt.world
-    n = max(stats.pop("tokens"), 1.0)
+    n, n_is = max(stats.pop("tokens"), 1.0), stats.pop("is_tokens")
     for k in ("clip_frac_low", "clip_frac_high", "kl"):
         stats[k] /= n
+    for k in ("rollout_is_mean", "rollout_is_clipped_frac", "mismatch_kl"):  # token means (no token: ratio 1)
+        stats[k] = stats[k] / n_is if n_is else float(k == "rollout_is_mean")
+    stats["rollout_is_max"] = stats["rollout_is_max"] if n_is else 1.0
     stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
     stats["trained_rows"] = int(stats["trained_rows"])
     return stats
@@ -459,6 +497,17 @@ def evaluate(engine, problems, rm_items, scorer, history, at_step, cfg, rt, samp
         out["eval_accuracy"] = acc
         rt.log(f"step {at_step}: held-out greedy pass@1 {100 * acc:.1f}% ({len(problems)} problems, "
                f"{time.time() - t0:.1f}s)")
+    if problems and cfg.eval_samples > 1:
+        t0, K = time.time(), cfg.eval_samples
+        results, _ = score_problems(engine, [it["row"] for it in problems], [it["ids"] for it in problems], K,
+                                    {**sampling, "temperature": cfg.eval_temperature}, cfg.seed, 64, rt.rank, rt.world,
+                                    progress=False)
+        correct, answers = [[s["correct"] for s in r] for r in results], [[s["pred"] for s in r] for r in results]
+        out.update(eval_pass1=pass_at_1(correct), eval_pass_at_k=pass_at_k(correct),
+                   eval_maj_at_k=maj_at_k(correct, answers, is_equiv))
+        rt.log(f"step {at_step}: held-out sampled (T={cfg.eval_temperature}) pass@1 {100 * out['eval_pass1']:.1f}%, "
+               f"pass@{K} {100 * out['eval_pass_at_k']:.1f}%, maj@{K} {100 * out['eval_maj_at_k']:.1f}% "
+               f"({time.time() - t0:.1f}s)")
     if rm_items:
         t0 = time.time()
         score = held_out_rm_score(engine, rm_items, scorer, sampling, cfg.seed, rt.rank, rt.world)
@@ -545,15 +594,15 @@ def main(argv=()):
         rt.log(f"resumed from {resume_from} at step {step}")
     engine = Engine(sampler, tok, cuda_graphs=bool(cfg.cuda_graphs) and rt.dev_type == "cuda")
     sampling = dict(max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature, top_p=cfg.top_p,
-                    top_k=cfg.top_k, ignore_eos=bool(cfg.ignore_eos),
+                    top_k=cfg.top_k, min_p=cfg.min_p, ignore_eos=bool(cfg.ignore_eos),
                     stop=["</answer>"] if cfg.prompt_template == "r1zero" else None)
     rm_info = f"; reward model {cfg.reward_model} ({scorer.model.num_params() / 1e6:.2f}M, x{scorer.weight})" \
         if scorer else ""
     rt.log(f"model: {policy.num_params() / 1e6:.2f}M params; device {rt.device}, world {rt.world}, "
            f"{'bf16 autocast' if rt.amp_dtype else 'fp32'} training{', FSDP2-sharded' if cfg.fsdp else ''}, "
            f"{next(sampler.parameters()).dtype} rollouts; reference model: "
-           f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}")
-    log = StepLog(cfg, rt, policy, step, resume_from)
+           f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}; rollout IS correction: {cfg.rollout_is}")
+    log = StepLog(cfg, rt, policy, tok, step, resume_from)
     do_eval = bool(cfg.eval_every and (eval_problems or eval_rm_items))
     if do_eval and not (history["accuracy"] or history.get("rm_score")):
         evaluate(engine, eval_problems, eval_rm_items, scorer, history, 0, cfg, rt, sampling)
@@ -606,12 +655,17 @@ def main(argv=()):
 
 
 class StepLog(RunLog):
-    """Every step: one metrics.jsonl line (the rollout, update and timing metrics), the bar, on GPU an MFU line, and
-    every sample_every steps two completions of the step's first group."""
+    """Every step: one metrics.jsonl line (the rollout, update and timing metrics), the bar, on GPU an MFU line; every
+    sample_every steps two completions of the step's first group; every log_rollouts steps all the step's completions
+    to out_dir/rollouts.jsonl, one line each (on resume the file keeps only the steps up to the checkpoint)."""
 
-    def __init__(self, cfg, rt, policy, step, resume_from):
+    def __init__(self, cfg, rt, policy, tok, step, resume_from):
         super().__init__(cfg.out_dir, rt, cfg.max_steps, step, step if resume_from else None, "grpo", cfg.progress)
         self.cfg, self.flops_per_token = cfg, policy.flops_per_token(cfg.max_prompt_len + cfg.max_completion_len)
+        self.tok, self.rollouts_every = tok, cfg.sample_every if cfg.log_rollouts < 0 else cfg.log_rollouts
+        self.rollouts_path = os.path.join(cfg.out_dir, "rollouts.jsonl")
+        if rt.master and self.rollouts_every:
+            truncate_jsonl(self.rollouts_path, step if resume_from else None)
         self.peak = peak_flops(torch.cuda.get_device_name(rt.device)) * rt.world if rt.dev_type == "cuda" else None
 
     def step(self, rec, rollouts, groups):
@@ -631,6 +685,18 @@ class StepLog(RunLog):
             self.say(f"--- step {step} samples for {g['item']['where']} (answer {g['item']['row'].get('answer')!r}):")
             for s in g["samples"][:2]:
                 self.say(f"[reward {s['reward']:.2f}] {s['text']!r}")
+        if self.rollouts_every and step % self.rollouts_every == 0 and rt.master:
+            self.log_rollouts(step, groups, rollouts)
+
+    def log_rollouts(self, step, groups, rollouts):
+        samples = [(g, s) for g in groups for s in g["samples"]]  # in the order of the rollouts
+        with open(self.rollouts_path, "a", encoding="utf-8") as f:
+            for (g, s), r in zip(samples, rollouts):
+                f.write(json.dumps(dict(step=step, draw=g["draw"], where=g["item"]["where"],
+                                        prompt=self.tok.decode(g["item"]["ids"]), completion=s["text"],
+                                        answer=g["item"]["row"].get("answer"), reward=s["reward"], parts=s["parts"],
+                                        advantage=r["adv"], finish_reason=s["finish"], num_tokens=len(s["tokens"])),
+                                   ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ def worker_ours(a):
              "--lr=1e-6", "--min_lr=1e-6", "--warmup_steps=0", "--weight_decay=0.0", "--beta1=0.9", "--beta2=0.99",
              "--grad_clip=1.0", "--clip_eps_low=0.2", "--clip_eps_high=0.2", "--dtype=float32", "--device=cpu",
              "--progress=0", "--sample_every=0", f"--out_dir={out_dir}", f"--seed={a.seed}",
+             f"--rollout_is={a.rollout_is}",
              # run one step more than needed and stop after n_steps: the end-of-run checkpoint save is skipped
              f"--max_steps={n_steps + 1}", f"--stop_after={n_steps}"]
     t0 = time.time()
@@ -287,6 +288,8 @@ def main():
     p.add_argument("--micro_batch", type=int, default=0, help="rows per forward/backward on both sides (ours "
                    "micro_batch_size, TRL per_device_train_batch_size); 0: all the step's rows at once")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--rollout_is", default="auto", help="ours: train_grpo --rollout_is (token_truncate: the cost of "
+                   "the rollout importance-sampling correction; auto is none on this fp32 workload)")
     p.add_argument("--sides", default="ours,trl", help="which sides to run (for debugging)")
     p.add_argument("--impl", default="", help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--work", default="", help=argparse.SUPPRESS)

@@ -32,7 +32,8 @@ def _one_thread():
 
 REQUIRED_METRICS = ["step", "reward", "reward/accuracy", "accuracy", "completion_len", "completion_len_max",
                     "truncated_frac", "kl", "clip_frac", "entropy", "zero_std_frac", "time_gen", "time_logp",
-                    "time_update", "time_step", "gen_tok_s", "peak_mem_mb", "logp_mismatch"]
+                    "time_update", "time_step", "gen_tok_s", "peak_mem_mb", "logp_mismatch", "rollout_is_mean",
+                    "rollout_is_max", "rollout_is_clipped_frac", "mismatch_kl"]
 
 
 # -----------------------------------------------------------------------------
@@ -179,6 +180,119 @@ def test_grpo_loss_argument_errors():
         losses.grpo_loss(lp, old, None, adv, mask, loss_agg="mean")
     with pytest.raises(ValueError, match="importance_sampling"):
         losses.grpo_loss(lp, old, None, adv, mask, importance_sampling="tok")
+
+
+# -----------------------------------------------------------------------------
+# rollout importance sampling: the sampler's distribution is not the trainer's pi_old
+
+
+def _direct_is_weights(lp, slp, mask, mode, cap, floor):
+    """losses.rollout_is_weights' docstring, one row and one token at a time in float64."""
+    B, T = lp.shape
+    w = torch.zeros(B, T, dtype=torch.float64)
+    for i in range(B):
+        toks = [t for t in range(T) if mask[i, t]]
+        prod = 1.0
+        for t in toks:
+            prod *= float(torch.exp(lp[i, t].double() - slp[i, t].double()))
+        for t in toks:
+            r = float(torch.exp(lp[i, t].double() - slp[i, t].double()))
+            x = prod if mode.startswith("sequence") else r
+            w[i, t] = {"none": 1.0, "token_truncate": min(x, cap), "sequence_truncate": min(x, cap)}.get(
+                mode, x if floor <= x <= cap else 0.0)
+    return w
+
+
+@pytest.mark.parametrize("mode", losses.ROLLOUT_IS_MODES)
+def test_rollout_is_weights_match_a_direct_computation(mode):
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(5, 7, generator=g) * 3
+    slp = lp + 0.6 * torch.randn(5, 7, generator=g)  # ratios well on both sides of [0.5, 2]
+    mask = (torch.rand(5, 7, generator=g) < 0.75).long()
+    mask[3] = 0  # a fully masked row
+    mask[0, :2] = 1
+    slp[mask == 0] = float("-inf")  # padding can hold anything
+    lp[1, 6], mask[1, 6] = float("-inf"), 0
+    w, st = losses.rollout_is_weights(lp, slp, mask, mode, cap=2.0, floor=0.5)
+    want = _direct_is_weights(lp, slp, mask, mode, 2.0, 0.5)
+    assert torch.isfinite(w).all() and not w.requires_grad
+    torch.testing.assert_close(w.double(), want, rtol=1e-5, atol=1e-6)
+    assert (w[mask == 0] == 0).all() and (w[3] == 0).all()
+    keep = mask.bool()
+    r = torch.exp(lp.double() - slp.double())
+    raw = torch.exp(torch.where(keep, lp.double() - slp.double(), 0.0).sum(-1, keepdim=True)).expand_as(r) \
+        if mode.startswith("sequence") else r
+    assert st["tokens"] == int(keep.sum())
+    assert st["is_mean"] == pytest.approx(float(raw[keep].mean()), rel=1e-6)
+    assert st["is_max"] == pytest.approx(float(raw[keep].max()), rel=1e-6)
+    changed = (raw > 2.0) if mode == "none" else ~torch.isclose(want, raw, rtol=1e-9, atol=0)
+    assert st["is_clipped_frac"] == pytest.approx(float(changed[keep].float().mean()))
+    assert 0 < st["is_clipped_frac"] < 1
+    assert st["mismatch_kl"] == pytest.approx(float((r - r.log() - 1)[keep].mean()), rel=1e-6) and st["mismatch_kl"] > 0
+
+
+def test_rollout_is_weights_errors_and_empty_mask():
+    lp = torch.zeros(2, 3)
+    for kw, what in ((dict(mode="tis"), "tis"), (dict(cap=0.0), "cap=0.0"), (dict(cap=-1), "cap=-1")):
+        with pytest.raises(ValueError, match=what):
+            losses.rollout_is_weights(lp, lp, torch.ones(2, 3), **kw)
+    w, st = losses.rollout_is_weights(lp, lp - 1, torch.zeros(2, 3))
+    assert (w == 0).all() and st["tokens"] == 0 and st["is_mean"] == 1.0 and st["mismatch_kl"] == 0.0
+
+
+@pytest.mark.parametrize("loss_agg", ["sequence", "token", "constant"])
+def test_grpo_loss_is_weights_scale_only_the_clipped_term(loss_agg):
+    lp, old, ref, adv, mask = _loss_inputs()
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg=loss_agg, max_completion_len=8)
+    base, _ = losses.grpo_loss(lp, old, ref, adv, mask, beta=0.1, **kw)
+    assert torch.equal(losses.grpo_loss(lp, old, ref, adv, mask, beta=0.1, is_weights=None, **kw)[0], base)
+    ones, _ = losses.grpo_loss(lp, old, ref, adv, mask, beta=0.1, is_weights=torch.ones_like(lp), **kw)
+    torch.testing.assert_close(ones, base, rtol=0, atol=1e-15)
+    w = torch.rand(lp.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    surrogate = lambda is_w: losses.grpo_loss(lp, old, None, adv, mask, is_weights=is_w, **kw)[0]  # noqa: E731
+    kl_only = losses.grpo_loss(lp, old, ref, adv * 0, mask, beta=0.1, **kw)[0]  # A = 0: only the KL term is left
+    weighted, _ = losses.grpo_loss(lp, old, ref, adv, mask, beta=0.1, is_weights=w, **kw)
+    torch.testing.assert_close(weighted, surrogate(w) + kl_only, rtol=1e-12, atol=1e-12)  # the KL term unweighted
+    # the weighted surrogate is, token by token, the weight times the unweighted one
+    ratio, a = torch.exp(lp - old), adv[:, None]
+    obj = torch.min(ratio * a, ratio.clamp(0.8, 1.28) * a) * w * mask
+    lens = mask.sum(-1)
+    want = {"sequence": (obj.sum(-1) / lens).sum() / (lens > 0).sum(), "token": obj.sum() / lens.sum(),
+            "constant": obj.sum() / (lp.shape[0] * 8)}[loss_agg]
+    torch.testing.assert_close(surrogate(w), -want, rtol=1e-12, atol=1e-12)
+
+
+def test_sequence_truncated_is_makes_the_expected_gradient_on_policy():
+    """Exact enumeration over every sequence of 3 tokens from a 5-word vocabulary: under a behaviour distribution mu
+    (a perturbed copy of the policy pi), the expected gradient of the sequence_truncate-weighted loss (cap above
+    every ratio) equals the on-policy expected gradient of the unweighted loss; without the weights it does not."""
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    V, T = 5, 3
+    theta = torch.randn(T, V, generator=g, dtype=torch.float64)  # pi(x) = prod_t softmax(theta_t)[x_t]
+    mu_logp = torch.log_softmax(theta + 0.8 * torch.randn(T, V, generator=g, dtype=torch.float64), -1)
+    reward = {x: float(torch.randn((), generator=g)) for x in itertools.product(range(V), repeat=T)}
+
+    def loss_grad(x, behaviour_logp=None):  # the gradient of one sequence's loss, at pi_old = pi
+        th = theta.clone().requires_grad_(True)
+        lp = torch.log_softmax(th, -1)[torch.arange(T), list(x)][None]
+        mask, adv = torch.ones(1, T), torch.tensor([reward[x]], dtype=torch.float64)
+        w = None
+        if behaviour_logp is not None:
+            w, _ = losses.rollout_is_weights(lp.detach(), behaviour_logp[None], mask, "sequence_truncate", cap=1e9)
+        loss, _ = losses.grpo_loss(lp, lp.detach(), None, adv, mask, loss_agg="token", is_weights=w)
+        return torch.autograd.grad(loss, th)[0]
+
+    def prob(logp, x):
+        return float(torch.exp(logp[torch.arange(T), list(x)].sum()))
+
+    pi_logp = torch.log_softmax(theta, -1)
+    on_policy = sum(prob(pi_logp, x) * loss_grad(x) for x in reward)
+    corrected = sum(prob(mu_logp, x) * loss_grad(x, mu_logp[torch.arange(T), list(x)]) for x in reward)
+    uncorrected = sum(prob(mu_logp, x) * loss_grad(x) for x in reward)
+    torch.testing.assert_close(corrected, on_policy, rtol=1e-9, atol=1e-12)
+    assert (uncorrected - on_policy).abs().max() > 1e-2 * on_policy.abs().max()
 
 
 def test_kl_k3_formula_and_nonnegative():
@@ -349,7 +463,7 @@ def ddp_runs(data, tmp_path_factory):
                               head_dim=16)
     common = dict(init_from=ck, data=data[0], eval_every=0, max_steps=3, group_size=4, prompts_per_step=4,
                   max_completion_len=16, progress=0, sample_every=0, warmup_steps=1, lr=1e-3, rewards="language:1",
-                  minibatches=2, ppo_epochs=2)
+                  minibatches=2, ppo_epochs=2, top_k=40)  # top-k: the rollout IS correction is on (auto)
     ddp_out = str(base / "ddp")
     stdout = torchrun("train_grpo.py", [f"--{k}={v}" for k, v in {**common, "out_dir": ddp_out}.items()])
     one_out = str(base / "one")
@@ -368,15 +482,32 @@ def test_ddp_two_ranks_equal_one_process(ddp_runs):
         # the same rollouts (seeds come from the global draw index, not the rank) and the same update
         for k in ("reward", "completion_len", "zero_std_frac", "truncated_frac", "trained_rows", "entropy"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
-        for k in ("clip_frac", "kl", "ratio_max", "loss"):
+        for k in ("clip_frac", "kl", "ratio_max", "loss", "rollout_is_mean", "rollout_is_max", "rollout_is_clipped_frac",
+                  "mismatch_kl"):
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
         assert a["logp_mismatch"] < 1e-4
+        assert a["rollout_is_mean"] < 1 and a["mismatch_kl"] > 0  # top-k: drawn from less than the whole mass
     assert sum(m["trained_rows"] for m in m_one) > 0
     assert any(m["clip_frac"] > 0 for m in m_one)  # recomputed pi_old: the second pass really clips
     init = load_file(os.path.join(r["ck"], "model.safetensors"))
     a, b = _params(r["ddp"]), _params(r["one"])
     assert _max_diff(a, init) > 1e-3  # the parameters moved...
     assert _max_diff(a, b) <= 1e-5  # ...the same way
+
+
+def test_bf16_rollouts_on_the_cpu_log_the_mismatch_and_turn_the_correction_on(ckpt, data, tmp_path):
+    _, out, m = _run(ckpt, data, str(tmp_path / "bf16"), sample_dtype="bfloat16", dtype="bfloat16",
+                     rewards="accuracy:1,language:1")
+    assert "torch.bfloat16 rollouts" in out and "rollout IS correction: token_truncate" in out
+    for r in m:
+        assert all(k in r for k in REQUIRED_METRICS)
+        assert r["logp_mismatch"] > 1e-3 and r["mismatch_kl"] > 0 and r["rollout_is_max"] > 1
+        assert 0 <= r["rollout_is_clipped_frac"] < 1
+    _, out, m = _run(ckpt, data, str(tmp_path / "fp32"))  # the CPU default: one distribution, no correction
+    assert "rollout IS correction: none" in out
+    assert all(r["rollout_is_mean"] == pytest.approx(1, abs=1e-4) and r["mismatch_kl"] < 1e-6 for r in m)
+    _, out, _ = _run(ckpt, data, str(tmp_path / "off"), sample_dtype="bfloat16", rollout_is="none")
+    assert "rollout IS correction: none" in out  # an explicit mode is kept
 
 
 def test_ddp_logs_global_generated_tokens(ddp_runs):
@@ -403,7 +534,7 @@ def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
 
     def rows(adv):
         return [dict(prompt=[5, 6, 7], tokens=torch.randint(3, 60, (3,), generator=g).tolist(), logprobs=[0.0] * 3,
-                     mask=[1] * 3, mask_all=[1] * 3, adv=a) for a in adv]
+                     sample_logprobs=[0.0] * 3, mask=[1] * 3, mask_all=[1] * 3, adv=a) for a in adv]
 
     steps = [rows([1.0, -1.0, 0.5, -0.5]), rows([0.0] * 4), rows([0.0] * 4)]
     base = _tiny_model()

@@ -304,14 +304,14 @@ def test_argmax_rows_equals_argmax():
 def test_sample_tokens_filters_and_distribution():
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 2
-    greedy, glp = sample_tokens(logits, temperature=0)
+    greedy, glp, _ = sample_tokens(logits, temperature=0)
     assert torch.equal(greedy, logits.argmax(-1))
     assert torch.allclose(glp, torch.log_softmax(logits, -1).gather(-1, greedy[:, None])[:, 0])
     u = torch.rand(4)
     for kw in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=0.999)):
         assert torch.equal(sample_tokens(logits, u, temperature=0.7, **kw)[0], greedy)
     # log-probs are of the unfiltered temperature-scaled distribution
-    t, lp = sample_tokens(logits, u, temperature=0.5, top_k=3)
+    t, lp, _ = sample_tokens(logits, u, temperature=0.5, top_k=3)
     assert torch.allclose(lp, torch.log_softmax(logits / 0.5, -1).gather(-1, t[:, None])[:, 0])
     buf = torch.full((6, 50), float("nan"))  # the Engine's reused log-softmax buffer (more rows than needed)
     for T in (0, 0.5, 1.0):
@@ -320,7 +320,7 @@ def test_sample_tokens_filters_and_distribution():
         assert torch.equal(plain[0], reused[0]) and torch.equal(plain[1], reused[1])
     # empirical frequencies follow the filtered distribution
     row = logits[:1].expand(20000, -1)
-    toks, _ = sample_tokens(row, torch.rand(20000, dtype=torch.float64), temperature=1.0, top_k=5)
+    toks, _, _ = sample_tokens(row, torch.rand(20000, dtype=torch.float64), temperature=1.0, top_k=5)
     p = torch.softmax(logits[0], -1)
     keep = p.topk(5).indices
     q = torch.zeros(50)
@@ -331,8 +331,52 @@ def test_sample_tokens_filters_and_distribution():
     # top_p keeps the smallest head reaching top_p
     sp = p.sort(descending=True).values
     n_head = int((sp.cumsum(0) < 0.8).sum()) + 1
-    toks, _ = sample_tokens(row, torch.rand(20000, dtype=torch.float64), temperature=1.0, top_p=0.8)
+    toks, _, _ = sample_tokens(row, torch.rand(20000, dtype=torch.float64), temperature=1.0, top_p=0.8)
     assert len(toks.unique()) == n_head
+
+
+def _filtered_logprobs(logits, T, top_k=0, top_p=1.0, min_p=0.0):
+    """log of the top-k / min-p / top-p filtered, renormalised distribution, straight from the definitions."""
+    p = torch.softmax(logits.double() / T, -1)
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if top_k:
+        keep &= p >= p.topk(top_k, -1).values[:, -1:]
+    if min_p:
+        keep &= p >= min_p * p.max(-1, keepdim=True).values
+    if top_p < 1:
+        q = torch.where(keep, p, 0.0)
+        sq, si = q.sort(-1, descending=True)
+        head = (sq.cumsum(-1) - sq) < top_p * sq.sum(-1, keepdim=True)  # tokens before the head's mass reaches top_p
+        keep &= torch.zeros_like(keep).scatter(-1, si, head)
+    q = torch.where(keep, p, 0.0)
+    return (q / q.sum(-1, keepdim=True)).log()
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=4), dict(top_p=0.7), dict(min_p=0.2), dict(top_k=8, top_p=0.9, min_p=0.05),
+                                {}])
+def test_sample_logprobs_are_of_the_filtered_renormalised_distribution(kw):
+    torch.manual_seed(1)
+    logits, u = torch.randn(64, 40) * 3, torch.rand(64, dtype=torch.float64)
+    for T in (0.7, 1.0):
+        tokens, lp, slp = sample_tokens(logits, u, temperature=T, **kw)
+        want = _filtered_logprobs(logits, T, **kw).gather(-1, tokens[:, None])[:, 0]
+        assert torch.isfinite(slp).all() and torch.allclose(slp.double(), want, atol=1e-5)
+        if not kw:  # no filtering: the same values as logprobs
+            assert torch.equal(slp, lp)
+        else:
+            assert (slp >= lp - 1e-6).all() and (slp > lp + 1e-3).any()  # renormalised over less than all the mass
+
+
+def test_engine_completions_carry_sample_logprobs(mt, prompts):
+    model, tok = mt
+    kw = dict(num_samples=2, max_new_tokens=10, seed=5, ignore_eos=True)
+    for c in (c for group in Engine(model, tok).generate(prompts, temperature=1.0, **kw) for c in group):
+        assert c.sample_logprobs == c.logprobs
+    top = [c for group in Engine(model, tok).generate(prompts, temperature=1.0, top_k=3, **kw) for c in group]
+    for c in top:
+        assert len(c.sample_logprobs) == len(c.tokens) == len(c.logprobs)
+        assert all(s >= lp - 1e-6 for s, lp in zip(c.sample_logprobs, c.logprobs))
+    assert any(s > lp + 1e-3 for c in top for s, lp in zip(c.sample_logprobs, c.logprobs))
 
 
 # ---- metrics, data, CLI ----------------------------------------------------------------------------

@@ -62,6 +62,16 @@ def test_configure_types_and_errors():
             train_sft.configure(bad)
 
 
+def test_configure_from_keywords():
+    """distill.py calls the SFT loop with keywords: typed and checked like a recipe's values, applied after argv."""
+    cfg = train_sft.configure(["--lr=1e-3", "--epochs=2"], {"lr": 5e-4, "max_steps": 7, "epochs": 3})
+    assert cfg.lr == 5e-4 and cfg.max_steps == 7 and cfg.epochs == 3.0 and type(cfg.epochs) is float
+    assert train_sft.configure([], {"pack": 0}).pack == 0
+    for bad in ({"nope": 1}, {"batch_size": 0.5}, {"lr": "fast"}, {"max_steps": "7"}):
+        with pytest.raises(SystemExit):
+            train_sft.configure([], bad)
+
+
 def test_parse_data_spec():
     assert dataloader.parse_data_spec("a.jsonl,b.jsonl") == [("a.jsonl", None), ("b.jsonl", None)]
     got = dataloader.parse_data_spec("a.jsonl:3,b.jsonl:1")
