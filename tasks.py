@@ -8,6 +8,7 @@ prompts no rule can check, by a frozen reward model (RewardModelScorer, R1 stage
     acc = held_out_accuracy(engine, problems, prompts, dict(max_new_tokens=128))      # greedy pass@1
 """
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from data.jsonl import iter_jsonl
 from model import RewardModel
-from reward import accuracy_reward, answer_part, extract_answer
+from reward import accuracy_reward, answer_part, extract_answer, format_reward
 
 # -----------------------------------------------------------------------------
 # problem rows and prompt templates
@@ -105,21 +106,35 @@ def sample_problems(engine, prompts, num_samples, sampling, judge, seed=0, batch
 
 
 def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, batch_size=32, rank=0, world=1,
-                   progress=True):
-    """sample_problems, each sample scored with reward.accuracy_reward against its problem's `answer`. -> (per problem
-    a list of sample dicts, generated tokens over all ranks)."""
+                   progress=True, format_mode="strict"):
+    """sample_problems, each sample scored with reward.accuracy_reward against its problem's `answer`, with its
+    format_reward(format_mode) and count_rechecks. -> (per problem a list of sample dicts, generated tokens over all
+    ranks)."""
     def judge(i, samples):
         gold, rows = str(problems[i]["answer"]), []
         for j, c in enumerate(samples):
             reward = float(accuracy_reward(c.text, gold))
             rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)), reward=reward,
                              correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
+                             format=format_reward(c.text, format_mode), rechecks=count_rechecks(c.text),
                              completion=c.text))
         return rows
 
     results = sample_problems(engine, prompts, num_samples, sampling, judge, seed, batch_size, rank, world, "eval",
                               progress)
     return results, sum(s["num_tokens"] for rows in results for s in rows)
+
+
+# a line that goes back over earlier work: R1-Zero's "aha moment" (DeepSeek-R1, arXiv 2501.12948, Table 3) begins
+# "Wait, wait. Wait."; the tiny world's corrected slips begin "Wait, " (data/tiny_task.recheck_lines)
+_RECHECK = re.compile(r"^[^\S\n]*(?:<think>[^\S\n]*)?(?:wait|hmm|let me (?:re-?)?check|re-?check|double-check)\b",
+                      re.IGNORECASE | re.MULTILINE)
+
+
+def count_rechecks(text):
+    """How many lines of a completion re-check earlier work (begin with wait, hmm, let me check, re-check or
+    double-check): the 'aha' measure."""
+    return len(_RECHECK.findall(text))
 
 
 def pass_at_1(correct):

@@ -62,7 +62,7 @@ from losses import (ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grp
                     rollout_is_weights)
 from model import Transformer
 from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
-from tasks import (PROMPT_TEMPLATES, RewardModelScorer, held_out_accuracy, held_out_rm_score, maj_at_k, pass_at_1,
+from tasks import (PROMPT_TEMPLATES, RewardModelScorer, count_rechecks, held_out_rm_score, maj_at_k, pass_at_1,
                    pass_at_k, sample_problems, score_problems)
 from tokenizer import Tokenizer
 from train_common import (Config, RunLog, copy_full_params, truncate_jsonl, exit_if_torchrun, find_checkpoint, lr_at,
@@ -266,6 +266,12 @@ def rollout_metrics(groups, samples, rewards):
     accs = [s["accuracy"] for s in samples if s["accuracy"] is not None]
     if accs:
         rec["accuracy"] = sum(accs) / len(accs)
+    rechecked = [count_rechecks(s["text"]) > 0 for s in samples]
+    rec["recheck_frac"] = sum(rechecked) / len(samples)  # completions that go back over a step ("Wait, ...")
+    for name, keep in (("accuracy_recheck", True), ("accuracy_no_recheck", False)):
+        vals = [s["accuracy"] for s, r in zip(samples, rechecked) if r == keep and s["accuracy"] is not None]
+        if vals:
+            rec[name] = sum(vals) / len(vals)
     n_flat = sum(max(s["reward"] for s in g["samples"]) == min(s["reward"] for s in g["samples"]) for g in groups)
     all_lp = [lp for s in samples for lp in s["logprobs"]]
     rec.update(completion_len=sum(lens) / len(lens), completion_len_max=max(lens),
@@ -488,20 +494,25 @@ def load_models(cfg, rt, resume_from):
 
 def evaluate(engine, problems, rm_items, scorer, history, at_step, cfg, rt, sampling):
     """Greedy held-out accuracy (and reward-model score), logged and appended to history. -> the metrics measured."""
-    out = {}
+    out, rows, prompts = {}, [it["row"] for it in problems], [it["ids"] for it in problems]
+    fmt = "answer_tag" if cfg.prompt_template == "r1zero" else "strict"
     if problems:
         t0 = time.time()
-        acc = held_out_accuracy(engine, [it["row"] for it in problems], [it["ids"] for it in problems], sampling,
-                                cfg.seed, rt.rank, rt.world)
-        history["accuracy"].append((at_step, acc))
-        out["eval_accuracy"] = acc
-        rt.log(f"step {at_step}: held-out greedy pass@1 {100 * acc:.1f}% ({len(problems)} problems, "
-               f"{time.time() - t0:.1f}s)")
+        greedy, _ = score_problems(engine, rows, prompts, 1, {**sampling, "temperature": 0.0}, cfg.seed, 64, rt.rank,
+                                   rt.world, progress=False, format_mode=fmt)
+        greedy = [r[0] for r in greedy]
+        out.update(eval_accuracy=sum(s["correct"] for s in greedy) / len(greedy),
+                   eval_completion_len=sum(s["num_tokens"] for s in greedy) / len(greedy),
+                   eval_format=sum(s["format"] for s in greedy) / len(greedy),
+                   eval_recheck_frac=sum(s["rechecks"] > 0 for s in greedy) / len(greedy))
+        for key in ("accuracy", "completion_len", "format", "recheck_frac"):
+            history.setdefault(key if key == "accuracy" else "eval_" + key, []).append((at_step, out["eval_" + key]))
+        rt.log(f"step {at_step}: held-out greedy pass@1 {100 * out['eval_accuracy']:.1f}% ({len(problems)} problems, "
+               f"{time.time() - t0:.1f}s), {out['eval_completion_len']:.1f} tokens, format {100 * out['eval_format']:.1f}%")
     if problems and cfg.eval_samples > 1:
         t0, K = time.time(), cfg.eval_samples
-        results, _ = score_problems(engine, [it["row"] for it in problems], [it["ids"] for it in problems], K,
-                                    {**sampling, "temperature": cfg.eval_temperature}, cfg.seed, 64, rt.rank, rt.world,
-                                    progress=False)
+        results, _ = score_problems(engine, rows, prompts, K, {**sampling, "temperature": cfg.eval_temperature},
+                                    cfg.seed, 64, rt.rank, rt.world, progress=False, format_mode=fmt)
         correct, answers = [[s["correct"] for s in r] for r in results], [[s["pred"] for s in r] for r in results]
         out.update(eval_pass1=pass_at_1(correct), eval_pass_at_k=pass_at_k(correct),
                    eval_maj_at_k=maj_at_k(correct, answers, is_equiv))
@@ -549,6 +560,12 @@ def final_report(history, ckpt_path):
         before, after = history["accuracy"][0][1], history["accuracy"][-1][1]
         print(f"held-out accuracy: before {100 * before:.1f}% -> after {100 * after:.1f}%")
         result.update(before=before, after=after)
+    for key, name, unit in (("eval_completion_len", "completion length", " tokens"), ("eval_format", "format "
+                            "compliance", "%"), ("eval_recheck_frac", "completions that re-check a step", "%")):
+        if len(history.get(key, [])) > 1:
+            scale, fmt_ = (100, ".1f") if unit == "%" else (1, ".1f")
+            before, after = history[key][0][1] * scale, history[key][-1][1] * scale
+            print(f"held-out {name} (greedy): before {before:{fmt_}}{unit} -> after {after:{fmt_}}{unit}")
     if history.get("rm_score"):
         before, after = history["rm_score"][0][1], history["rm_score"][-1][1]
         print(f"held-out reward-model score: before {before:.3f} -> after {after:.3f}")

@@ -123,6 +123,16 @@ def solution_lines(expr):
     return lines
 
 
+def recheck_lines(expr, rng):
+    """solution_lines with one step first written with a wrong result, then re-checked and fixed, the way people
+    catch a slip: ['8*3=21', 'Wait, 8*3=24, so 7+24-5', '7+24=31, so 31-5', '31-5=26']."""
+    lines, steps = solution_lines(expr), solve(expr)
+    k = rng.randrange(len(steps))
+    a, op, b, c, _ = steps[k]
+    slip = f"{_num(a, True)}{op}{_num(b, False)}={c + rng.choice([-10, -2, -1, 1, 2, 10])}"
+    return lines[:k] + [slip, "Wait, " + lines[k]] + lines[k + 1:]
+
+
 def answer(expr):
     return solve(expr)[-1][3]
 

@@ -1,0 +1,14 @@
+# R1-Zero in miniature: pure RL (GRPO) straight from the tiny zero base (data/tiny/zero_base, pretrained only; no SFT),
+# with R1-Zero's plain-text template (DeepSeek-R1, arXiv 2501.12948, Table 1) and rule rewards only: accuracy of the
+# answer in <answer> plus the format reward for <think> ... </think> <answer> ... </answer> (sec. 2.2.2). No KL.
+#   python train_grpo.py config/r1zero_tiny.py
+init_from = "data/tiny/zero_base"
+prompt_template = "r1zero"
+rewards = "accuracy:1,format_answer:0.5"
+beta = 0.0
+max_completion_len = 128
+max_steps = 100
+eval_every = 25
+lr = 5e-5
+min_lr = 1e-5
+out_dir = "out/r1zero_tiny"
