@@ -26,7 +26,7 @@ PANELS = {  # kind -> [(title, [(metric, label)])]
             ("pairwise accuracy", [("pair_acc", "train"), ("eval_pair_acc", "eval")])],
 }
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
-W, H, PAD = 420, 230, 44  # one panel, and its margin for the axis labels
+W, H, PAD = 420, 230, 56  # one panel, and its margin for the axis labels
 
 
 def read_metrics(path):
@@ -67,8 +67,8 @@ def _panel(name, lines, x0):
 
     out = [f'<text x="{x0 + W / 2}" y="14" text-anchor="middle" font-weight="bold">{escape(name)}</text>',
            f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#999"/>',
-           f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{v1:.4g}</text>',
-           f'<text x="{left - 4}" y="{bottom}" text-anchor="end">{v0:.4g}</text>',
+           f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{v1:.3g}</text>',
+           f'<text x="{left - 4}" y="{bottom}" text-anchor="end">{v0:.3g}</text>',
            f'<text x="{left}" y="{bottom + 14}">step {s0}</text>',
            f'<text x="{right}" y="{bottom + 14}" text-anchor="end">step {s1}</text>']
     for i, (label, pts) in enumerate(lines):
@@ -77,8 +77,8 @@ def _panel(name, lines, x0):
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         if len(pts) < 12:  # a few points (evaluations): mark each
             out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>' for x, y in (xy(s, v) for s, v in pts)]
-        out.append(f'<text x="{left + 120 * i}" y="{bottom + 30}" fill="{color}">{escape(label)} '
-                   f'({pts[-1][1]:.4g})</text>')
+        out.append(f'<text x="{left + 110 * i}" y="{bottom + 30}" fill="{color}">{escape(label)} '
+                   f'({pts[-1][1]:.3g})</text>')
     return "".join(out)
 
 

@@ -621,8 +621,8 @@ def main(argv=()):
            f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}; rollout IS correction: {cfg.rollout_is}")
     log = StepLog(cfg, rt, policy, tok, step, resume_from)
     do_eval = bool(cfg.eval_every and (eval_problems or eval_rm_items))
-    if do_eval and not (history["accuracy"] or history.get("rm_score")):
-        evaluate(engine, eval_problems, eval_rm_items, scorer, history, 0, cfg, rt, sampling)
+    if do_eval and not (history["accuracy"] or history.get("rm_score")):  # before the first step: metrics line 0
+        log.write({"step": 0, **evaluate(engine, eval_problems, eval_rm_items, scorer, history, 0, cfg, rt, sampling)})
     while step < cfg.max_steps:
         t_step = time.time()
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)

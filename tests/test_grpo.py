@@ -420,8 +420,11 @@ def test_cli_end_to_end(e2e, ckpt):
     assert [s for s, _ in result["history"]["accuracy"]] == [0, 2]
     assert "held-out accuracy: before" in stdout and "8 held-out problems" in stdout
     assert "reference model: none" in stdout
-    # metrics: one line per step with everything a run is judged by
-    assert [m["step"] for m in metrics] == [1, 2]
+    # metrics: the evaluation before the first step, then one line per step with everything a run is judged by
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert set(metrics[0]) == {"step", "eval_accuracy", "eval_completion_len", "eval_format", "eval_recheck_frac"}
+    assert metrics[0]["eval_accuracy"] == result["before"]
+    metrics = metrics[1:]
     for m in metrics:
         missing = [k for k in REQUIRED_METRICS if k not in m]
         assert not missing, missing
@@ -606,8 +609,8 @@ def test_kill_and_resume_reaches_the_same_parameters(ckpt, data, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert full["history"] == resumed["history"] and full["after"] == resumed["after"]
-    assert [m["step"] for m in m_res] == [1, 2, 3, 4]
-    assert sum(m["trained_rows"] for m in m_full) > 0
+    assert [m["step"] for m in m_res] == [m["step"] for m in m_full] == [0, 1, 2, 3, 4]  # no step twice
+    assert sum(m.get("trained_rows", 0) for m in m_full) > 0  # (line 0 is the first evaluation)
     skip = ("time_gen", "time_logp", "time_update", "time_step", "gen_tok_s", "peak_mem_mb", "mfu")
     for x, y in zip(m_full, m_res):
         assert {k: v for k, v in x.items() if k not in skip} == {k: v for k, v in y.items() if k not in skip}

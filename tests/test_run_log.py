@@ -56,7 +56,7 @@ def test_sampled_eval_and_the_grpo_picture(ckpt, data, tmp_path):
                               eval_temperature=1.0, rewards="accuracy:1,language:1")
     assert "held-out sampled (T=1.0) pass@1" in stdout
     evals = [m for m in metrics if "eval_pass1" in m]
-    assert len(evals) == 2
+    assert [m["step"] for m in evals] == [0, 1, 2]  # before the first step, then every step
     for m in evals:
         assert 0 <= m["eval_pass1"] <= m["eval_pass_at_k"] <= 1 and 0 <= m["eval_maj_at_k"] <= m["eval_pass_at_k"]
     titles = _svg_titles(os.path.join(out, "curves.svg"))

@@ -95,5 +95,6 @@ def test_recipe_runs_two_steps_on_a_tiny_random_model(tmp_path):
                            "--max_prompt_len=4096"])
     assert res["step"] == 2 and "before" in res
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert all("reward/format_answer" in m and "recheck_frac" in m for m in metrics)
+    assert metrics[0]["step"] == 0 and "eval_format" in metrics[0]  # the evaluation before the first step
+    assert all("reward/format_answer" in m and "recheck_frac" in m for m in metrics[1:])
     assert all(k in metrics[-1] for k in ("eval_accuracy", "eval_completion_len", "eval_format", "eval_recheck_frac"))
