@@ -620,6 +620,8 @@ def main(argv=()):
            f"{next(sampler.parameters()).dtype} rollouts; reference model: "
            f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}; rollout IS correction: {cfg.rollout_is}")
     log = StepLog(cfg, rt, policy, tok, step, resume_from)
+    # a reference that moves (ref_update_every) is saved with the checkpoints; state_dict holds its live tensors
+    ref_state = ref_model.state_dict() if ref_model is not None and cfg.ref_update_every else None
     do_eval = bool(cfg.eval_every and (eval_problems or eval_rm_items))
     if do_eval and not (history["accuracy"] or history.get("rm_score")):  # before the first step: metrics line 0
         log.write({"step": 0, **evaluate(engine, eval_problems, eval_rm_items, scorer, history, 0, cfg, rt, sampling)})
@@ -659,9 +661,7 @@ def main(argv=()):
         log.step(rec, rollouts, groups)
         if save_or_stop(step, last, cfg.save_every, cfg.stop_after, lambda: save_checkpoint(
                 rt, ckpt_path, policy, optimizer, tok_dir, cfg.fsdp, step=step, data=stream.state(), history=history,
-                config=dict(cfg), ref=ref_model.state_dict() if ref_model is not None and cfg.ref_update_every
-                else None),
-                rt.log):
+                config=dict(cfg), ref=ref_state), rt.log):
             break
     log.close()
     result = {"step": step, "history": history}

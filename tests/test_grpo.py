@@ -623,6 +623,20 @@ def test_kill_and_resume_reaches_the_same_parameters(ckpt, data, tmp_path):
 # the reference model
 
 
+def test_resume_restores_a_moving_reference(ckpt, data, tmp_path):
+    """--ref_update_every: the reference moves with the policy, so it is part of the checkpoint and of the resume."""
+    kw = dict(max_steps=3, save_every=1, beta=0.1, ref_update_every=2, eval_every=0)
+    _run(ckpt, data, str(tmp_path / "full"), **kw)
+    _run(ckpt, data, str(tmp_path / "resumed"), stop_after=2, **kw)  # dies after the reference moved at step 2
+    _run(ckpt, data, str(tmp_path / "resumed"), resume=1, **kw)
+    a, b = _params(tmp_path / "full"), _params(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ref = [torch.load(tmp_path / d / "ckpt" / "trainer_state.pt", weights_only=False)["ref"] for d in ("full", "resumed")]
+    init = load_file(os.path.join(ckpt, "model.safetensors"))
+    assert any(not torch.equal(ref[0][k], init[k]) for k in init if k in ref[0])  # it moved
+    assert all(torch.equal(ref[0][k], ref[1][k]) for k in ref[0])
+
+
 def test_reference_model_only_with_beta(ckpt, data, tmp_path, monkeypatch):
     loads = []
     original = Transformer.from_pretrained
