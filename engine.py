@@ -163,7 +163,8 @@ def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
     """Pick one token per row. logits [B, V]; u [B] uniforms in [0, 1) (ignored when temperature == 0).
 
     Returns (tokens [B], logprobs [B], sample_logprobs [B]). logprobs are log softmax(logits / T) at the chosen
-    token: the *unfiltered* temperature-scaled policy, which is what GRPO's log pi_old must be. sample_logprobs are
+    token: the *unfiltered* temperature-scaled policy (train_grpo recomputes pi_old itself; it logs these against it
+    as logp_mismatch). sample_logprobs are
     the log-probs under the distribution the token was actually drawn from, top-k / top-p / min-p filtered and
     renormalised (the rollout importance weights need them, losses.rollout_is_weights): the same tensor as
     logprobs without filtering. Greedy (T=0) reports T=1 log-probs and sample log-probs 0 (the pick was certain).

@@ -342,6 +342,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
                     stats["rollout_is_max"] = max(stats["rollout_is_max"], ist["is_max"])
             if rt.all_sum(float(any(p.grad is not None for p in params))):
                 stats["grad_norm"] = optimizer_step(params, optimizer, cfg, rt)
+    stats["loss"] /= cfg.ppo_epochs * cfg.minibatches  # the mean over the step's optimizer steps, not their sum
     return reduce_update_stats(stats, rt)
 
 
@@ -645,7 +646,7 @@ def main(argv=()):
         up = policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, tok.pad_id, step) if rollouts else {}
         if sampler is not policy:
             copy_full_params(sampler, policy)  # (all-gathers the shards under FSDP)
-        step += 1
+        step += 1  # from here on `step` counts finished steps (1-based): logs, evals, checkpoints
         if ref_model is not None and cfg.ref_update_every and step % cfg.ref_update_every == 0:
             copy_full_params(ref_model, policy)
         if rt.dev_type == "cuda":
@@ -690,7 +691,8 @@ class StepLog(RunLog):
         rec["peak_mem_mb"] = peak_mem_mb(rt)
         rec["gen_tok_s"] = rec["gen_tokens"] / max(rec["time_gen"], 1e-9)
         if self.peak and rollouts:
-            trained = sum(len(r["prompt"]) + len(r["tokens"]) for r in rollouts) * cfg.ppo_epochs
+            # the rows that ran forward and backward (zero-advantage rows are skipped), at the mean row length
+            trained = sum(len(r["prompt"]) + len(r["tokens"]) for r in rollouts) / len(rollouts) * rec["trained_rows"]
             rec["mfu"] = self.flops_per_token * trained / max(rec["time_update"], 1e-9) / self.peak
             self.say(f"step {step}: reward {rec['reward']:.3f} | {rec['gen_tok_s']:.0f} gen tok/s | "
                      f"MFU {100 * rec['mfu']:.1f}%")
