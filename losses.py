@@ -238,6 +238,28 @@ def kl_k3(logprobs, ref_logprobs):
     return torch.exp(d) - d - 1
 
 
+def _check_loss_agg(loss_agg, max_completion_len):
+    if loss_agg not in ("sequence", "token", "constant"):
+        raise ValueError(f"loss_agg={loss_agg!r}: expected sequence, token or constant")
+    if loss_agg == "constant" and not max_completion_len:
+        raise ValueError("loss_agg='constant' needs max_completion_len")
+
+
+def loss_normalizer(lens, loss_agg, max_completion_len=None):
+    """What grpo_loss divides the summed objective by, from each row's count of masked tokens `lens` (a list or a
+    tensor), at least 1: sequence (GRPO): rows with any masked token; token (DAPO, arXiv 2503.14476 eq. 12): masked
+    tokens; constant (Dr. GRPO, arXiv 2503.20783): rows x max_completion_len."""
+    _check_loss_agg(loss_agg, max_completion_len)
+    lens = torch.as_tensor(lens)
+    if loss_agg == "sequence":
+        count = (lens > 0).sum()
+    elif loss_agg == "token":
+        count = lens.sum()
+    else:
+        count = len(lens) * max_completion_len
+    return max(float(count), 1.0)
+
+
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_low=0.2, clip_eps_high=0.2, beta=0.0,
               loss_agg="sequence", importance_sampling="token", max_completion_len=None, normalizer=None,
               is_weights=None):
@@ -249,12 +271,11 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_l
            one ratio per completion, broadcast to its tokens
     objective per token: min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) - beta k3   (DAPO's clip-higher:
            eps_high > eps_low, arXiv 2503.14476 eq. 10)
-    loss = -(sum of the objective over mask) / normaliser, aggregated by loss_agg:
-      sequence (GRPO):     each row's token mean, summed over rows; normaliser = rows with any masked token
-      token (DAPO eq. 12): summed over every token; normaliser = number of masked tokens
-      constant (Dr. GRPO): summed over every token; normaliser = rows x max_completion_len
-    normalizer: divide by this instead of the batch's own count, so micro-batches and ranks that each pass the
-    global count sum to exactly the one-batch gradient.
+    loss = -(sum of the objective over mask) / loss_normalizer(...), aggregated by loss_agg:
+      sequence (GRPO):     each row's token mean, summed over rows
+      token (DAPO eq. 12), constant (Dr. GRPO): summed over every token
+    normalizer: divide by this instead of the batch's own loss_normalizer, so micro-batches and ranks that each pass
+    the global one sum to exactly the one-batch gradient.
     is_weights [B, T] (rollout_is_weights): each token's clipped term times its weight, for rollouts drawn from
     another distribution than pi_old; the KL term, the aggregation and the normaliser stay as they are.
     stats (floats): clip_frac_low / clip_frac_high / clip_frac (fraction of masked tokens whose clip is active),
@@ -280,17 +301,9 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_l
             raise ValueError("beta > 0 needs ref_logprobs")
         objective = objective - beta * kl
     objective = objective * mask
-    if loss_agg == "sequence":
-        total, count = (objective.sum(-1) / lens.clamp(min=1)).sum(), (lens > 0).sum()
-    elif loss_agg == "token":
-        total, count = objective.sum(), lens.sum()
-    elif loss_agg == "constant":
-        if not max_completion_len:
-            raise ValueError("loss_agg='constant' needs max_completion_len")
-        total, count = objective.sum(), logprobs.shape[0] * max_completion_len
-    else:
-        raise ValueError(f"loss_agg={loss_agg!r}: expected sequence, token or constant")
-    loss = -total / (normalizer if normalizer is not None else max(float(count), 1.0))
+    _check_loss_agg(loss_agg, max_completion_len)
+    total = (objective.sum(-1) / lens.clamp(min=1)).sum() if loss_agg == "sequence" else objective.sum()
+    loss = -total / (normalizer if normalizer is not None else loss_normalizer(lens, loss_agg, max_completion_len))
     with torch.no_grad():
         n = float(mask.sum())
         low = ((ratio < 1 - clip_eps_low) & (adv < 0)).to(mask.dtype) * mask

@@ -58,8 +58,8 @@ from torch.nn.utils.rnn import pad_sequence
 from configurator import parse_overrides
 from dataloader import PackStream, load_prompt_sources
 from engine import Engine, sample_seed
-from losses import (ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss, overlong_penalty,
-                    rollout_is_weights)
+from losses import (ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss, loss_normalizer,
+                    overlong_penalty, rollout_is_weights)
 from model import Transformer
 from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
 from tasks import (PROMPT_TEMPLATES, RewardModelScorer, count_rechecks, held_out_rm_score, maj_at_k, pass_at_1,
@@ -205,6 +205,8 @@ def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, samplin
                                 finish=c.finish_reason, reward=total, parts=parts, accuracy=acc, text=c.text))
         return samples
 
+    # sample_problems seeds sample j of item k with first_seed + k * G + j, which is sample_seed(seed, step,
+    # first_draw + k, j, G): sample_seed is linear in (draw, j), so every sample keeps its global seed
     first_seed = sample_seed(cfg.seed, step, first_draw, 0, cfg.group_size)
     groups = sample_problems(engine, [it["ids"] for it in items], cfg.group_size, sampling, judge, first_seed,
                              batch_size=len(items), rank=rt.rank, world=rt.world)
@@ -291,27 +293,25 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     """ppo_epochs x minibatches optimizer steps of the clipped surrogate over the step's rollouts (the global list,
     the same on every rank; each rank trains its share of each minibatch). -> the step's stats.
 
-    Rows whose advantage is exactly 0 carry no gradient when beta == 0: they are skipped (but stay in the
-    normaliser). A minibatch in which no rank trained a row is no optimizer step at all (AdamW's moments would still
+    Rows with no token in the loss (overlong="mask"), and rows whose advantage is exactly 0 when beta == 0, carry no
+    gradient: they are skipped (but stay in the normaliser). A minibatch in which no rank trained a row is no optimizer step at all (AdamW's moments would still
     move the weights), on every rank alike."""
-    B, multi = len(rollouts), cfg.ppo_epochs * cfg.minibatches > 1
+    B, needs_old_logprobs = len(rollouts), cfg.ppo_epochs * cfg.minibatches > 1
     stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, kl=0.0, tokens=0.0, loss=0.0, trained_rows=0, time_logp=0.0,
                  rollout_is_mean=0.0, rollout_is_clipped_frac=0.0, mismatch_kl=0.0, is_tokens=0.0,
                  ratio_max=0.0, logp_mismatch=0.0, rollout_is_max=0.0, grad_norm=0.0)
     # pi_old: with one optimizer step per batch it is the policy itself (each micro-batch's detached log-probs);
     # when the policy moves within the step, its log-probs before the first move
-    old = old_logprobs(policy, rollouts, cfg, rt, pad_id, stats) if multi else None
+    old = old_logprobs(policy, rollouts, cfg, rt, pad_id, stats) if needs_old_logprobs else None
     ref = {}  # log pi_ref per rollout, computed the first time a micro-batch needs it
-    active = {i for i in range(B) if cfg.beta > 0 or rollouts[i]["adv"] != 0.0}
+    active = {i for i in range(B) if any(rollouts[i]["mask"]) and (cfg.beta > 0 or rollouts[i]["adv"] != 0.0)}
     params = [p for p in policy.parameters() if p.requires_grad]
     rng = np.random.default_rng([cfg.seed, step])
     for epoch in range(cfg.ppo_epochs):
         order = rng.permutation(B) if cfg.minibatches > 1 else np.arange(B)
         for mb in np.array_split(order, cfg.minibatches):
             mb = sorted(int(i) for i in mb)
-            lens = [sum(rollouts[i]["mask"]) for i in mb]
-            normalizer = {"sequence": sum(n > 0 for n in lens), "token": sum(lens),
-                          "constant": len(mb) * cfg.max_completion_len}[cfg.loss_agg]
+            normalizer = loss_normalizer([sum(rollouts[i]["mask"]) for i in mb], cfg.loss_agg, cfg.max_completion_len)
             trained = [i for i in mb if i in active]
             for idx, pad in micro_batches(trained[rt.rank::rt.world], len(trained[::rt.world]), trained[:1], cfg):
                 lp, old_lp, ref_lp = micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pad_id,
@@ -323,7 +323,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
                                                cfg.rollout_is, cfg.rollout_is_cap, cfg.rollout_is_floor)
                 loss, st = grpo_loss(lp, old_lp, ref_lp, adv, mask, cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
                                      cfg.loss_agg, cfg.importance_sampling, cfg.max_completion_len,
-                                     normalizer=max(float(normalizer), 1.0),
+                                     normalizer=normalizer,
                                      is_weights=None if cfg.rollout_is == "none" else is_w)
                 # a padding pass weighs 0; x world under FSDP2, which averages the gradients over ranks where the
                 # hand all-reduce of optimizer_step sums them

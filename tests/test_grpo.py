@@ -158,6 +158,9 @@ def test_grpo_loss_normalizer_splits_a_batch_exactly(loss_agg, importance_sampli
     whole, _ = losses.grpo_loss(x, old, ref, adv, mask, **kw)
     (g_whole,) = torch.autograd.grad(whole, x)
     count = {"sequence": int((mask.sum(-1) > 0).sum()), "token": int(mask.sum()), "constant": 8 * L}[loss_agg]
+    # the one rule, from a tensor of row lengths here and from a list of them in train_grpo.policy_update
+    assert losses.loss_normalizer(mask.sum(-1), loss_agg, L) == losses.loss_normalizer(mask.sum(-1).tolist(),
+                                                                                         loss_agg, L) == count
     y = lp.clone().requires_grad_(True)
     parts = [losses.grpo_loss(y[s], old[s], ref[s], adv[s], mask[s], normalizer=float(count), **kw)[0]
              for s in (slice(0, 4), slice(4, 8))]
@@ -558,6 +561,21 @@ def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
     finally:
         dist.destroy_process_group()
     assert _max_diff(plain, ddp) <= 1e-6
+
+
+def test_rows_out_of_the_loss_are_not_run():
+    """A truncated row that overlong=mask took out of the loss runs no forward/backward, even with a non-zero
+    advantage (it carries no gradient)."""
+    cfg = train_grpo.configure(["--group_size=2", "--max_completion_len=4"])
+    g = torch.Generator().manual_seed(0)
+    rows = [dict(prompt=[5, 6, 7], tokens=torch.randint(3, 60, (3,), generator=g).tolist(), logprobs=[0.0] * 3,
+                 sample_logprobs=[0.0] * 3, mask=[m] * 3, mask_all=[1] * 3, adv=a)
+            for m, a in ((1, 1.0), (1, -1.0), (0, 0.5), (1, -0.5))]
+    model = _tiny_model()
+    opt = make_optimizer(model, 1e-2, 0.0, (0.9, 0.99))
+    stats = train_grpo.policy_update(model, None, opt, rows, cfg, Runtime(False, 0, 0, 1, torch.device("cpu"),
+                                                                          "cpu", None), 0, 0)
+    assert stats["trained_rows"] == 3
 
 
 def _ragged_logprobs(temperature):
