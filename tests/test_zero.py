@@ -36,7 +36,7 @@ def test_corpus_is_seeded_byte_stable_and_shares_no_problem_with_test_or_train(t
     template = [t for t in texts if t.startswith(R1_ZERO_TEMPLATE.split("{")[0])]
     assert 0.25 < len(template) / len(texts) < 0.35  # the web-like share, in the template's shape
     worked = [t for t in template if "\n" in t]
-    assert 0.1 < len(worked) / len(template) < 0.3  # mostly answered outright
+    assert 0.3 < len(worked) / len(template) < 0.5  # mostly answered outright
     for t in template:
         completion = t.split("Assistant:", 1)[1]
         assert format_reward(completion, "answer_tag") == 1.0 and accuracy_reward(completion, str(
