@@ -250,7 +250,7 @@ def loss_normalizer(lens, loss_agg, max_completion_len=None):
     tensor), at least 1: sequence (GRPO): rows with any masked token; token (DAPO, arXiv 2503.14476 eq. 12): masked
     tokens; constant (Dr. GRPO, arXiv 2503.20783): rows x max_completion_len."""
     _check_loss_agg(loss_agg, max_completion_len)
-    lens = torch.as_tensor(lens)
+    lens = torch.as_tensor(lens).double()  # counts past 256 stay exact even when lens came in bf16
     if loss_agg == "sequence":
         count = (lens > 0).sum()
     elif loss_agg == "token":
@@ -280,6 +280,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_l
     another distribution than pi_old; the KL term, the aggregation and the normaliser stay as they are.
     stats (floats): clip_frac_low / clip_frac_high / clip_frac (fraction of masked tokens whose clip is active),
     kl (token mean of k3 to the reference, or to pi_old without one), ratio_max, tokens."""
+    _check_loss_agg(loss_agg, max_completion_len)  # before any compute, also when the caller passes normalizer
     keep = mask.bool()  # values past a row's end can be anything (even -inf): zero them before exp()
     logprobs, old_logprobs = logprobs.masked_fill(~keep, 0.0), old_logprobs.masked_fill(~keep, 0.0)
     ref_logprobs = None if ref_logprobs is None else ref_logprobs.masked_fill(~keep, 0.0)
@@ -301,7 +302,6 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps_l
             raise ValueError("beta > 0 needs ref_logprobs")
         objective = objective - beta * kl
     objective = objective * mask
-    _check_loss_agg(loss_agg, max_completion_len)
     total = (objective.sum(-1) / lens.clamp(min=1)).sum() if loss_agg == "sequence" else objective.sum()
     loss = -total / (normalizer if normalizer is not None else loss_normalizer(lens, loss_agg, max_completion_len))
     with torch.no_grad():

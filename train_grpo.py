@@ -206,7 +206,7 @@ def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, samplin
         return samples
 
     # sample_problems seeds sample j of item k with first_seed + k * G + j, which is sample_seed(seed, step,
-    # first_draw + k, j, G): sample_seed is linear in (draw, j), so every sample keeps its global seed
+    # first_draw + k, j, G): sample_seed is affine in (draw, j), so every sample keeps its global seed
     first_seed = sample_seed(cfg.seed, step, first_draw, 0, cfg.group_size)
     groups = sample_problems(engine, [it["ids"] for it in items], cfg.group_size, sampling, judge, first_seed,
                              batch_size=len(items), rank=rt.rank, world=rt.world)
@@ -294,9 +294,11 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     the same on every rank; each rank trains its share of each minibatch). -> the step's stats.
 
     Rows with no token in the loss (overlong="mask"), and rows whose advantage is exactly 0 when beta == 0, carry no
-    gradient: they are skipped (but stay in the normaliser). A minibatch in which no rank trained a row is no optimizer step at all (AdamW's moments would still
-    move the weights), on every rank alike."""
-    B, needs_old_logprobs = len(rollouts), cfg.ppo_epochs * cfg.minibatches > 1
+    gradient: they are skipped (the normaliser is still computed over the whole minibatch). A minibatch in which no
+    rank trained a row is no optimizer step at all (AdamW's moments would still move the weights), on every rank
+    alike."""
+    B = len(rollouts)
+    needs_old_logprobs = cfg.ppo_epochs * cfg.minibatches > 1
     stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, kl=0.0, tokens=0.0, loss=0.0, trained_rows=0, time_logp=0.0,
                  rollout_is_mean=0.0, rollout_is_clipped_frac=0.0, mismatch_kl=0.0, is_tokens=0.0,
                  ratio_max=0.0, logp_mismatch=0.0, rollout_is_max=0.0, grad_norm=0.0)

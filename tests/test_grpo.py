@@ -181,6 +181,12 @@ def test_grpo_loss_argument_errors():
         losses.grpo_loss(lp, old, None, adv, mask, loss_agg="constant")
     with pytest.raises(ValueError, match="loss_agg"):
         losses.grpo_loss(lp, old, None, adv, mask, loss_agg="mean")
+    with pytest.raises(ValueError, match="max_completion_len"):  # also when the caller gives the normaliser
+        losses.grpo_loss(lp, old, None, adv, mask, loss_agg="constant", normalizer=1.0)
+    with pytest.raises(ValueError, match="loss_agg"):
+        losses.grpo_loss(lp, old, None, adv, mask, loss_agg="mean", normalizer=1.0)
+    with pytest.raises(ValueError, match="max_completion_len"):
+        losses.loss_normalizer([1, 2], "constant")
     with pytest.raises(ValueError, match="importance_sampling"):
         losses.grpo_loss(lp, old, None, adv, mask, importance_sampling="tok")
 
@@ -565,17 +571,26 @@ def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
 
 def test_rows_out_of_the_loss_are_not_run():
     """A truncated row that overlong=mask took out of the loss runs no forward/backward, even with a non-zero
-    advantage (it carries no gradient)."""
-    cfg = train_grpo.configure(["--group_size=2", "--max_completion_len=4"])
+    advantage: the update is the one where that row's advantage is 0 (a skipped row), also with beta > 0."""
     g = torch.Generator().manual_seed(0)
-    rows = [dict(prompt=[5, 6, 7], tokens=torch.randint(3, 60, (3,), generator=g).tolist(), logprobs=[0.0] * 3,
-                 sample_logprobs=[0.0] * 3, mask=[m] * 3, mask_all=[1] * 3, adv=a)
-            for m, a in ((1, 1.0), (1, -1.0), (0, 0.5), (1, -0.5))]
-    model = _tiny_model()
-    opt = make_optimizer(model, 1e-2, 0.0, (0.9, 0.99))
-    stats = train_grpo.policy_update(model, None, opt, rows, cfg, Runtime(False, 0, 0, 1, torch.device("cpu"),
-                                                                          "cpu", None), 0, 0)
-    assert stats["trained_rows"] == 3
+    tokens = [torch.randint(3, 60, (3,), generator=g).tolist() for _ in range(4)]
+
+    def update(masked_adv, beta):
+        cfg = train_grpo.configure(["--group_size=2", "--max_completion_len=4", f"--beta={beta}"])
+        rows = [dict(prompt=[5, 6, 7], tokens=t, logprobs=[0.0] * 3, sample_logprobs=[0.0] * 3, mask=[m] * 3,
+                     mask_all=[1] * 3, adv=a) for t, m, a in zip(tokens, (1, 1, 0, 1), (1.0, -1.0, masked_adv, -0.5))]
+        model = _tiny_model()
+        ref = _tiny_model() if beta else None
+        opt = make_optimizer(model, 1e-2, 0.0, (0.9, 0.99))
+        rt = Runtime(False, 0, 0, 1, torch.device("cpu"), "cpu", None)
+        stats = train_grpo.policy_update(model, ref, opt, rows, cfg, rt, 0, 0)
+        return stats["trained_rows"], {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    for beta in (0.0, 0.1):
+        n, params = update(0.5, beta)
+        _, params_zero_adv = update(0.0, beta)
+        assert n == 3
+        assert _max_diff(params, params_zero_adv) == 0
 
 
 def _ragged_logprobs(temperature):
