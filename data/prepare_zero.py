@@ -5,7 +5,7 @@ the answer given outright and the working left out; R1-Zero's RL amplifies the w
 corpus gives the tiny base the same kind of reading:
   - plain-text worked solutions of the tiny task, as in data/tiny/pretrain.jsonl (tiny_task.pretrain_text);
   - a share of "web" text in the R1-Zero template's shape (the template with the question, then the answer):
-    mostly (three in five) the answer given outright, `<think> 7+8*3-5=26 </think> <answer> 26 </answer>`, and
+    mostly (three of five) the answer given outright, `<think> 7+8*3-5=26 </think> <answer> 26 </answer>`, and
     otherwise after a little working inside the think tags, one operation per line;
   - in both kinds, a few worked solutions that get a step wrong, re-check it and fix it ("Wait, 8*3=24, ..."), the
     way people do when they write things out (tiny_task.recheck_lines).
@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--n", type=int, default=40000, help="documents, one problem each")
     p.add_argument("--template_frac", type=float, default=0.3, help="share of text in the R1-Zero template's shape")
-    # 0.2 gave a base whose RL run reached 37.2% (its own plain format: 48.2%), 0.4 one that reaches 44.6% (46.6%)
+    # 0.2 gave a base whose RL run reached 37.2% (its best plain prompt: 48.2%), 0.4 one that reaches 44.6% (46.6%)
     p.add_argument("--worked_frac", type=float, default=0.4, help="template text: share answered after working")
     p.add_argument("--recheck_frac", type=float, default=0.05, help="worked solutions that re-check a step")
     args = p.parse_args(argv)
