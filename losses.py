@@ -238,9 +238,12 @@ def kl_k3(logprobs, ref_logprobs):
     return torch.exp(d) - d - 1
 
 
+LOSS_AGGS = ("sequence", "token", "constant")  # GRPO, DAPO, Dr. GRPO: what grpo_loss sums and divides by
+
+
 def _check_loss_agg(loss_agg, max_completion_len):
-    if loss_agg not in ("sequence", "token", "constant"):
-        raise ValueError(f"loss_agg={loss_agg!r}: expected sequence, token or constant")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg={loss_agg!r}: expected one of {', '.join(LOSS_AGGS)}")
     if loss_agg == "constant" and not max_completion_len:
         raise ValueError("loss_agg='constant' needs max_completion_len")
 

@@ -58,8 +58,8 @@ from torch.nn.utils.rnn import pad_sequence
 from configurator import parse_overrides
 from dataloader import PackStream, load_prompt_sources
 from engine import Engine, sample_seed
-from losses import (ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss, loss_normalizer,
-                    overlong_penalty, rollout_is_weights)
+from losses import (LOSS_AGGS, ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss,
+                    loss_normalizer, overlong_penalty, rollout_is_weights)
 from model import Transformer
 from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
 from tasks import (PROMPT_TEMPLATES, RewardModelScorer, count_rechecks, held_out_rm_score, maj_at_k, pass_at_1,
@@ -140,7 +140,7 @@ progress = 1
 CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k.startswith("_")]
 # -----------------------------------------------------------------------------
 
-CHOICES = dict(loss_agg=("sequence", "token", "constant"), scale_rewards=("group", "batch", "none"),
+CHOICES = dict(loss_agg=LOSS_AGGS, scale_rewards=("group", "batch", "none"),
                importance_sampling=("token", "sequence"), overlong=("none", "mask", "soft"),
                rollout_is=("auto",) + ROLLOUT_IS_MODES,
                prompt_template=PROMPT_TEMPLATES, sample_dtype=("auto", "float32", "bfloat16"))
@@ -693,7 +693,8 @@ class StepLog(RunLog):
         rec["peak_mem_mb"] = peak_mem_mb(rt)
         rec["gen_tok_s"] = rec["gen_tokens"] / max(rec["time_gen"], 1e-9)
         if self.peak and rollouts:
-            # the rows that ran forward and backward (zero-advantage rows are skipped), at the mean row length
+            # the rows that ran forward and backward (policy_update skips the ones with no gradient), at the mean
+            # row length
             trained = sum(len(r["prompt"]) + len(r["tokens"]) for r in rollouts) / len(rollouts) * rec["trained_rows"]
             rec["mfu"] = self.flops_per_token * trained / max(rec["time_update"], 1e-9) / self.peak
             self.say(f"step {step}: reward {rec['reward']:.3f} | {rec['gen_tok_s']:.0f} gen tok/s | "
