@@ -13,9 +13,20 @@ import torch.nn.functional as F
 # losses over a big vocabulary, in chunks of positions
 
 
-class _ChunkedCE(torch.autograd.Function):
-    """Sum of token cross-entropies; the gradient is computed chunk by chunk in the forward pass
-    (softmax - onehot is known there), so backward only scales it: no logits kept, none recomputed."""
+class _GradInForward(torch.autograd.Function):
+    """A loss of (hidden, weight, ...) whose forward pass also makes its gradients, one chunk of logits at a time, and
+    saves them: backward only scales them by the incoming gradient (no logits kept, none recomputed)."""
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        rest = (None,) * (len(ctx.needs_input_grad) - 2)  # the other inputs take no gradient
+        return (grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype)) + rest
+
+
+class _ChunkedCE(_GradInForward):
+    """Sum of token cross-entropies; the gradient is computed chunk by chunk in the forward pass, where
+    softmax - onehot is known."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
@@ -40,11 +51,6 @@ class _ChunkedCE(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
 
 
 def chunked_cross_entropy(hidden, weight, targets, chunk_size=1024, ignore_index=-100, reduction="mean"):
@@ -126,12 +132,12 @@ def chunked_token_logprobs(hidden, weight, targets, chunk_size=1024, temperature
     return _TokenLogprobs.apply(hidden, weight, targets, chunk_size, temperature).view(shape)
 
 
-class _ForwardKL(torch.autograd.Function):
+class _ForwardKL(_GradInForward):
     """Sum over positions of T^2 KL(p_teacher || p_student), p = softmax(logits / T): logit distillation's loss
     (Hinton et al. 2015, "Distilling the knowledge in a neural network"; the T^2 keeps the gradient's size the same
     as T changes). topk > 0: the teacher's distribution cut to its k likeliest words and renormalised over them (the
-    student's stays over the whole vocabulary), so only [N, k] of the teacher matters. As in _ChunkedCE the gradient
-    is made in the forward pass, where both softmaxes are at hand: d(T^2 KL)/d student logits = T (q - p)."""
+    student's stays over the whole vocabulary), so only [N, k] of the teacher matters. The gradient is made in the
+    forward pass, where both softmaxes are at hand: d(T^2 KL)/d student logits = T (q - p)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, t_hidden, t_weight, chunk_size, temperature, topk):
@@ -161,11 +167,6 @@ class _ForwardKL(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None, None
 
 
 def chunked_forward_kl(hidden, weight, teacher_hidden, teacher_weight, chunk_size=1024, temperature=1.0, topk=0):

@@ -32,12 +32,12 @@ same prompts_per_step (up to float summation order: tests/test_grpo.py checks ma
 steps; Adam can blow the rounding of a gradient that is ~0 up to an lr-sized step, which Qwen2's k_proj biases on
 the slowest RoPE frequencies show, so the test uses a bias-free Qwen3-style model). The gradient is all-reduced by
 hand rather than through the DistributedDataParallel wrapper because ranks run different numbers of forward/backward
-passes (rows with zero advantage are skipped), which the wrapper cannot sync.
+passes (rollouts with zero advantage are skipped), which the wrapper cannot sync.
 
 FSDP2 (--fsdp=1, for policies whose AdamW state does not fit one GPU): the policy is sharded for the update
 (train_common.shard_model) and FSDP2 reduce-scatters the gradients, so the hand all-reduce is skipped. Its forwards
-and backwards are collectives, so there every rank runs the same number of micro-batches: a rank with fewer rows in a
-minibatch runs padding passes on a row of it with zero weight (the zero-advantage skip stays: that is where the
+and backwards are collectives, so there every rank runs the same number of micro-batches: a rank with fewer rollouts in
+a minibatch runs padding passes on one of them with zero weight (the zero-advantage skip stays: that is where the
 counts come apart). Rollouts sample from a separate unsharded copy of the policy (also in fp32 on the CPU), refreshed
 after each update by all-gathering the shards into it: the Engine (KV cache, CUDA graphs, prepacked CPU weights)
 needs plain tensors at fixed addresses, which an FSDP module only has transiently. A reference model (beta > 0) is
@@ -86,7 +86,7 @@ rewards = "accuracy:1"  # reward.py names with weights; every component is logge
 reward_model = ""  # RewardModel dir (R1 stage 4): scores the rows without answer / tests / numbers+target
 reward_model_weight = 1.0  # such a row's reward = weight x RM score (logged unweighted as reward/rm)
 group_size = 16  # G: completions per prompt
-prompts_per_step = 16  # prompts per step over all ranks (x group_size rows)
+prompts_per_step = 16  # prompts per step over all ranks (x group_size rollouts)
 max_steps = 120
 ppo_epochs = 1  # mu: passes over each rollout batch
 minibatches = 1  # optimizer steps per pass
@@ -241,8 +241,8 @@ def collect_rollouts(engine, stream, step, cfg, rt, reward_fn, sampling, scorer=
 
 def rollout_batch(groups, cfg):
     """Groups -> (rollouts: one dict per completion with prompt, tokens, logprobs (the sampler's, unfiltered),
-    sample_logprobs (what the tokens were drawn from), mask (0: out of the loss), mask_all and its group-relative
-    advantage; the step's rollout metrics)."""
+    sample_logprobs (what the tokens were drawn from), loss_mask (per token, 0: out of the loss) and its
+    group-relative advantage; the step's rollout metrics)."""
     samples = [s for g in groups for s in g["samples"]]
     prompts = [g["item"]["ids"] for g in groups for _ in g["samples"]]
     rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float64)
@@ -250,8 +250,8 @@ def rollout_batch(groups, cfg):
     rollouts = []
     for prompt, s, a in zip(prompts, samples, adv.tolist()):
         keep = 0 if (s["finish"] == "length" and cfg.overlong == "mask") else 1  # DAPO overlong filtering
-        rollouts.append(dict(prompt=prompt, tokens=s["tokens"], logprobs=s["logprobs"], mask=[keep] * len(s["tokens"]),
-                             sample_logprobs=s["sample_logprobs"], mask_all=[1] * len(s["tokens"]), adv=a))
+        rollouts.append(dict(prompt=prompt, tokens=s["tokens"], logprobs=s["logprobs"],
+                             sample_logprobs=s["sample_logprobs"], loss_mask=[keep] * len(s["tokens"]), adv=a))
     return rollouts, rollout_metrics(groups, samples, rewards)
 
 
@@ -293,33 +293,33 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     """ppo_epochs x minibatches optimizer steps of the clipped surrogate over the step's rollouts (the global list,
     the same on every rank; each rank trains its share of each minibatch). -> the step's stats.
 
-    Rows with no token in the loss (overlong="mask"), and rows whose advantage is exactly 0 when beta == 0, carry no
-    gradient: they are skipped (the normaliser is still computed over the whole minibatch). A minibatch in which no
-    rank trained a row is no optimizer step at all (AdamW's moments would still move the weights), on every rank
+    Rollouts with no token in the loss (overlong="mask"), and those whose advantage is exactly 0 when beta == 0,
+    carry no gradient: they are skipped (the normaliser is still computed over the whole minibatch). A minibatch in
+    which no rank trained a rollout is no optimizer step at all (AdamW's moments would still move the weights), on every rank
     alike."""
     B = len(rollouts)
     needs_old_logprobs = cfg.ppo_epochs * cfg.minibatches > 1
-    stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, kl=0.0, tokens=0.0, loss=0.0, trained_rows=0, time_logp=0.0,
-                 rollout_is_mean=0.0, rollout_is_clipped_frac=0.0, mismatch_kl=0.0, is_tokens=0.0,
+    stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, kl=0.0, tokens=0.0, loss=0.0, trained_rollouts=0,
+                 time_logp=0.0, rollout_is_mean=0.0, rollout_is_clipped_frac=0.0, mismatch_kl=0.0, is_tokens=0.0,
                  ratio_max=0.0, logp_mismatch=0.0, rollout_is_max=0.0, grad_norm=0.0)
     # pi_old: with one optimizer step per batch it is the policy itself (each micro-batch's detached log-probs);
     # when the policy moves within the step, its log-probs before the first move
     old = old_logprobs(policy, rollouts, cfg, rt, pad_id, stats) if needs_old_logprobs else None
     ref = {}  # log pi_ref per rollout, computed the first time a micro-batch needs it
-    active = {i for i in range(B) if any(rollouts[i]["mask"]) and (cfg.beta > 0 or rollouts[i]["adv"] != 0.0)}
+    active = {i for i in range(B) if any(rollouts[i]["loss_mask"]) and (cfg.beta > 0 or rollouts[i]["adv"] != 0.0)}
     params = [p for p in policy.parameters() if p.requires_grad]
     rng = np.random.default_rng([cfg.seed, step])
     for epoch in range(cfg.ppo_epochs):
         order = rng.permutation(B) if cfg.minibatches > 1 else np.arange(B)
         for mb in np.array_split(order, cfg.minibatches):
             mb = sorted(int(i) for i in mb)
-            normalizer = loss_normalizer([sum(rollouts[i]["mask"]) for i in mb], cfg.loss_agg, cfg.max_completion_len)
+            normalizer = loss_normalizer([sum(rollouts[i]["loss_mask"]) for i in mb], cfg.loss_agg, cfg.max_completion_len)
             trained = [i for i in mb if i in active]
             for idx, pad in micro_batches(trained[rt.rank::rt.world], len(trained[::rt.world]), trained[:1], cfg):
                 lp, old_lp, ref_lp = micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pad_id,
                                                           stats)
                 adv = torch.tensor([rollouts[i]["adv"] for i in idx], device=lp.device)
-                mask = padded(rollouts, "mask", idx, rt.device)
+                mask = padded(rollouts, "loss_mask", idx, rt.device)
                 # rollouts drawn from another distribution than pi_old: weigh each token by pi_old / pi_sampler
                 is_w, ist = rollout_is_weights(old_lp, padded(rollouts, "sample_logprobs", idx, rt.device), mask,
                                                cfg.rollout_is, cfg.rollout_is_cap, cfg.rollout_is_floor)
@@ -335,7 +335,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
                         stats[k] += st[k] * st["tokens"]
                     stats["tokens"] += st["tokens"]
                     stats["loss"] += loss.item()
-                    stats["trained_rows"] += len(idx)
+                    stats["trained_rollouts"] += len(idx)
                     stats["ratio_max"] = max(stats["ratio_max"], st["ratio_max"])
                     for k in ("is_mean", "is_clipped_frac"):
                         stats["rollout_" + k] += ist[k] * ist["tokens"]
@@ -369,8 +369,9 @@ def batch_logprobs(model, rollouts, idx, cfg, rt, pad_id):
 
 
 def logp_mismatch(lp, rollouts, idx, device):
-    """max |log pi_trainer - log pi_sampler| over the sampled tokens: the sampler/trainer mismatch."""
-    m = padded(rollouts, "mask_all", idx, device)
+    """max |log pi_trainer - log pi_sampler| over the sampled tokens of the rollouts idx: the sampler/trainer
+    mismatch. The update measures it on the rollouts it runs (with one optimizer step a batch, only those it trains)."""
+    m = pad_sequence([torch.ones(len(rollouts[i]["tokens"])) for i in idx], batch_first=True).to(device)
     return float(((lp.float() - padded(rollouts, "logprobs", idx, device)).abs() * m).max()) if m.any() else 0.0
 
 
@@ -431,7 +432,7 @@ def optimizer_step(params, optimizer, cfg, rt):
 def reduce_update_stats(stats, rt):
     """This rank's sums over its micro-batches -> the step's stats over all ranks (token means, maxima)."""
     if rt.ddp:
-        keys = ["clip_frac_low", "clip_frac_high", "kl", "tokens", "trained_rows", "loss", "time_logp",
+        keys = ["clip_frac_low", "clip_frac_high", "kl", "tokens", "trained_rollouts", "loss", "time_logp",
                 "rollout_is_mean", "rollout_is_clipped_frac", "mismatch_kl", "is_tokens"]
         stats.update(zip(keys, rt.all_sum([stats[k] for k in keys])))
         maxima = ["ratio_max", "logp_mismatch", "rollout_is_max"]
@@ -446,7 +447,7 @@ def reduce_update_stats(stats, rt):
         stats[k] = stats[k] / n_is if n_is else float(k == "rollout_is_mean")
     stats["rollout_is_max"] = stats["rollout_is_max"] if n_is else 1.0
     stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
-    stats["trained_rows"] = int(stats["trained_rows"])
+    stats["trained_rollouts"] = int(stats["trained_rollouts"])
     return stats
 
 
@@ -693,9 +694,10 @@ class StepLog(RunLog):
         rec["peak_mem_mb"] = peak_mem_mb(rt)
         rec["gen_tok_s"] = rec["gen_tokens"] / max(rec["time_gen"], 1e-9)
         if self.peak and rollouts:
-            # the rows that ran forward and backward (policy_update skips the ones with no gradient), at the mean
-            # row length
-            trained = sum(len(r["prompt"]) + len(r["tokens"]) for r in rollouts) / len(rollouts) * rec["trained_rows"]
+            # the rollouts that ran forward and backward (policy_update skips the ones with no gradient), at the
+            # mean rollout length
+            mean_len = sum(len(r["prompt"]) + len(r["tokens"]) for r in rollouts) / len(rollouts)
+            trained = mean_len * rec["trained_rollouts"]
             rec["mfu"] = self.flops_per_token * trained / max(rec["time_update"], 1e-9) / self.peak
             self.say(f"step {step}: reward {rec['reward']:.3f} | {rec['gen_tok_s']:.0f} gen tok/s | "
                      f"MFU {100 * rec['mfu']:.1f}%")

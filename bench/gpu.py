@@ -417,7 +417,7 @@ def cmd_grpo_e2e(a):
     shutil.copy(metrics_file, os.path.join(a.out, f"{a.name}.metrics.jsonl"))
     recs = [json.loads(line) for line in open(metrics_file)]
     keys = ("time_gen", "time_logp", "time_update", "time_step", "gen_tok_s", "logp_mismatch", "mfu", "completion_len",
-            "trained_rows", "grad_norm", "reward", "loss")
+            "trained_rollouts", "grad_norm", "reward", "loss")
     steps = [{k: r.get(k) for k in keys} for r in recs]
     last = steps[-1]
     phases = peaks.by_phase()

@@ -79,9 +79,9 @@ def test_grpo_fsdp_equals_ddp(grpo_data, tmp_path):  # noqa: F811
                   max_completion_len=16, progress=0, sample_every=0, warmup_steps=1, lr=1e-3, rewards="language:1",
                   minibatches=2, ppo_epochs=2, micro_batch_size=2, save_every=2)
     ddp, fsdp, m_ddp, m_fsdp = _ddp_and_fsdp("train_grpo.py", tmp_path, common)
-    assert sum(m["trained_rows"] for m in m_fsdp) > 0
+    assert sum(m["trained_rollouts"] for m in m_fsdp) > 0
     for x, y in zip(m_ddp, m_fsdp):  # the same rollouts (sampled from the gathered weights) and the same update
-        for k in ("reward", "completion_len", "trained_rows", "entropy"):
+        for k in ("reward", "completion_len", "trained_rollouts", "entropy"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
         for k in ("clip_frac", "kl", "loss", "grad_norm"):
             assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-5), k

@@ -446,7 +446,7 @@ def test_cli_end_to_end(e2e, ckpt):
         assert m["clip_frac"] == 0 and m["ratio_max"] == 1 and m["kl"] == 0
         assert m["entropy"] > 0 and m["gen_tok_s"] > 0 and m["peak_mem_mb"] > 0
     assert "eval_accuracy" in metrics[-1]
-    assert any(m["trained_rows"] > 0 for m in metrics)  # the language reward gave non-zero advantages
+    assert any(m["trained_rollouts"] > 0 for m in metrics)  # the language reward gave non-zero advantages
     # the checkpoint: HF layout, loads in transformers and in model.py, same logits; the parameters moved
     ck = os.path.join(out, "ckpt")
     ours = Transformer.from_pretrained(ck, dtype=torch.float32).eval()
@@ -492,14 +492,14 @@ def test_ddp_two_ranks_equal_one_process(ddp_runs):
     assert [m["step"] for m in m_ddp] == [m["step"] for m in m_one] == [1, 2, 3]
     for a, b in zip(m_ddp, m_one):
         # the same rollouts (seeds come from the global draw index, not the rank) and the same update
-        for k in ("reward", "completion_len", "zero_std_frac", "truncated_frac", "trained_rows", "entropy"):
+        for k in ("reward", "completion_len", "zero_std_frac", "truncated_frac", "trained_rollouts", "entropy"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
         for k in ("clip_frac", "kl", "ratio_max", "loss", "rollout_is_mean", "rollout_is_max", "rollout_is_clipped_frac",
                   "mismatch_kl"):
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
         assert a["logp_mismatch"] < 1e-4
         assert a["rollout_is_mean"] < 1 and a["mismatch_kl"] > 0  # top-k: drawn from less than the whole mass
-    assert sum(m["trained_rows"] for m in m_one) > 0
+    assert sum(m["trained_rollouts"] for m in m_one) > 0
     assert any(m["clip_frac"] > 0 for m in m_one)  # recomputed pi_old: the second pass really clips
     init = load_file(os.path.join(r["ck"], "model.safetensors"))
     a, b = _params(r["ddp"]), _params(r["one"])
@@ -546,7 +546,7 @@ def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
 
     def rows(adv):
         return [dict(prompt=[5, 6, 7], tokens=torch.randint(3, 60, (3,), generator=g).tolist(), logprobs=[0.0] * 3,
-                     sample_logprobs=[0.0] * 3, mask=[1] * 3, mask_all=[1] * 3, adv=a) for a in adv]
+                     sample_logprobs=[0.0] * 3, loss_mask=[1] * 3, adv=a) for a in adv]
 
     steps = [rows([1.0, -1.0, 0.5, -0.5]), rows([0.0] * 4), rows([0.0] * 4)]
     base = _tiny_model()
@@ -577,14 +577,14 @@ def test_rows_out_of_the_loss_are_not_run():
 
     def update(masked_adv, beta):
         cfg = train_grpo.configure(["--group_size=2", "--max_completion_len=4", f"--beta={beta}"])
-        rows = [dict(prompt=[5, 6, 7], tokens=t, logprobs=[0.0] * 3, sample_logprobs=[0.0] * 3, mask=[m] * 3,
-                     mask_all=[1] * 3, adv=a) for t, m, a in zip(tokens, (1, 1, 0, 1), (1.0, -1.0, masked_adv, -0.5))]
+        rows = [dict(prompt=[5, 6, 7], tokens=t, logprobs=[0.0] * 3, sample_logprobs=[0.0] * 3, loss_mask=[m] * 3,
+                     adv=a) for t, m, a in zip(tokens, (1, 1, 0, 1), (1.0, -1.0, masked_adv, -0.5))]
         model = _tiny_model()
         ref = _tiny_model() if beta else None
         opt = make_optimizer(model, 1e-2, 0.0, (0.9, 0.99))
         rt = Runtime(False, 0, 0, 1, torch.device("cpu"), "cpu", None)
         stats = train_grpo.policy_update(model, ref, opt, rows, cfg, rt, 0, 0)
-        return stats["trained_rows"], {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return stats["trained_rollouts"], {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     for beta in (0.0, 0.1):
         n, params = update(0.5, beta)
@@ -643,7 +643,7 @@ def test_kill_and_resume_reaches_the_same_parameters(ckpt, data, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert full["history"] == resumed["history"] and full["after"] == resumed["after"]
     assert [m["step"] for m in m_res] == [m["step"] for m in m_full] == [0, 1, 2, 3, 4]  # no step twice
-    assert sum(m.get("trained_rows", 0) for m in m_full) > 0  # (line 0 is the first evaluation)
+    assert sum(m.get("trained_rollouts", 0) for m in m_full) > 0  # (line 0 is the first evaluation)
     skip = ("time_gen", "time_logp", "time_update", "time_step", "gen_tok_s", "peak_mem_mb", "mfu")
     for x, y in zip(m_full, m_res):
         assert {k: v for k, v in x.items() if k not in skip} == {k: v for k, v in y.items() if k not in skip}
@@ -683,7 +683,7 @@ def test_reference_model_only_with_beta(ckpt, data, tmp_path, monkeypatch):
     assert metrics[0]["kl"] < 1e-6  # step 1: policy == reference
     assert metrics[1]["kl"] > 1e-6  # step 2: the policy has moved away from it
     assert metrics[1]["loss"] != 0  # the k3 term is in the loss: rows with zero advantage are trained too
-    assert all(m["trained_rows"] == 16 for m in metrics)
+    assert all(m["trained_rollouts"] == 16 for m in metrics)
 
 
 # -----------------------------------------------------------------------------
@@ -707,7 +707,7 @@ def test_dynamic_sampling_refills_the_batch(ckpt, data, tmp_path):
             assert m["prompts_drawn"] - m["groups_dropped"] == 4
         if m["prompts_drawn"] > m["groups_dropped"]:
             assert m["zero_std_frac"] == 0  # every kept group carries signal
-            assert 0 < m["trained_rows"] <= 4 * (m["prompts_drawn"] - m["groups_dropped"])
+            assert 0 < m["trained_rollouts"] <= 4 * (m["prompts_drawn"] - m["groups_dropped"])
 
 
 # -----------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_mixed_rule_and_reward_model_rows(setup, tmp_path, monkeypatch):
                 assert f"reward/{name}" not in m
     assert kinds == {True, False}  # both sources were drawn
     assert any("reward/rm" in m for m in metrics)
-    assert any(m["trained_rows"] > 0 for m in metrics)  # RM scores differ within a group: non-zero advantages
+    assert any(m["trained_rollouts"] > 0 for m in metrics)  # RM scores differ within a group: non-zero advantages
 
 
 def test_rows_without_answer_need_a_reward_model(setup, tmp_path):
