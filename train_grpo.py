@@ -26,7 +26,7 @@ DDP (torchrun): every rank holds the whole policy and samples its share of the s
 goes to rank k % world) and scores its own groups (the reward model's too); the scored rollouts are all-gathered
 (token ids, a few KB), so every rank sees the same global batch, advantages and minibatch split, and trains on its
 share of each minibatch; gradients are summed with one all-reduce per optimizer step and every loss is divided by
-the *global* normaliser. Each row's sampling seed comes from (seed, step, the prompt's global draw index, sample
+the *global* normaliser. Each rollout's sampling seed comes from (seed, step, the prompt's global draw index, sample
 index), never from the rank, so `torchrun --nproc_per_node=N` reaches the same parameters as one process with the
 same prompts_per_step (up to float summation order: tests/test_grpo.py checks max |dparam| <= 1e-5 after a few fp32
 steps; Adam can blow the rounding of a gradient that is ~0 up to an lr-sized step, which Qwen2's k_proj biases on
@@ -260,8 +260,8 @@ def rollout_metrics(groups, samples, rewards):
         return {"reward": 0.0}
     lens = [len(s["tokens"]) for s in samples]
     rec = {"reward": float(rewards.mean())}  # the mean total, over every sample
-    # each component is the mean over the samples it scored (rule parts over rule-scored rows, rm over RM-scored
-    # ones), so mixing the two sources does not dilute either
+    # each component is the mean over the samples it scored (rule parts over the samples of rule-scored rows, rm
+    # over those of RM-scored ones), so mixing the two sources does not dilute either
     for name in dict.fromkeys(n for s in samples for n in s["parts"]):
         vals = [s["parts"][name] for s in samples if name in s["parts"]]
         rec[f"reward/{name}"] = sum(vals) / len(vals)
@@ -295,8 +295,9 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
 
     Rollouts with no token in the loss (overlong="mask"), and those whose advantage is exactly 0 when beta == 0,
     carry no gradient: they are skipped (the normaliser is still computed over the whole minibatch). A minibatch in
-    which no rank trained a rollout is no optimizer step at all (AdamW's moments would still move the weights), on every rank
-    alike."""
+    which no rank trained a rollout is no optimizer step at all (AdamW's moments would still move the weights), on
+    every rank alike. stats["trained_rollouts"] counts forward/backward passes of rollouts, summed over the
+    ppo_epochs x minibatches optimizer steps (the work the update did, which MFU is computed from)."""
     B = len(rollouts)
     needs_old_logprobs = cfg.ppo_epochs * cfg.minibatches > 1
     stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, kl=0.0, tokens=0.0, loss=0.0, trained_rollouts=0,
@@ -313,7 +314,8 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
         order = rng.permutation(B) if cfg.minibatches > 1 else np.arange(B)
         for mb in np.array_split(order, cfg.minibatches):
             mb = sorted(int(i) for i in mb)
-            normalizer = loss_normalizer([sum(rollouts[i]["loss_mask"]) for i in mb], cfg.loss_agg, cfg.max_completion_len)
+            lens = [sum(rollouts[i]["loss_mask"]) for i in mb]
+            normalizer = loss_normalizer(lens, cfg.loss_agg, cfg.max_completion_len)
             trained = [i for i in mb if i in active]
             for idx, pad in micro_batches(trained[rt.rank::rt.world], len(trained[::rt.world]), trained[:1], cfg):
                 lp, old_lp, ref_lp = micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pad_id,
@@ -369,10 +371,10 @@ def batch_logprobs(model, rollouts, idx, cfg, rt, pad_id):
 
 
 def logp_mismatch(lp, rollouts, idx, device):
-    """max |log pi_trainer - log pi_sampler| over the sampled tokens of the rollouts idx: the sampler/trainer
-    mismatch. The update measures it on the rollouts it runs (with one optimizer step a batch, only those it trains)."""
-    m = pad_sequence([torch.ones(len(rollouts[i]["tokens"])) for i in idx], batch_first=True).to(device)
-    return float(((lp.float() - padded(rollouts, "logprobs", idx, device)).abs() * m).max()) if m.any() else 0.0
+    """max |log pi_trainer - log pi_sampler| over the sampled tokens of the rollouts idx (both are 0 past each
+    completion's end): the sampler/trainer mismatch. The update measures it on the rollouts it runs: with one optimizer
+    step a batch only those it trains, so a step that trains none logs 0."""
+    return float((lp.float() - padded(rollouts, "logprobs", idx, device)).abs().max()) if lp.numel() else 0.0
 
 
 @torch.no_grad()

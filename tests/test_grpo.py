@@ -544,11 +544,11 @@ def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
     cfg = train_grpo.configure(["--group_size=2", "--max_completion_len=4"])
     g = torch.Generator().manual_seed(0)
 
-    def rows(adv):
+    def rollouts(adv):
         return [dict(prompt=[5, 6, 7], tokens=torch.randint(3, 60, (3,), generator=g).tolist(), logprobs=[0.0] * 3,
                      sample_logprobs=[0.0] * 3, loss_mask=[1] * 3, adv=a) for a in adv]
 
-    steps = [rows([1.0, -1.0, 0.5, -0.5]), rows([0.0] * 4), rows([0.0] * 4)]
+    steps = [rollouts([1.0, -1.0, 0.5, -0.5]), rollouts([0.0] * 4), rollouts([0.0] * 4)]
     base = _tiny_model()
 
     def run(ddp):
@@ -569,21 +569,21 @@ def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
     assert _max_diff(plain, ddp) <= 1e-6
 
 
-def test_rows_out_of_the_loss_are_not_run():
-    """A truncated row that overlong=mask took out of the loss runs no forward/backward, even with a non-zero
-    advantage: the update is the one where that row's advantage is 0 (a skipped row), also with beta > 0."""
+def test_rollouts_out_of_the_loss_are_not_run():
+    """A truncated rollout that overlong=mask took out of the loss runs no forward/backward, even with a non-zero
+    advantage: the update is the one where that rollout's advantage is 0 (a skipped rollout), also with beta > 0."""
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randint(3, 60, (3,), generator=g).tolist() for _ in range(4)]
 
     def update(masked_adv, beta):
         cfg = train_grpo.configure(["--group_size=2", "--max_completion_len=4", f"--beta={beta}"])
-        rows = [dict(prompt=[5, 6, 7], tokens=t, logprobs=[0.0] * 3, sample_logprobs=[0.0] * 3, loss_mask=[m] * 3,
-                     adv=a) for t, m, a in zip(tokens, (1, 1, 0, 1), (1.0, -1.0, masked_adv, -0.5))]
+        rollouts = [dict(prompt=[5, 6, 7], tokens=t, logprobs=[0.0] * 3, sample_logprobs=[0.0] * 3, loss_mask=[m] * 3,
+                         adv=a) for t, m, a in zip(tokens, (1, 1, 0, 1), (1.0, -1.0, masked_adv, -0.5))]
         model = _tiny_model()
         ref = _tiny_model() if beta else None
         opt = make_optimizer(model, 1e-2, 0.0, (0.9, 0.99))
         rt = Runtime(False, 0, 0, 1, torch.device("cpu"), "cpu", None)
-        stats = train_grpo.policy_update(model, ref, opt, rows, cfg, rt, 0, 0)
+        stats = train_grpo.policy_update(model, ref, opt, rollouts, cfg, rt, 0, 0)
         return stats["trained_rollouts"], {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     for beta in (0.0, 0.1):
@@ -682,7 +682,7 @@ def test_reference_model_only_with_beta(ckpt, data, tmp_path, monkeypatch):
     assert len(loads) == 2 and "reference model: yes" in out
     assert metrics[0]["kl"] < 1e-6  # step 1: policy == reference
     assert metrics[1]["kl"] > 1e-6  # step 2: the policy has moved away from it
-    assert metrics[1]["loss"] != 0  # the k3 term is in the loss: rows with zero advantage are trained too
+    assert metrics[1]["loss"] != 0  # the k3 term is in the loss: rollouts with zero advantage are trained too
     assert all(m["trained_rollouts"] == 16 for m in metrics)
 
 
