@@ -593,6 +593,16 @@ def test_rollouts_out_of_the_loss_are_not_run():
         assert _max_diff(params, params_zero_adv) == 0
 
 
+def test_logp_mismatch_is_the_largest_gap_over_the_sampled_tokens():
+    """Completions of 2 and 4 tokens: the trainer's log-probs (0 past each end, as completion_logprobs returns them)
+    against the sampler's; the largest |gap| of a real token, whatever its sign; 0 for no rollout."""
+    rollouts = [dict(tokens=[8, 9], logprobs=[-1.0, -2.0]), dict(tokens=[8, 9, 10, 11], logprobs=[-1.0] * 4)]
+    lp = torch.tensor([[-1.25, -2.0, 0.0, 0.0], [-1.0, -0.5, -1.0, -1.0]])
+    assert train_grpo.logp_mismatch(lp, rollouts, [0, 1], "cpu") == 0.5  # rollout 1, token 1: |-0.5 - (-1)|
+    assert train_grpo.logp_mismatch(lp[:1, :2], rollouts, [0], "cpu") == 0.25
+    assert train_grpo.logp_mismatch(torch.zeros(0, 0), rollouts, [], "cpu") == 0.0
+
+
 def _ragged_logprobs(temperature):
     """completion_logprobs of two completions of lengths 2 and 4 (row 0 is padded by 2), tiny random model."""
     rows = [([5, 6, 7], [8, 9]), ([5, 6], [8, 9, 10, 11])]
