@@ -13,7 +13,7 @@ thing, so everything here is deliberately conservative:
   model to be wrong, a false negative only wastes a sample.
 
 Public API: extract_answer, is_equiv, accuracy_reward, format_reward,
-language_consistency_reward, countdown_reward, code_reward, REWARDS,
+language_consistency_reward, countdown_reward, code_reward, evaluate_arithmetic, REWARDS,
 parse_reward_spec, combine_rewards / RewardFn, REQUIRED_FIELDS / rule_scored.
 The one learned reward (R1 stage 4) is tasks.RewardModelScorer.
 Only invalid *arguments* (bad mode, unknown language, bad spec) raise ValueError.
@@ -23,19 +23,15 @@ from __future__ import annotations
 import ast
 import cmath
 import functools
-import json
 import math
-import os
 import random
 import re
-import secrets
-import signal
 import subprocess
-import sys
-import tempfile
 from fractions import Fraction
 
 import regex
+
+from sandbox import SandboxError, run_python
 
 MAX_ANSWER_CHARS = 1000  # longer answers are compared as plain strings only
 MAX_TOKENS = 200  # expression parser: token cap
@@ -695,6 +691,16 @@ def countdown_reward(completion: str, numbers, target) -> float:
         return 0.0
 
 
+def evaluate_arithmetic(expr: str) -> Fraction:
+    """The exact value of an expression of numbers, + - * / and parentheses, by the parser above (never eval):
+    ValueError if it is not one (or too large), ZeroDivisionError on a division by zero. The calculator tool."""
+    try:
+        tree, _ = _parse(expr, arith=True)
+        return _ev(tree, None, True)
+    except (_ParseError, _Inexact) as e:
+        raise ValueError(str(e) or "number too large") from None
+
+
 _EQUATION = regex.compile(r"^\s*([-+*/() \d.]+?)\s*=\s*(-?\d+(?:\.\d+)?)\s*(?:,\s*so\s+([-+*/() \d.]+?))?\s*$")
 
 
@@ -733,68 +739,9 @@ def steps_reward(completion: str) -> float:
 
 
 # ----------------------------------------------------------------------------
-# Code: model-written code never runs in this process. A fresh `python -I`
-# runs a small harness in its own session, in an empty temp dir, with a PATH-only
-# environment and kernel limits (address space, CPU time, file size, processes).
-# When we are root, RLIMIT_NPROC is not enforced, so the harness also drops to
-# the unprivileged `nobody` user (after pre-importing common stdlib modules,
-# whose files root-only installs may hide). The whole process group is
-# SIGKILLed when the harness ends or the wall-clock timeout hits.
+# Code: model-written code never runs in this process; sandbox.run_python runs it
+# (its own process, kernel limits, namespaces, the nobody user; see sandbox.py).
 # ----------------------------------------------------------------------------
-_PRELOAD = ("math cmath collections itertools functools heapq bisect re string typing fractions "
-            "decimal random statistics operator copy array datetime dataclasses enum unicodedata").split()
-_HARNESS = r'''
-import json, os, resource, sys
-def main(write=os.write, dumps=json.dumps, exit=os._exit):
-    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-    nonce, code, tests, out = payload["nonce"], payload["code"], payload["tests"], os.dup(1)
-    try:  # setup: nothing from the model has run yet
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        for name in payload["preload"]:
-            try:
-                __import__(name)
-            except Exception:
-                pass
-        for key, value in payload["limits"].items():
-            resource.setrlimit(getattr(resource, key), (value, value))
-        if os.getuid() == 0:
-            os.setgroups([]); os.setgid(payload["gid"]); os.setuid(payload["uid"])
-        def blocked(*a, **k):
-            raise PermissionError("disabled in the nanoR1 sandbox")
-        for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve",
-                     "execvp", "execvpe", "spawnv", "spawnve", "posix_spawn", "posix_spawnp"):
-            if hasattr(os, name):
-                setattr(os, name, blocked)
-    except BaseException as e:
-        write(out, (nonce + dumps({"setup_error": repr(e)}) + "\n").encode())
-        exit(1)
-    del payload
-    ns, passed = {"__name__": "solution"}, 0
-    try:
-        exec(compile(code, "solution.py", "exec"), ns)
-        for test in tests:
-            try:
-                exec(compile(test, "test.py", "exec"), ns)
-                passed += 1
-            except BaseException:
-                pass
-    except BaseException:
-        pass
-    write(out, (nonce + dumps({"passed": passed}) + "\n").encode())
-    exit(0)
-main()
-'''
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself could not be set up (configuration, not model output)."""
-
-
-SANDBOX_MARKER = "nanor1-sandbox"  # in the child's argv, so tests can look for leftovers
-
-
 def _extract_code(completion: str) -> str:
     """After the last </think> (if any): the last ```python / ```py / bare ```
     fenced block, else all of that text."""
@@ -819,51 +766,8 @@ def code_reward(completion: str, tests, timeout: float = 5.0, memory_mb: int = 1
             ast.parse(code)  # cheap syntax check; parsing is not executing
         except Exception:
             return 0.0
-        try:
-            import pwd
-
-            uid, gid = pwd.getpwnam("nobody")[2:4]
-        except (ImportError, KeyError):
-            uid = gid = 65534
-        nonce = secrets.token_hex(16)
-        limits = {
-            "RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1,
-            "RLIMIT_FSIZE": 1 << 20, "RLIMIT_NPROC": 0, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0,
-        }
-        payload = json.dumps({"code": code, "tests": tests, "nonce": nonce, "limits": limits,
-                              "uid": uid, "gid": gid, "preload": _PRELOAD}).encode()
-        with tempfile.TemporaryDirectory(prefix="nanor1-", ignore_cleanup_errors=True) as root:
-            work = os.path.join(root, "work")  # the child's cwd; `root` stays private
-            os.mkdir(work)
-            if os.getuid() == 0:
-                os.chown(work, uid, gid)
-            with open(os.path.join(root, "out"), "w+b") as out:
-                proc = subprocess.Popen(
-                    [sys.executable or "python3", "-I", "-c", _HARNESS, SANDBOX_MARKER],
-                    stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL, cwd=work,
-                    env={"PATH": os.defpath}, start_new_session=True, close_fds=True,
-                )
-                timed_out = False
-                try:
-                    proc.communicate(payload, timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                finally:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it forked
-                    except OSError:
-                        pass
-                    proc.kill()
-                    proc.wait(timeout=10)
-                out.seek(0)
-                lines = out.read(1 << 16).decode("utf-8", "replace").splitlines()
-        results = [line[len(nonce) :] for line in lines if line.startswith(nonce)]
-        if timed_out or not results:
-            return 0.0
-        result = json.loads(results[-1])
-        if "setup_error" in result:  # a broken sandbox must be loud, not a silent 0
-            raise SandboxError(f"code sandbox setup failed: {result['setup_error']}")
-        return min(max(int(result["passed"]), 0), len(tests)) / len(tests)
+        run = run_python(code, tests, timeout, memory_mb)
+        return 0.0 if run.error == "timeout" else min(max(run.passed, 0), len(tests)) / len(tests)
     except SandboxError:
         raise
     except Exception:

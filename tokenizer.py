@@ -1,19 +1,21 @@
 """Tokenizer and chat templates for nanoR1.
 
-Wraps a HuggingFace `tokenizer.json` (via the `tokenizers` library) and renders the two
-chat-template families nanoR1 trains with, in plain Python:
+Wraps a HuggingFace `tokenizer.json` (via the `tokenizers` library) and renders the chat-template families nanoR1
+trains with, in plain Python:
 
-  * ChatML (Qwen2.5 and the project's tiny tokenizer): `<|im_start|>role\\ncontent<|im_end|>\\n`,
-    optionally with a default system prompt (Qwen's "You are Qwen, ...") when none is given.
+  * ChatML (Qwen2.5, Qwen3 and the project's tiny tokenizer): `<|im_start|>role\\ncontent<|im_end|>\\n`, with what
+    the published templates add: Qwen2.5's default system prompt ("You are Qwen, ...") when none is given; tools
+    (their JSON schemas in the system turn, `<tool_call>` JSON in assistant turns, consecutive `tool` messages in
+    one turn of `<tool_response>` blocks); Qwen3's thinking (`enable_thinking`, reasoning kept only in the
+    assistant turns after the last user query).
   * DeepSeek-R1-Distill: `<｜begin▁of▁sentence｜>system<｜User｜>...<｜Assistant｜>...<｜end▁of▁sentence｜>`,
-    which drops everything up to `</think>` from assistant turns.
+    which drops everything up to `</think>` from assistant turns. No tools.
 
-Why no jinja2: the published templates are Jinja programs, but running them needs jinja2 at run
-time and hides what the model actually sees. The non-tool parts of both families are a few lines
-of string concatenation, so we re-implement them here and read only the pieces that vary between
-published versions (default system prompt, generation prompt) out of the template string.
-The tests check every rendering against `transformers.apply_chat_template` token for token.
-Tool calls / tool messages are not supported.
+Why no jinja2: the published templates are Jinja programs, but running them needs jinja2 at run time and hides
+what the model actually sees. Each family is a few lines of string concatenation, so we re-implement them here and
+read only the pieces that vary between published versions (default system prompt, generation prompt, the tools
+preamble, whether thinking is handled) out of the template string. The tests check every rendering against
+`transformers.apply_chat_template` token for token.
 """
 
 import json
@@ -25,11 +27,12 @@ from tokenizers import Tokenizer as _RustTokenizer
 
 CHATML = "chatml"
 DEEPSEEK_R1 = "deepseek-r1"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 R1_USER, R1_ASSISTANT, R1_EOS = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
-THINK_END = "</think>"
+THINK_START, THINK_END = "<think>", "</think>"
+TOOL_RESPONSE, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
 
 # Jinja output expressions `{{ ... }}` and the quoted string literals inside them.
 _JINJA_EXPRESSION = re.compile(r"\{\{(.*?)\}\}", re.S)
@@ -48,13 +51,31 @@ def _output_literals(template: str) -> list[str]:
     return literals
 
 
-def _generation_prompt(template: str) -> str:
-    """What the template prints inside its last `if add_generation_prompt ... endif` block."""
+def _generation_prompt(template: str) -> tuple[str, str]:
+    """What the template prints inside its last `if add_generation_prompt ... endif` block: (always, and what Qwen3's
+    template adds only when `enable_thinking` is false: an empty think block)."""
     start = template.rfind("add_generation_prompt")
     if start < 0:
-        return ""
-    block = template[start:].split("endif", 1)[0]
-    return "".join(_output_literals(block))
+        return "", ""
+    block = template[start:]
+    if "enable_thinking" not in block:
+        return "".join(_output_literals(block.split("endif", 1)[0])), ""
+    always, thinking = block.split("enable_thinking", 1)
+    return "".join(_output_literals(always)), "".join(_output_literals(thinking.split("endif", 1)[0]))
+
+
+def _tools_preamble(template: str) -> tuple[str, str] | None:
+    """The text around the tool schemas in the system turn ("# Tools ... <tools>", "</tools> ... <|im_end|>\\n"),
+    read from the template's literals; None for a template without tools."""
+    literals = _output_literals(template)
+    before = next((s for s in literals if s.endswith("<tools>")), None)
+    after = next((s for s in literals if s.startswith("\n</tools>")), None)
+    return (before, after) if before is not None and after is not None else None
+
+
+def _tojson(value) -> str:
+    """Jinja's `tojson` as transformers defines it for chat templates: json.dumps without ASCII escaping."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _read_json(path: Path) -> dict:
@@ -127,8 +148,10 @@ class Tokenizer:
         return cls(tokenizer, config, config_file, generation_config)
 
     def _detect_chat_format(self) -> tuple[str | None, str | None, str]:
-        """(family, default system prompt, generation prompt), read from the template string."""
+        """(family, default system prompt, generation prompt), read from the template string; also sets the tool and
+        thinking features the template has (tools_preamble, thinking, no_thinking_prompt, raw_string_arguments)."""
         template = self.chat_template
+        self.tools_preamble, self.thinking, self.no_thinking_prompt, self.raw_string_arguments = None, False, "", False
         if not template:
             return None, None, ""  # plain encoder (e.g. a base model); chat methods will refuse
         if IM_START in template:
@@ -142,7 +165,7 @@ class Tokenizer:
             )
         # The generation prompt differs between published versions (R1: "<｜Assistant｜>" vs
         # "<｜Assistant｜><think>\n"), so take it from the template instead of assuming one.
-        generation_prompt = _generation_prompt(template)
+        generation_prompt, self.no_thinking_prompt = _generation_prompt(template)
         if not generation_prompt.startswith(header):
             raise ValueError(
                 f"unsupported {family} chat_template variant in {self.config_path}: expected its "
@@ -155,6 +178,12 @@ class Tokenizer:
                 if match:
                     default_system = match.group(1)
                     break
+            self.tools_preamble = _tools_preamble(template)
+            if "tool_call" in template and self.tools_preamble is None:
+                raise ValueError(f"unsupported ChatML tools variant in {self.config_path}: no '...<tools>' and "
+                                 "'\\n</tools>...' literals around the tool schemas")
+            self.thinking = "reasoning_content" in template  # Qwen3: reasoning kept after the last query only
+            self.raw_string_arguments = "arguments is string" in template  # Qwen3 prints string arguments as is
         return family, default_system, generation_prompt
 
     # ---- plain text ----
@@ -173,70 +202,166 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def ids_containing(self, text: str) -> set[int]:
+        """Every id whose token contains `text` (byte-level tokens show printable ASCII as itself)."""
+        return {i for token, i in self._tok.get_vocab(with_added_tokens=True).items() if text in token}
+
     # ---- chat ----
-    def _validate(self, messages) -> None:
+    def check_tools(self) -> None:
+        """Raise ValueError unless this chat template renders tool calls."""
+        if self.chat_format is None:
+            raise ValueError(f"no chat_template in {self.config_path}; cannot render a conversation")
+        if self.tools_preamble is None:
+            raise ValueError(f"the chat template of {self.config_path} ({self.chat_format}) has no tool calls; "
+                             "use a template that has them (Qwen2.5, Qwen3) or the code tool format")
+
+    def _validate(self, messages, tools) -> None:
         if self.chat_format is None:
             raise ValueError(f"no chat_template in {self.config_path}; cannot render a conversation")
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        uses_tools = bool(tools)
         for i, message in enumerate(messages):
             if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
                 raise ValueError(f"message {i}: expected a dict with 'role' and 'content' keys, got {message!r}")
             if message["role"] not in ROLES:
                 raise ValueError(f"message {i}: unknown role {message['role']!r}; expected one of {', '.join(ROLES)}")
-            if not isinstance(message["content"], str):
+            calls = message.get("tool_calls")
+            if not isinstance(message["content"], str) and not (calls and message["content"] is None):
                 raise ValueError(f"message {i}: expected 'content' to be a str, got {type(message['content']).__name__}")
-            if message.get("tool_calls"):
-                raise ValueError(f"message {i}: tool calls are not supported")
+            if calls:
+                if message["role"] != "assistant" or not isinstance(calls, (list, tuple)):
+                    raise ValueError(f"message {i}: 'tool_calls' must be a list, on an assistant message")
+                for call in calls:
+                    call = call.get("function", call) if isinstance(call, Mapping) else call
+                    if not isinstance(call, Mapping) or not isinstance(call.get("name"), str) or "arguments" not in call:
+                        raise ValueError(f"message {i}: a tool call needs 'name' (a str) and 'arguments', got {call!r}")
+            uses_tools = uses_tools or bool(calls) or message["role"] == "tool"
+        if uses_tools:
+            self.check_tools()
 
-    def _segments(self, messages, add_generation_prompt: bool, keep_final_thinking: bool = False) -> list[tuple[str, bool]]:
-        """The rendered conversation as (text, learned) pieces; learned = assistant content + turn end."""
-        self._validate(messages)
-        segments = []
-        if self.chat_format == CHATML:
-            if messages[0]["role"] != "system" and self.default_system_prompt is not None:
-                segments.append((f"{IM_START}system\n{self.default_system_prompt}{IM_END}\n", False))
-            for message in messages:
-                learned = message["role"] == "assistant"
-                segments += [(f"{IM_START}{message['role']}\n", False), (message["content"], learned),
-                             (IM_END, learned), ("\n", False)]
+    def _segments(self, messages, add_generation_prompt: bool, keep_final_thinking: bool = False, tools=None,
+                  enable_thinking: bool = True) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, learned) pieces; learned = what the model writes in an assistant turn
+        (its content, its tool calls and the turn's end)."""
+        self._validate(messages, tools)
+        if self.chat_format == DEEPSEEK_R1:
+            segments = self._r1_segments(messages, keep_final_thinking)
         else:
-            # R1 puts the (last) system message right after bos, whatever its position in the list.
-            system = [m["content"] for m in messages if m["role"] == "system"]
-            segments.append(((self.bos_token or "") + (system[-1] if system else ""), False))
+            segments = self._chatml_system(messages, tools)
+            last_query = self._last_query(messages) if self.thinking else None
             for i, message in enumerate(messages):
-                if message["role"] == "user":
-                    segments.append((R1_USER + message["content"], False))
-                elif message["role"] == "assistant":
-                    # The template keeps only what follows the last </think> of every assistant
-                    # turn (including the final one when there is no generation prompt). Training
-                    # on reasoning traces needs the final turn whole: that is what the model generates.
-                    final = keep_final_thinking and i == len(messages) - 1
-                    content = message["content"] if final else message["content"].split(THINK_END)[-1]
-                    segments += [(R1_ASSISTANT, False), (content, True), (R1_EOS, True)]
+                role = message["role"]
+                if role == "assistant":
+                    segments += self._chatml_assistant(message, i == len(messages) - 1,
+                                                       last_query is not None and i > last_query)
+                elif role == "tool":
+                    opens = i == 0 or messages[i - 1]["role"] != "tool"
+                    closes = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
+                    segments.append((self._tool_result(message["content"], opens, closes), False))
+                elif i > 0 or role != "system":  # the first system message is in the system turn
+                    segments.append((f"{IM_START}{role}\n{message['content']}{IM_END}\n", False))
         if add_generation_prompt:
-            segments.append((self.generation_prompt, False))
+            segments.append((self.generation_prompt + ("" if enable_thinking else self.no_thinking_prompt), False))
         return segments
 
-    def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
-        return "".join(text for text, _ in self._segments(messages, add_generation_prompt))
+    def _r1_segments(self, messages, keep_final_thinking):
+        # R1 puts the (last) system message right after bos, whatever its position in the list.
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        segments = [((self.bos_token or "") + (system[-1] if system else ""), False)]
+        for i, message in enumerate(messages):
+            if message["role"] == "user":
+                segments.append((R1_USER + message["content"], False))
+            elif message["role"] == "assistant":
+                # The template keeps only what follows the last </think> of every assistant turn (including the
+                # final one when there is no generation prompt). Training on reasoning traces needs the final turn
+                # whole: that is what the model generates.
+                final = keep_final_thinking and i == len(messages) - 1
+                content = message["content"] if final else message["content"].split(THINK_END)[-1]
+                segments += [(R1_ASSISTANT, False), (content, True), (R1_EOS, True)]
+        return segments
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+    def _chatml_system(self, messages, tools):
+        """The system turn: the first system message (else the template's default system prompt, if it has one), and
+        with tools their schemas between the template's preamble and postamble."""
+        system = messages[0]["content"] if messages[0]["role"] == "system" else self.default_system_prompt
+        if tools:
+            before, after = self.tools_preamble
+            schemas = "".join("\n" + _tojson(tool) for tool in tools)
+            # Qwen2.5's preamble starts with the blank line after the system text; Qwen3 adds it after the text
+            prefix = "" if system is None else system + ("" if before.startswith("\n\n") else "\n\n")
+            return [(f"{IM_START}system\n{prefix}{before}{schemas}{after}", False)]
+        return [] if system is None else [(f"{IM_START}system\n{system}{IM_END}\n", False)]
 
-    def encode_chat_with_mask(self, messages, keep_final_thinking: bool = True) -> tuple[list[int], list[int]]:
+    @staticmethod
+    def _last_query(messages):
+        """Qwen3: the index of the last user message that is not tool output wrapped as one; the template keeps the
+        reasoning of the assistant turns after it only."""
+        for i in range(len(messages) - 1, -1, -1):
+            content = messages[i]["content"]
+            if messages[i]["role"] == "user" and not (content.startswith(TOOL_RESPONSE)
+                                                      and content.endswith(TOOL_RESPONSE_END)):
+                return i
+        return len(messages) - 1
+
+    def _chatml_assistant(self, message, last, after_query):
+        content, reasoning = message["content"] or "", ""
+        text = content
+        if self.thinking:  # Qwen3: split the reasoning off, and keep it only where the template keeps it
+            if message.get("reasoning_content") is not None:
+                reasoning = message["reasoning_content"]
+            elif THINK_END in content:
+                reasoning = content.split(THINK_END)[0].rstrip("\n").split(THINK_START)[-1].lstrip("\n")
+                content = text = content.split(THINK_END)[-1].lstrip("\n")
+            if after_query and (last or reasoning):
+                text = f"{THINK_START}\n{reasoning.strip(chr(10))}\n{THINK_END}\n\n{content.lstrip(chr(10))}"
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            call = call.get("function", call)
+            args = call["arguments"]
+            args = args if isinstance(args, str) and self.raw_string_arguments else _tojson(args)
+            text += ("\n" if j or content else "") + \
+                f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {args}}}\n</tool_call>'
+        return [(f"{IM_START}assistant\n", False), (text, True), (IM_END, True), ("\n", False)]
+
+    @staticmethod
+    def _tool_result(content, opens, closes):
+        """One tool message: a <tool_response> block inside the user turn that holds a run of consecutive tool
+        messages (opened by the first of them, closed by the last)."""
+        return (f"{IM_START}user" if opens else "") + f"\n{TOOL_RESPONSE}\n{content}\n{TOOL_RESPONSE_END}" + \
+            (f"{IM_END}\n" if closes else "")
+
+    def tool_turn(self, results, enable_thinking: bool = True) -> str:
+        """What follows an assistant turn that ended in tool calls (after its <|im_end|>): the turn's newline, one
+        tool turn holding `results`, and the next assistant header, exactly as the template renders them."""
+        self.check_tools()
+        turn = "".join(self._tool_result(r, i == 0, i == len(results) - 1) for i, r in enumerate(results))
+        return "\n" + turn + self.generation_prompt + ("" if enable_thinking else self.no_thinking_prompt)
+
+    def render_chat(self, messages, add_generation_prompt: bool = False, tools=None, enable_thinking: bool = True) -> str:
+        return "".join(text for text, _ in self._segments(messages, add_generation_prompt, tools=tools,
+                                                          enable_thinking=enable_thinking))
+
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt: bool = True,
+                            enable_thinking: bool = True) -> list[int]:
+        """Token ids of the conversation, as transformers' apply_chat_template(..., tokenize=True) gives them.
+        tools: JSON schemas (tools.schemas(names)); enable_thinking=False: Qwen3's empty think block."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools, enable_thinking))
+
+    def encode_chat_with_mask(self, messages, keep_final_thinking: bool = True, tools=None) -> tuple[list[int], list[int]]:
         """Ids of the whole conversation and a 0/1 mask: 1 on what the model must produce in each
-        assistant turn (content + <|im_end|> / <｜end▁of▁sentence｜>), 0 elsewhere.
+        assistant turn (content, tool calls and <|im_end|> / <｜end▁of▁sentence｜>), 0 elsewhere (headers,
+        system and user turns, tool results).
 
         keep_final_thinking (R1 template only): keep the `<think>...</think>` of the final assistant
         turn, which the template would drop; SFT on reasoning traces must learn it. With False the ids
-        are exactly apply_chat_template(messages, add_generation_prompt=False).
+        are exactly apply_chat_template(messages, tools, add_generation_prompt=False).
 
         The ids come from ONE encode of the rendered string; the mask is mapped onto them
         through character offsets. A token that mixes header and content characters (ChatML content
         starting with a newline merges with the header's "\\n") counts as learned.
         """
-        segments = self._segments(messages, add_generation_prompt=False, keep_final_thinking=keep_final_thinking)
+        segments = self._segments(messages, add_generation_prompt=False, keep_final_thinking=keep_final_thinking,
+                                  tools=tools)
         learned_chars = bytearray()
         for text, learned in segments:
             learned_chars += bytes([learned]) * len(text)

@@ -136,3 +136,18 @@ def corrupt_safetensors(path, fn):
     fn(state)
     save_file(state, path)
     return path
+
+
+def sandbox_processes():
+    """Live processes started by sandbox.run_python (the marker is in their argv)."""
+    from sandbox import SANDBOX_MARKER
+
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if SANDBOX_MARKER.encode() in f.read():
+                    found.append(int(pid))
+        except (OSError, ValueError):
+            pass
+    return found

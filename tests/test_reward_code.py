@@ -9,22 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reward import REWARDS, SANDBOX_MARKER, code_reward  # noqa: E402
+from reward import REWARDS, code_reward  # noqa: E402
+from helpers import sandbox_processes  # noqa: E402
 
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
-
-
-def sandbox_processes():
-    """Live processes started by code_reward (the marker is in their argv)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if SANDBOX_MARKER.encode() in f.read():
-                    found.append(int(pid))
-        except (OSError, ValueError):
-            pass
-    return found
 
 
 @pytest.fixture(autouse=True)

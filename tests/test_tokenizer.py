@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
-QWEN_DIR, R1_DIR = FIXTURES / "qwen2.5", FIXTURES / "deepseek-r1-distill-qwen"
+QWEN_DIR, QWEN3_DIR, R1_DIR = FIXTURES / "qwen2.5", FIXTURES / "qwen3", FIXTURES / "deepseek-r1-distill-qwen"
 R1_SHIPPED_GENERATION = "{{'<｜Assistant｜>'}}{% endif %}"
 R1_THINK_GENERATION = "{{'<｜Assistant｜><think>\\n'}}{% endif %}"  # the later upstream revision
 PLAIN_CHATML = (
@@ -96,13 +96,14 @@ def variant_dirs(tmp_path_factory):
     assert R1_SHIPPED_GENERATION in r1_template
     return {
         "qwen2.5": QWEN_DIR,
+        "qwen3": QWEN3_DIR,
         "r1": R1_DIR,
         "r1_think": make_variant(root / "r1_think", R1_DIR, r1_template.replace(R1_SHIPPED_GENERATION, R1_THINK_GENERATION)),
         "plain_chatml": make_variant(root / "plain_chatml", QWEN_DIR, PLAIN_CHATML),
     }
 
 
-@pytest.fixture(scope="module", params=["qwen2.5", "r1", "r1_think", "plain_chatml"])
+@pytest.fixture(scope="module", params=["qwen2.5", "qwen3", "r1", "r1_think", "plain_chatml"])
 def pair(request, variant_dirs):
     """(ours, transformers) for one template variant; loaded once per module."""
     path = variant_dirs[request.param]
@@ -131,13 +132,14 @@ def test_chat_template_matches_transformers(pair, name, add_generation_prompt):
     _, ours, hf = pair
     messages = CONVERSATIONS[name]
     assert ours.render_chat(messages, add_generation_prompt) == hf_text(hf, messages, add_generation_prompt)
-    assert ours.apply_chat_template(messages, add_generation_prompt) == hf_ids(hf, messages, add_generation_prompt)
+    assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == hf_ids(hf, messages, add_generation_prompt)
 
 
 def test_variant_detection(pair):
     variant, ours, _ = pair
     expected = {
         "qwen2.5": (CHATML, "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "<|im_start|>assistant\n"),
+        "qwen3": (CHATML, None, "<|im_start|>assistant\n"),
         "plain_chatml": (CHATML, None, "<|im_start|>assistant\n"),
         "r1": (DEEPSEEK_R1, None, "<｜Assistant｜>"),
         "r1_think": (DEEPSEEK_R1, None, "<｜Assistant｜><think>\n"),
@@ -170,7 +172,7 @@ def test_random_conversations_match_transformers(pair, conversation):
     _, ours, hf = pair
     system, turns, add_generation_prompt = conversation
     messages = ([sys_(system)] if system is not None else []) + [m for u, a in turns for m in (user(u), asst(a))]
-    assert ours.apply_chat_template(messages, add_generation_prompt) == hf_ids(hf, messages, add_generation_prompt)
+    assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == hf_ids(hf, messages, add_generation_prompt)
     ids, mask = ours.encode_chat_with_mask(messages, keep_final_thinking=False)
     assert ids == hf_ids(hf, messages, False) and len(mask) == len(ids)
 
@@ -199,11 +201,12 @@ def learned_runs(tok, ids, mask):
 
 @pytest.mark.parametrize("name", [n for n in CONVERSATIONS if n not in STRADDLING])
 def test_mask_covers_exactly_assistant_content_and_turn_end(pair, name):
-    _, ours, _ = pair
+    _, ours, hf = pair
     messages = CONVERSATIONS[name]
     ids, mask = ours.encode_chat_with_mask(messages, keep_final_thinking=False)
-    if ours.chat_format == CHATML:
-        expected = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    if ours.chat_format == CHATML:  # what the template prints in each assistant turn (Qwen3 moves the reasoning)
+        turns = re.findall(r"<\|im_start\|>assistant\n(.*?)<\|im_end\|>", hf_text(hf, messages, False), re.S)
+        expected = [content + "<|im_end|>" for content in turns]
     else:  # the R1 template drops everything up to the last </think> of each assistant turn
         expected = [m["content"].split("</think>")[-1] + "<｜end▁of▁sentence｜>" for m in messages if m["role"] == "assistant"]
     assert learned_runs(ours, ids, mask) == expected
@@ -306,7 +309,7 @@ def test_missing_template_allows_plain_encoding_only(tmp_path):
 @pytest.mark.parametrize("messages, match", [
     ([user("a"), {"content": "no role"}], "message 1: expected a dict with 'role' and 'content'"),
     ([{"role": "user"}], "message 0: expected a dict with 'role' and 'content'"),
-    ([user("a"), {"role": "tool", "content": "x"}], "message 1: unknown role 'tool'; expected one of system, user, assistant"),
+    ([user("a"), {"role": "robot", "content": "x"}], "message 1: unknown role 'robot'; expected one of system, user, assistant, tool"),
     (["just a string"], "message 0: expected a dict"),
     ([user(None)], "message 0: expected 'content' to be a str"),
     ([], "non-empty list"),

@@ -1,0 +1,199 @@
+"""
+Model-written Python runs here, never in the caller's process. One sandbox serves both users: reward.code_reward
+(does the code pass its tests?) and the python tool of tools.py (what does the code print?).
+
+    run = run_python("print(2 ** 10)", timeout=5)      # Run(output=b'1024\\n', truncated=False, error=None, passed=0)
+
+What holds the code in, outermost first:
+  - a fresh `python -I` in a session of its own, in an empty temporary directory, with a PATH-only environment; the
+    wall-clock timeout SIGKILLs the whole process group, so nothing the code starts outlives the call;
+  - kernel limits: address space, CPU seconds, file size, open files, no core dumps, no new processes;
+  - as root (CI runs as root): new network and mount namespaces -- no network interface but a loopback that is down,
+    and a private empty /tmp, /var/tmp and /dev/shm -- then the unprivileged user `nobody`, for whom the limit on
+    new processes holds; as another user: a new user + network namespace where the kernel allows one, and
+    otherwise only the Python-level guard below keeps the network closed (isolation() says which of these held);
+  - a Python audit hook (PEP 578), installed before the code runs, which Python code cannot remove: no sockets, no
+    subprocess / exec / fork / kill, no ctypes, no file written, created or removed outside the working directory.
+    It stops a model's stray call, not a program written to escape; the kernel layers above are the boundary.
+The code's stdout and stderr share one file, of which the first MAX_OUTPUT bytes come back.
+"""
+import json
+import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+MAX_OUTPUT = 64 * 1024  # bytes of stdout + stderr that come back
+SANDBOX_MARKER = "nanor1-sandbox"  # in the child's argv, so tests can look for leftovers
+PRELOAD = ("math cmath collections itertools functools heapq bisect re string typing fractions decimal random "
+           "statistics operator copy array datetime dataclasses enum unicodedata traceback").split()
+PRELOAD_IF_USED = ("numpy", "sympy")  # slower to import: only when the code names them (and installed)
+
+_HARNESS = r'''
+import json, os, resource, sys
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, MS_REC, MS_PRIVATE = 0x20000, 0x10000000, 0x40000000, 0x4000, 0x40000
+BLOCKED = ("socket.", "subprocess.", "ctypes.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.system",
+           "os.kill", "os.killpg", "pty.", "gc.get_")
+PATH_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
+               "os.symlink", "os.link", "shutil.")
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def isolate(payload):
+    """Namespaces (where the kernel lets us), limits, then nobody: nothing from the model has run yet."""
+    import ctypes
+    libc, done = ctypes.CDLL(None, use_errno=True), []
+    if os.getuid() == 0 and libc.unshare(CLONE_NEWNET | CLONE_NEWNS) == 0:
+        done.append("network namespace")
+        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0 and all(
+                libc.mount(b"tmpfs", d, b"tmpfs", 0, b"size=1m") == 0 for d in (b"/tmp", b"/var/tmp", b"/dev/shm")
+                if os.path.isdir(d)):
+            done.append("private /tmp")
+    elif os.getuid() != 0 and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
+        done.append("network namespace")
+    for key, value in payload["limits"].items():
+        resource.setrlimit(getattr(resource, key), (value, value))
+    if os.getuid() == 0:
+        os.setgroups([]); os.setgid(payload["gid"]); os.setuid(payload["uid"])
+        done.append("user nobody")
+    return done
+
+
+def guard(work):
+    def outside(path):
+        if isinstance(path, int):
+            return False
+        path = os.path.abspath(os.fsdecode(path))
+        return path != work and not path.startswith(work + os.sep)
+
+    def hook(event, args):
+        if event.startswith(BLOCKED):
+            raise PermissionError(f"{event}: not allowed in the nanoR1 sandbox")
+        if event == "open" and args[0] is not None and outside(args[0]) and (
+                any(c in (args[1] or "") for c in "wax+") or (args[2] or 0) & WRITE_FLAGS):
+            raise PermissionError(f"writing {args[0]!r}: outside the sandbox's directory")
+        if event.startswith(PATH_EVENTS) and any(isinstance(a, (str, bytes, os.PathLike)) and outside(a) for a in args):
+            raise PermissionError(f"{event} {args[0]!r}: outside the sandbox's directory")
+    return hook
+
+
+def main(write=os.write, dumps=json.dumps, exit=os._exit):
+    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    nonce, result_fd = payload["nonce"], os.dup(1)
+    try:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(2, 1)  # the code's stdout joins its stderr in the output file, a line at a time as on a terminal
+        sys.stdout.reconfigure(line_buffering=True)
+        for name in payload["preload"]:
+            try:
+                __import__(name)
+            except Exception:
+                pass
+        import traceback
+        work = os.getcwd()
+        isolation = isolate(payload)
+        sys.addaudithook(guard(work))
+    except BaseException as e:
+        write(result_fd, (nonce + dumps({"setup_error": repr(e)}) + "\n").encode())
+        exit(1)
+    code, tests = payload["code"], payload["tests"]
+    del payload
+    ns, passed, error = {"__name__": "__main__"}, 0, None
+    try:
+        exec(compile(code, "<code>", "exec"), ns)
+    except SystemExit as e:
+        error = None if e.code in (None, 0) else "SystemExit"
+        tests = []
+    except BaseException as e:
+        error = type(e).__name__
+        tests = []
+        try:
+            sys.stderr.write("".join(traceback.format_exception_only(type(e), e)))
+        except BaseException:
+            pass
+    for test in tests:
+        try:
+            exec(compile(test, "<test>", "exec"), ns)
+            passed += 1
+        except BaseException:
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    write(result_fd, (nonce + dumps({"passed": passed, "error": error, "isolation": isolation}) + "\n").encode())
+    exit(0)
+main()
+'''
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not be set up (configuration, not model output)."""
+
+
+@dataclass
+class Run:
+    output: bytes  # the code's stdout and stderr, interleaved, at most MAX_OUTPUT bytes
+    truncated: bool  # it wrote more than that
+    error: str | None  # None, "timeout", or the exception the code ended with ("ZeroDivisionError", ...)
+    passed: int  # how many of the tests passed (they run after the code, in its namespace, if it ended cleanly)
+    isolation: tuple = ()  # the kernel layers that held: "network namespace", "private /tmp", "user nobody"
+
+
+def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
+    """Run `code` (then each of `tests`, Python statements) in the sandbox; returns within about `timeout` s."""
+    try:
+        import pwd
+
+        uid, gid = pwd.getpwnam("nobody")[2:4]
+    except (ImportError, KeyError):
+        uid = gid = 65534
+    nonce = secrets.token_hex(16)
+    limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_FSIZE": 1 << 20,
+              "RLIMIT_NPROC": 0, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
+    preload = PRELOAD + [m for m in PRELOAD_IF_USED if m in code]
+    payload = json.dumps({"code": code, "tests": list(tests), "nonce": nonce, "limits": limits, "uid": uid,
+                          "gid": gid, "preload": preload}).encode()
+    with tempfile.TemporaryDirectory(prefix="nanor1-", ignore_cleanup_errors=True) as root:
+        work = os.path.join(root, "work")  # the child's cwd; `root`, which holds the two files below, stays private
+        os.mkdir(work)
+        if os.getuid() == 0:
+            os.chown(work, uid, gid)
+        with open(os.path.join(root, "result"), "w+b") as result, open(os.path.join(root, "output"), "w+b") as out:
+            proc = subprocess.Popen([sys.executable or "python3", "-I", "-c", _HARNESS, SANDBOX_MARKER],
+                                    stdin=subprocess.PIPE, stdout=result, stderr=out, cwd=work,
+                                    env={"PATH": os.defpath}, start_new_session=True, close_fds=True)
+            timed_out = False
+            try:
+                proc.communicate(payload, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started
+                except OSError:
+                    pass
+                proc.kill()
+                proc.wait(timeout=10)
+            result.seek(0)
+            lines = result.read(1 << 16).decode("utf-8", "replace").splitlines()
+            out.seek(0)
+            output = out.read(MAX_OUTPUT + 1)
+    reports = [json.loads(line[len(nonce):]) for line in lines if line.startswith(nonce)]
+    report = reports[-1] if reports else {}
+    if "setup_error" in report:  # a broken sandbox must be loud, not a silent failure of the code
+        raise SandboxError(f"python sandbox setup failed: {report['setup_error']}")
+    error = "timeout" if timed_out else report.get("error", "crashed") if report else "crashed"
+    return Run(output[:MAX_OUTPUT], len(output) > MAX_OUTPUT, error, int(report.get("passed", 0)),
+               tuple(report.get("isolation", ())))
+
+
+def isolation():
+    """What holds here besides the process, its limits and the audit hook: e.g. ('network namespace', 'private /tmp',
+    'user nobody') as root; () where no namespace could be made (then only the audit hook closes the network)."""
+    return run_python("", timeout=10).isolation

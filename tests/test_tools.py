@@ -1,0 +1,198 @@
+"""tools.py: the registry and call_tool (every bad call an error result, never an exception), the calculator, the
+python tool in the sandbox (hostile code contained, time limit held, nothing left running), and the two call
+formats' parsing and answers (ToolUse)."""
+import os
+import time
+
+import pytest
+
+import tools
+from helpers import sandbox_processes
+from sandbox import MAX_OUTPUT, isolation
+from tokenizer import Tokenizer
+from tools import TOOLS, Call, ToolUse, call_tool, schemas, tool
+
+TINY_TOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tiny", "tokenizer")
+QWEN_TOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tokenizers", "qwen2.5")
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    yield
+    assert sandbox_processes() == [], "a tool call left sandbox processes running"
+
+
+@pytest.mark.parametrize("expression, result", [
+    ("2*(3+4)", "14"), ("12-6*11-3", "-57"), ("7/2", "7/2"), ("1.5*2", "3"), ("-(2-5)", "3"), (" 1 + 1 ", "2")])
+def test_calculator_is_exact(expression, result):
+    assert call_tool("calculator", {"expression": expression}) == (result, None)
+
+
+@pytest.mark.parametrize("expression, reason", [
+    ("1/0", "division by zero"), ("__import__('os')", "bad expression"), ("2**3", "bad expression"),
+    ("", "bad expression"), ("(" * 100 + "1" + ")" * 100, "bad expression"), ("9" * 80, "bad expression")])
+def test_calculator_refuses_what_it_cannot_compute(expression, reason):
+    result, error = call_tool("calculator", {"expression": expression})
+    assert error == reason and result.startswith("Error: ")
+
+
+@pytest.mark.parametrize("name, arguments, reason", [
+    ("nope", {}, "unknown tool"),
+    ("calculator", {}, "bad arguments"),
+    ("calculator", {"expression": "1", "extra": "2"}, "bad arguments"),
+    ("calculator", {"expression": 12}, "bad arguments"),
+    ("calculator", ["1+1"], "bad arguments"),
+    ("calculator", None, "bad arguments"),
+])
+def test_bad_calls_become_error_results(name, arguments, reason):
+    result, error = call_tool(name, arguments)
+    assert error == reason and result.startswith("Error: ")
+
+
+def test_adding_a_tool_is_one_function():
+    @tool("Reverse a string.", text="the string")
+    def reverse(text, timeout=None):
+        if not text:
+            raise ValueError("boom")  # a tool's own bug: an error result, not a crash
+        return text[::-1]
+
+    try:
+        assert schemas(["reverse"])[0]["function"]["parameters"]["required"] == ["text"]
+        assert call_tool("reverse", {"text": "abc"}) == ("cba", None)
+        assert call_tool("reverse", {"text": ""}) == ("Error: ValueError: boom", "tool exception")
+    finally:
+        del TOOLS["reverse"]
+    with pytest.raises(ValueError, match="unknown tool.*registered: calculator, python"):
+        tools.check_names(["reverse"])
+
+
+def python(code, timeout=2.0):
+    return call_tool("python", {"code": code}, timeout=timeout)
+
+
+def test_python_tool_prints_and_imports():
+    assert python("print(2 ** 10)") == ("1024", None)
+    assert python("import math, fractions, itertools\nprint(math.comb(5, 2), fractions.Fraction(1, 3))") == \
+        ("10 1/3", None)
+    assert python("import numpy as np\nprint(int(np.arange(5).sum()))", timeout=10) == ("10", None)
+    assert python("import sympy\nprint(sympy.factor('x**2 - 1'))", timeout=20) == ("(x - 1)*(x + 1)", None)
+    assert python("import sys\nprint('out'); print('err', file=sys.stderr)") == ("out\nerr", None)
+    assert python("import sys\nsys.exit(0)") == ("", None)
+
+
+@pytest.mark.parametrize("code, reason, says", [
+    ("1/0", "ZeroDivisionError", "ZeroDivisionError: division by zero"),
+    ("print('a')\nraise ValueError('bad')", "ValueError", "a\nValueError: bad"),
+    ("print(", "SyntaxError", "SyntaxError"),
+    ("import sys\nsys.stdout.buffer.write(b'\\xff\\xfe ok')", "output is not UTF-8", "\ufffd\ufffd ok"),
+])
+def test_python_errors_are_results_the_model_reads(code, reason, says):
+    result, error = python(code)
+    assert error == reason and says in result
+
+
+HOSTILE = {
+    "infinite loop": ("while True:\n    pass", "timeout"),
+    "sleep": ("import time\ntime.sleep(60)", "timeout"),
+    "fork bomb": ("import os\nwhile True:\n    os.fork()", "PermissionError"),
+    "fork bomb below os": ("import posix\nwhile True:\n    posix.fork()", "PermissionError"),
+    "memory bomb": ("x = bytearray(10 ** 12)", "MemoryError"),
+    "growing memory bomb": ("xs = []\nwhile True:\n    xs.append(' ' * 10 ** 7)", "MemoryError"),
+    "subprocess": ("import subprocess\nsubprocess.run(['sh', '-c', 'echo hi'])", None),
+    "ctypes": ("import ctypes\nctypes.CDLL(None).fork()", None),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_code_is_contained_within_the_time_limit(name):
+    code, reason = HOSTILE[name]
+    start = time.monotonic()
+    result, error = python(code, timeout=2.0)
+    assert time.monotonic() - start < 2.0 + 3.0
+    assert error is not None and (reason is None or error == reason), (result, error)
+
+
+def test_writes_outside_its_directory_fail(tmp_path):
+    target = tmp_path / "pwned.txt"
+    for code in (f"open({str(target)!r}, 'w').write('x')", f"import os\nos.mkdir({str(tmp_path / 'd')!r})",
+                 "open('/tmp/nanor1-pwned.txt', 'w').write('x')", "import os\nos.chdir('/')\nopen('x', 'w')",
+                 "import os\nos.symlink('/etc', 'link')"):
+        result, error = python(code)
+        assert error is not None, code
+    assert os.listdir(tmp_path) == [] and not os.path.exists("/tmp/nanor1-pwned.txt")
+    assert python("open('mine.txt', 'w').write('ok')\nprint(open('mine.txt').read())") == ("ok", None)
+
+
+def test_no_network():
+    result, error = python("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)\nprint('connected')")
+    assert error is not None and "connected" not in result
+    if os.getuid() == 0:  # as CI runs: the kernel layers hold too
+        assert {"network namespace", "private /tmp", "user nobody"} <= set(isolation())
+
+
+def test_output_is_cut():
+    result, error = python("print('x' * 200000)")
+    assert error is None and result.endswith(f"[output cut at {MAX_OUTPUT} bytes]")
+    assert len(result) < MAX_OUTPUT + 100
+
+
+# ---- ToolUse: finding calls in a row's text, answering them
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return Tokenizer.from_pretrained(QWEN_TOK)
+
+
+def test_chat_calls_parse_every_kind_of_body(qwen):
+    use = ToolUse(qwen, ["calculator", "python"])
+    segment = ('<think>\nx\n</think>\n\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+2"}}\n'
+               '</tool_call>\n<tool_call>\n{"name": "calculator", "arguments": "{\\"expression\\": \\"2\\"}"}\n'
+               '</tool_call>\n<tool_call>\n{"name": oops}\n</tool_call>\n<tool_call>\n{"arguments": {}}\n</tool_call>'
+               '\n<tool_call>\n{"name": "calc')
+    calls = use.calls(segment)
+    assert [(c.name, c.arguments, c.error) for c in calls] == [
+        ("calculator", {"expression": "1+2"}, None), ("calculator", {"expression": "2"}, None),
+        (None, '{"name": oops}', "malformed call"), (None, '{"arguments": {}}', "malformed call"),
+        (None, None, "unclosed call")]
+    use.run(calls, [0, 1, 2, 3, 4])
+    assert [(c.result, c.error) for c in calls][:2] == [("3", None), ("2", None)]
+    assert all(c.result.startswith("Error: ") for c in calls[2:])
+
+
+def test_chat_limits_and_response(qwen):
+    use = ToolUse(qwen, ["calculator"], max_calls=2, max_output_tokens=5)
+    calls = [Call("calculator", {"expression": "1+1"}), Call("calculator", {"expression": "2+2"}),
+             Call("calculator", {"expression": "10**1"})]
+    use.run(calls, [1, 2, 3])
+    assert [c.error for c in calls] == [None, "too many calls", "too many calls"]
+    assert use.respond("", calls[:1]) == "\n<|im_start|>user\n<tool_response>\n2\n</tool_response><|im_end|>\n" \
+                                         "<|im_start|>assistant\n"
+    long = Call("python", {"code": "print('word ' * 50)"})
+    use = ToolUse(qwen, ["python"], max_output_tokens=5)
+    use.run([long], [0])
+    assert long.result.startswith("word word word word word") and "[output cut: 51 tokens, the first 5 shown]" in \
+        long.result
+
+
+def test_code_format_finds_the_block_and_answers_with_output(qwen):
+    use = ToolUse(qwen, ["python"], format="code")
+    assert use.calls("Let me compute.\n```python\nprint(6*7)\n") == []
+    calls = use.calls("Let me compute.\n```python\nprint(6*7)\n```")
+    assert [(c.name, c.arguments) for c in calls] == [("python", {"code": "print(6*7)\n"})]
+    use.run(calls, [0])
+    assert use.respond("...```", calls) == "\n```output\n42\n```\n"
+    assert use.respond("...```\n", calls) == "```output\n42\n```\n"
+    assert use.unclosed("```python\nprint(1") .record() == dict(name="python", arguments={"code": "print(1"},
+                                                                result=None, error="unclosed call")
+    assert use.unclosed("no call here") is None
+    assert use.may_close(qwen.encode("```")[0]) and not use.may_close(qwen.encode("x")[0])
+
+
+def test_a_template_without_tools_cannot_use_the_chat_format():
+    r1 = Tokenizer.from_pretrained(os.path.join(os.path.dirname(QWEN_TOK), "deepseek-r1-distill-qwen"))
+    with pytest.raises(ValueError, match="has no tool calls"):
+        ToolUse(r1, ["python"], format="chat")
+    ToolUse(r1, ["python"], format="code")  # fences work under any template
+    with pytest.raises(ValueError, match="unknown tool"):
+        ToolUse(r1, ["shell"], format="code")

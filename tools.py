@@ -1,0 +1,227 @@
+"""
+Tools a model calls while it generates (tool-integrated reasoning), and the two ways it calls them.
+
+A tool is one function registered with @tool; everything else calls it through call_tool:
+
+    @tool("Evaluate an arithmetic expression exactly.", expression="the expression, e.g. (3+4)*12/5")
+    def calculator(expression):
+        ...
+    result, error = call_tool("calculator", {"expression": "2*(3+4)"}, timeout=5)   # ("14", None)
+
+A bad call never raises: malformed arguments, an unknown tool, an exception, a timeout, output that is not UTF-8
+all come back as (text the model reads, a short reason), and the reason is what the metrics count.
+
+The call formats (ToolUse.format), one mechanism behind both (engine.Engine.generate(..., tools=ToolUse(...))):
+  chat: Qwen's `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`; the calls end the assistant turn
+        (`<|im_end|>`), every call of the turn runs, and the results come back as one `tool` turn followed by the
+        next assistant header, exactly as the tokenizer's chat template renders them (tokenizer.tool_turn).
+  code: a fenced ```python block, answered by a fenced ```output block right after it (ToRL, arXiv 2503.23383,
+        sec. 2.1); works under any prompt template. Recorded as {name: "python", arguments: {"code": SOURCE}}.
+"""
+import concurrent.futures
+import json
+import re
+from dataclasses import dataclass
+
+from reward import evaluate_arithmetic
+from sandbox import run_python
+
+TOOL_FORMATS = ("chat", "code")
+
+
+@dataclass
+class Tool:
+    fn: object  # fn(**arguments, timeout=seconds) -> the text the model reads; raises ToolError for a bad call
+    schema: dict  # the JSON schema a chat template shows the model (OpenAI function format)
+
+
+class ToolError(Exception):
+    """A call the tool refuses: its message is what the model reads; `reason` (default: the message) is counted."""
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+TOOLS: dict[str, Tool] = {}
+
+
+def tool(description, **params):
+    """Register the decorated function as a tool. params: argument name -> its description (every argument is a
+    required string)."""
+    def register(fn):
+        properties = {name: {"type": "string", "description": text} for name, text in params.items()}
+        TOOLS[fn.__name__] = Tool(fn, {"type": "function", "function": {
+            "name": fn.__name__, "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": list(params)}}})
+        return fn
+    return register
+
+
+def schemas(names):
+    """The JSON schemas of the named tools, for apply_chat_template(tools=...)."""
+    return [TOOLS[name].schema for name in names]
+
+
+def check_names(names):
+    """Raise ValueError naming the registry if any name is not a tool."""
+    unknown = [n for n in names if n not in TOOLS]
+    if unknown:
+        raise ValueError(f"unknown tool(s) {', '.join(unknown)}; registered: {', '.join(TOOLS)}")
+
+
+def call_tool(name, arguments, timeout=5.0):
+    """Run one call. -> (result, error): result is the text the model reads, error None or a short reason."""
+    if name not in TOOLS:
+        return f"Error: unknown tool {name!r}; the tools are {', '.join(TOOLS)}.", "unknown tool"
+    params = TOOLS[name].schema["function"]["parameters"]["properties"]
+    if not isinstance(arguments, dict) or set(arguments) != set(params) or \
+            not all(isinstance(v, str) for v in arguments.values()):
+        return f"Error: {name} takes the string argument(s) {', '.join(params)}.", "bad arguments"
+    try:
+        return str(TOOLS[name].fn(**arguments, timeout=timeout)), None
+    except ToolError as e:
+        return f"Error: {e}", e.reason
+    except Exception as e:  # a bug in a tool must not end the run either
+        return f"Error: {type(e).__name__}: {e}", "tool exception"
+
+
+# -----------------------------------------------------------------------------
+# the tools
+
+
+@tool("Evaluate an arithmetic expression exactly: numbers, + - * / and parentheses.",
+      expression="the expression, e.g. (3+4)*12/5")
+def calculator(expression, timeout=None):
+    try:
+        value = evaluate_arithmetic(expression)
+    except ZeroDivisionError:
+        raise ToolError("division by zero") from None
+    except ValueError as e:
+        raise ToolError(f"not an arithmetic expression ({e})", "bad expression") from None
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+@tool("Run Python code and return what it prints (stdout and stderr). math, fractions and itertools import; numpy "
+      "and sympy where installed.", code="the Python source")
+def python(code, timeout=5.0):
+    run = run_python(code, timeout=timeout)
+    try:
+        text = run.output.decode("utf-8")
+    except UnicodeDecodeError:
+        text = run.output.decode("utf-8", "replace")
+        if run.error is None:
+            raise ToolError(text, "output is not UTF-8") from None
+    if run.truncated:
+        text += f"\n[output cut at {len(run.output)} bytes]"
+    if run.error == "timeout":
+        raise ToolError(f"{text}\nTimeoutError: the code ran for more than {timeout} s".lstrip("\n"), "timeout")
+    if run.error is not None:  # the traceback's last lines are already in the output
+        raise ToolError(text.rstrip("\n"), run.error)
+    return text.rstrip("\n")
+
+
+# -----------------------------------------------------------------------------
+# calls inside a generation
+
+_CHAT_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+_CODE_CALL = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.S)
+_CODE_OPEN = re.compile(r"```(?:python|py)[ \t]*\n")
+
+
+@dataclass
+class Call:
+    name: str | None
+    arguments: object
+    result: str | None = None
+    error: str | None = None
+
+    def record(self):
+        return dict(name=self.name, arguments=self.arguments, result=self.result, error=self.error)
+
+
+class ToolUse:
+    """How an Engine runs tools inside a generation: which tools, in which format, within which limits.
+
+    The Engine feeds it the text a row wrote since the last result (its segment) and asks calls() whether that text
+    just completed a call; respond() turns the answered calls into the text forced into the row."""
+
+    def __init__(self, tok, names, format="chat", max_calls=4, max_output_tokens=256, timeout=5.0,
+                 enable_thinking=True):
+        check_names(names)
+        if format not in TOOL_FORMATS:
+            raise ValueError(f"tool format {format!r}: expected one of {', '.join(TOOL_FORMATS)}")
+        if format == "chat":
+            tok.check_tools()  # a template family without tools says so here
+            self.turn_end = tok.token_to_id("<|im_end|>")
+        self.tok, self.names, self.format = tok, list(names), format
+        self.max_calls, self.max_output_tokens, self.timeout = max_calls, max_output_tokens, timeout
+        self.enable_thinking = enable_thinking
+        backtick = tok.ids_containing("`")
+        self.may_close = (lambda t: t == self.turn_end) if format == "chat" else (lambda t: t in backtick)
+
+    def calls(self, segment):
+        """The calls the segment (a row's text since the last result) has just completed, or [] for none yet."""
+        if self.format == "code":
+            m = _CODE_CALL.search(segment)
+            return [Call("python", {"code": m.group(1)})] if m else []
+        calls = [self._parse_chat(body) for body in _CHAT_CALL.findall(segment)]
+        if "<tool_call>" in segment.rsplit("</tool_call>", 1)[-1]:
+            calls.append(Call(None, None, error="unclosed call"))
+        return calls
+
+    @staticmethod
+    def _parse_chat(body):
+        try:
+            call = json.loads(body)
+            args = call["arguments"]
+            args = json.loads(args) if isinstance(args, str) else args
+            if not isinstance(call["name"], str):
+                raise TypeError
+            return Call(call["name"], args)
+        except (ValueError, KeyError, TypeError):
+            return Call(None, body.strip(), error="malformed call")
+
+    def unclosed(self, segment):
+        """A call the row opened but never closed (it ran out of tokens), as an error record; else None."""
+        if self.format == "code":
+            opened = list(_CODE_OPEN.finditer(segment))
+            return Call("python", {"code": segment[opened[-1].end():]}, error="unclosed call") if opened else None
+        tail = segment.rsplit("</tool_call>", 1)[-1]
+        return Call(None, tail[tail.find("<tool_call>"):], error="unclosed call") if "<tool_call>" in tail else None
+
+    def run(self, calls, made_before):
+        """Answer calls in place, all at once (a thread each: the python tool waits on a subprocess).
+        made_before[i]: how many calls call i's completion made before it (past max_calls: an error result)."""
+        todo = []
+        for call, n in zip(calls, made_before):
+            if call.error is not None:
+                call.result = f"Error: {call.error}: {call.arguments!r}"
+            elif n >= self.max_calls:
+                call.result, call.error = f"Error: at most {self.max_calls} tool calls.", "too many calls"
+            else:
+                todo.append(call)
+        answer = lambda c: call_tool(c.name, c.arguments, self.timeout)  # noqa: E731
+        if len(todo) > 1:
+            with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
+                answers = list(pool.map(answer, todo))
+        else:
+            answers = [answer(c) for c in todo]
+        for call, (result, error) in zip(todo, answers):
+            call.result, call.error = result, error
+        for call in calls:
+            call.result = self._cut(call.result)
+
+    def _cut(self, text):
+        ids = self.tok.encode(text)
+        if len(ids) <= self.max_output_tokens:
+            return text
+        kept = self.tok.decode(ids[:self.max_output_tokens]).rstrip("\ufffd")
+        return f"{kept}\n[output cut: {len(ids)} tokens, the first {self.max_output_tokens} shown]"
+
+    def respond(self, segment, calls):
+        """The text forced into the row after its answered calls: the tool turn and the next assistant header
+        (chat), or the output block (code)."""
+        if self.format == "chat":
+            return self.tok.tool_turn([c.result for c in calls], enable_thinking=self.enable_thinking)
+        return ("" if segment.endswith("\n") else "\n") + f"```output\n{calls[0].result}\n```\n"
