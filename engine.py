@@ -23,6 +23,7 @@ samples by inverse CDF, so a row's tokens depend only on its seed and its logits
 in, on which rows finished, or on the device. With generate(seed=s), row r = i*num_samples + j gets
 seed_r = s + r; pass a list of seeds to choose them yourself (evaluation uses s + problem*K + j, GRPO sample_seed).
 """
+import collections
 import contextlib
 import functools
 from dataclasses import dataclass, field
@@ -208,12 +209,14 @@ def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
 
 @dataclass
 class Completion:
-    tokens: list  # generated ids, including the stop token that ended it (GRPO trains on emitting it)
+    tokens: list  # generated ids, including the stop token that ended it (GRPO trains on emitting it), tool output too
     text: str  # decoded; the stop token's text is left out, a stop *string* is kept (text ends with it)
-    logprobs: list  # per token: log softmax(logits / T) of the sampled token (see sample_tokens)
+    logprobs: list  # per token: log softmax(logits / T) of the sampled token (see sample_tokens); 0 on forced tokens
     finish_reason: str  # "stop" (stop token or stop string) or "length" (hit max_new_tokens)
     seed: int = 0  # this row's seed: generate([prompt], seed=this) reproduces the completion
     sample_logprobs: list = field(default_factory=list)  # per token: under the filtered distribution it came from
+    loss_mask: list = field(default_factory=list)  # per token: 1 sampled by the model, 0 forced (tool output, glue)
+    tool_calls: list = field(default_factory=list)  # per call: {name, arguments, result, error} (tools.Call.record)
 
 
 @dataclass
@@ -222,8 +225,12 @@ class _Sample:  # host-side bookkeeping of one sample being generated
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     sample_logprobs: list = field(default_factory=list)
+    loss_mask: list = field(default_factory=list)
     finish: str = ""
     by_string: bool = False  # stopped by a stop string (text is cut after it)
+    tool_calls: list = field(default_factory=list)
+    forced: collections.deque = field(default_factory=collections.deque)  # tokens to feed before sampling again
+    segment: int = 0  # index of the first token the model wrote after the last forced ones
 
 
 def _buckets(n):
@@ -403,13 +410,17 @@ class Engine:
 
     @_eval_mode
     def generate(self, prompts, num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                 stop=None, seed=None, ignore_eos=False, on_tokens=None):
+                 stop=None, seed=None, ignore_eos=False, on_tokens=None, tools=None):
         """prompts: list of token-id lists. Returns out[i][j]: Completion of sample j of prompt i.
 
         stop: extra stop token ids (ints) and/or stop strings (strs), on top of the tokenizer's stop ids
         (ignore_eos=True drops those, for benchmarks). seed: int (row r gets seed + r), a list with one seed
         per row (len(prompts) * num_samples), or None (drawn from torch's global RNG).
         on_tokens(row, ids): called at each host sync with the row's newly accepted token ids (streaming).
+        tools: a tools.ToolUse. When a row's text completes a tool call, the calls run (those of one step at once)
+        and their answer is forced into that row, one token a step while the other rows go on sampling; the row
+        then samples again after it. Forced tokens count towards max_new_tokens and carry loss_mask 0 and
+        log-probs 0. The host syncs every step so that it sees a call at the token that completes it.
         """
         P, G = len(prompts), num_samples
         B = P * G
@@ -456,15 +467,16 @@ class Engine:
         buckets = _buckets(B)
         step = 0
         logp_buf = torch.empty(B, self.model.config.vocab_size, device=self.device)  # see sample_tokens
+        sync_every = 1 if tools is not None else self.sync_every
         while step < max_new_tokens:
-            n = min(self.sync_every, max_new_tokens - step)
+            n = min(sync_every, max_new_tokens - step)
             toks, lps, slps = [], [], []
             for i in range(n):
                 t, lp, slp = sample_tokens(logits, None if u is None else u[:, step + i], temperature, top_k, top_p,
                                            min_p, out=logp_buf)
                 toks.append(t), lps.append(lp), slps.append(slp)
-                if step + i + 1 < max_new_tokens:  # the last token never needs to be fed back
-                    logits = self._decode(cache, t)
+                if step + i + 1 < max_new_tokens and tools is None:  # the last token never needs to be fed back;
+                    logits = self._decode(cache, t)  # with tools it is fed after the host has seen it (below)
             step += n
             same = all(a is b for a, b in zip(lps, slps))  # no filtering: sample_logprobs are the logprobs
             toks, lps = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # the host sync
@@ -473,12 +485,21 @@ class Engine:
                 if r is None or rows[r].finish:
                     continue
                 before = len(rows[r].tokens)
-                self._accept(rows[r], toks[k], lps[k], slps[k], stop_ids, stop_strs, lookback)
+                if rows[r].forced:  # this step's token is the next forced one, not the sample
+                    rows[r].tokens.append(rows[r].forced.popleft())
+                    rows[r].logprobs.append(0.0), rows[r].sample_logprobs.append(0.0), rows[r].loss_mask.append(0)
+                else:
+                    self._accept(rows[r], toks[k], lps[k], slps[k], stop_ids, stop_strs, lookback)
                 if on_tokens is not None and len(rows[r].tokens) > before:
                     on_tokens(r, rows[r].tokens[before:])
+            if tools is not None:
+                self._run_tools(tools, [rows[r] for r in live if r is not None], max_new_tokens)
             keep = [k for k, r in enumerate(live) if r is not None and not rows[r].finish]
             if not keep or step >= max_new_tokens:
                 break
+            if tools is not None:  # feed each row what it took this step: its sample or a forced token
+                logits = self._decode(cache, torch.tensor([rows[r].tokens[-1] if r is not None else 0 for r in live],
+                                                          device=self.device))
             if len(live) - len(keep) >= max(1, self.compact_frac * len(live)):  # compaction
                 # under CUDA graphs round up to a bucket size (one graph each), padding with dummy rows
                 target = next(b for b in buckets if b >= len(keep)) if self.cuda_graphs else len(keep)
@@ -490,30 +511,59 @@ class Engine:
                     logits = logits[idx]
                     u = None if u is None else u[idx]
         for r in rows:
+            if not r.finish and tools is not None:  # out of tokens inside a call: recorded, never run
+                call = tools.unclosed(self.tokenizer.decode(r.tokens[r.segment:]))
+                r.tool_calls += [call.record()] if call is not None else []
             r.finish = r.finish or "length"
         return [[self._finish(r, stop_strs) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
 
     def _accept(self, row, toks, lps, slps, stop_ids, stop_strs, lookback):
         """Append a chunk of sampled tokens to a row, up to and including the first stop token / string."""
         for t, lp, slp in zip(toks, lps, slps):
-            row.tokens.append(t), row.logprobs.append(lp), row.sample_logprobs.append(slp)
+            row.tokens.append(t), row.logprobs.append(lp), row.sample_logprobs.append(slp), row.loss_mask.append(1)
             if t in stop_ids:
                 row.finish = "stop"
                 return
-            if stop_strs:
-                tail = self.tokenizer.decode(row.tokens[-lookback:])
+            if stop_strs:  # in what the model wrote since the last forced tokens, never in a tool's output
+                tail = self.tokenizer.decode(row.tokens[max(row.segment, len(row.tokens) - lookback):])
                 if any(s in tail for s in stop_strs):
                     row.finish, row.by_string = "stop", True  # the exact cut is made on the full text
                     return
+
+    def _run_tools(self, tools, rows, max_new_tokens):
+        """Rows whose last sampled token completed tool calls: run all their calls at once, then queue each row's
+        answer as forced tokens (cut at its token budget) and let it go on (a chat turn that ended in calls)."""
+        pending = []
+        for row in rows:
+            if row.forced or not row.tokens or row.loss_mask[-1] == 0 or row.by_string or row.finish == "length" \
+                    or not tools.may_close(row.tokens[-1]):
+                continue
+            segment = self.tokenizer.decode(row.tokens[row.segment:])
+            calls = tools.calls(segment)
+            if calls:
+                pending.append((row, segment, calls))
+        if not pending:
+            return
+        calls = [c for _, _, row_calls in pending for c in row_calls]
+        made_before = [len(row.tool_calls) + j for row, _, row_calls in pending for j in range(len(row_calls))]
+        tools.run(calls, made_before)
+        for row, segment, row_calls in pending:
+            row.tool_calls += [c.record() for c in row_calls]
+            forced = self.tokenizer.encode(tools.respond(segment, row_calls))[:max_new_tokens - len(row.tokens)]
+            row.forced.extend(forced)
+            row.segment = len(row.tokens) + len(forced)
+            row.finish = "" if forced else "length"
 
     def _finish(self, row, stop_strs):
         text = None
         if self.tokenizer is not None:
             ids = row.tokens[:-1] if row.finish == "stop" and not row.by_string else row.tokens
             text = self.tokenizer.decode(ids)
-            if row.by_string:  # cut right after the earliest-ending stop string
-                text = text[:min(text.find(s) + len(s) for s in stop_strs if s in text)]
-        return Completion(row.tokens, text, row.logprobs, row.finish or "length", row.seed, row.sample_logprobs)
+            if row.by_string:  # cut right after the earliest-ending stop string the model wrote
+                start = len(self.tokenizer.decode(row.tokens[:row.segment])) if row.segment else 0
+                text = text[:min(text.find(s, start) + len(s) for s in stop_strs if s in text[start:])]
+        return Completion(row.tokens, text, row.logprobs, row.finish or "length", row.seed, row.sample_logprobs,
+                          row.loss_mask, row.tool_calls)
 
 
 def sample_seed(seed, step, draw, j, group_size):

@@ -151,3 +151,26 @@ def sandbox_processes():
         except (OSError, ValueError):
             pass
     return found
+
+
+class ScriptedLM(torch.nn.Module):
+    """A stand-in for a Transformer in Engine tests: its next-token logits are `next_logits(history)` of each row's
+    whole token history (prompt and completion so far), which it reads back from the KV cache the Engine hands it
+    (it stores the token ids there as keys), so it follows every row through padding, fan-out and compaction."""
+
+    def __init__(self, vocab_size, next_logits):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, num_hidden_layers=1, num_key_value_heads=1, head_dim=1)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the Engine reads device and dtype off a parameter
+        self.next_logits = next_logits
+
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, logits_to_keep=0, **_):
+        T = input_ids.shape[1]
+        kv_cache.prepare(torch.ones_like(input_ids) if attention_mask is None else attention_mask)
+        keys, _ = kv_cache.update(0, *[input_ids.to(kv_cache.dtype)[:, None, :, None]] * 2)
+        kv_cache.advance(T)
+        end = kv_cache.pos
+        rows = [keys[b, 0, :end, 0][kv_cache.valid[b, :end]].long().tolist() for b in range(input_ids.shape[0])]
+        return torch.stack([self.next_logits(h) for h in rows])[:, None, :]

@@ -1,0 +1,176 @@
+"""Engine.generate(..., tools=...): a completion with tool calls is token for token the chat template's rendering of
+the conversation it stands for (Qwen2.5, Qwen3 thinking), the code-fence format, forced tokens masked out of the
+loss and present in the KV cache, and rollouts that do not depend on the batch they were sampled in."""
+import os
+
+import pytest
+import torch
+
+from engine import Engine
+from helpers import ScriptedLM, make_tiny_checkpoint
+from losses import completion_logprobs
+from model import Transformer
+from tokenizer import Tokenizer
+from tools import Call, ToolUse, schemas
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tokenizers")
+TOOLS = schemas(["calculator", "python"])
+
+
+def user(c):
+    return {"role": "user", "content": c}
+
+
+def asst(c, *calls):
+    return {"role": "assistant", "content": c, **({"tool_calls": list(calls)} if calls else {})}
+
+
+def tool(c):
+    return {"role": "tool", "content": c}
+
+
+def call(name, **arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+CONVERSATIONS = {
+    # one turn with two calls, answered in one tool turn
+    "qwen2.5": [user("What are 17*23 and 2**10?"),
+                asst("I will compute both.", call("calculator", expression="17*23"),
+                     call("python", code="print(2 ** 10)")),
+                tool("391"), tool("1024"), asst("17*23 = 391 and 2**10 = 1024.")],
+    # thinking on (the default): two turns, each reasoning before its call
+    "qwen3": [user("What is 17*23, squared?"),
+              asst("<think>\nFirst the product.\n</think>\n\n", call("calculator", expression="17*23")), tool("391"),
+              asst("<think>\nNow its square.\n</think>\n\n", call("python", code="print(391 ** 2)")), tool("152881"),
+              asst("<think>\nDone.\n</think>\n\nIt is 152881.")],
+}
+
+
+def scripted(tok, prompt, target):
+    """A model that writes `target` after `prompt`, token by token, whatever it is fed (greedy picks it)."""
+    def next_logits(history):
+        i = len(history) - len(prompt)
+        logits = torch.full((tok.vocab_size,), -30.0)
+        logits[target[i] if i < len(target) else tok.eos_id] = 30.0
+        return logits
+    return ScriptedLM(tok.vocab_size, next_logits)
+
+
+@pytest.mark.parametrize("family", list(CONVERSATIONS))
+def test_tool_rollout_is_the_template_rendering_token_for_token(family):
+    tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, family))
+    conversation = CONVERSATIONS[family]
+    ids = tok.apply_chat_template(conversation, tools=TOOLS, add_generation_prompt=False)
+    _, sft_mask = tok.encode_chat_with_mask(conversation, tools=TOOLS)
+    prompt = tok.apply_chat_template(conversation[:1], tools=TOOLS)
+    assert ids[:len(prompt)] == prompt and tok.decode(ids[-1:]) == "\n"
+    target = ids[len(prompt):-1]  # the completion ends with the final turn's <|im_end|>; its "\n" is the template's
+    engine = Engine(scripted(tok, prompt, target), tok)
+    out = engine.generate([prompt], max_new_tokens=len(target) + 8, temperature=0.0,
+                          tools=ToolUse(tok, ["calculator", "python"]))[0][0]
+    assert out.tokens == target and out.finish_reason == "stop"
+    # what the model wrote (its turns) and what was forced (tool turns and headers) are the SFT mask's spans
+    assert out.loss_mask == sft_mask[len(prompt):-1]
+    assert 0 in out.loss_mask and out.loss_mask[-1] == 1
+    forced = [i for i, m in enumerate(out.loss_mask) if not m]
+    assert all(out.logprobs[i] == 0.0 and out.sample_logprobs[i] == 0.0 for i in forced)
+    results = [m["content"] for m in conversation if m["role"] == "tool"]
+    assert [(c["name"], c["result"], c["error"]) for c in out.tool_calls] == \
+        [(c["function"]["name"], r, None) for c, r in zip([c for m in conversation for c in m.get("tool_calls", [])],
+                                                           results)]
+
+
+def test_code_format_answers_a_fenced_block_with_an_output_block():
+    tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, "qwen2.5"))
+    prompt = tok.encode("Question: what is 6*7?\nAnswer:")
+    wrote, then = " Let me compute.\n```python\nprint(6*7)\n```\n", "The answer is \\boxed{42}."
+    forced = tok.encode("```output\n42\n```\n")
+    target = tok.encode(wrote) + forced + tok.encode(then) + [tok.eos_id]
+    engine = Engine(scripted(tok, prompt, target), tok)
+    out = engine.generate([prompt], max_new_tokens=64, temperature=0.0,
+                          tools=ToolUse(tok, ["python"], format="code"))[0][0]
+    assert out.tokens == target and out.text == wrote + "```output\n42\n```\n" + then
+    n = len(tok.encode(wrote))
+    assert out.loss_mask == [1] * n + [0] * len(forced) + [1] * (len(target) - n - len(forced))
+    assert out.tool_calls == [dict(name="python", arguments={"code": "print(6*7)\n"}, result="42", error=None)]
+
+
+def test_a_call_left_open_at_the_token_limit_is_recorded():
+    tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, "qwen2.5"))
+    prompt = tok.encode("Q:")
+    target = tok.encode("```python\nprint(1 + ")
+    out = Engine(scripted(tok, prompt, target + tok.encode("2)\n```")), tok).generate(
+        [prompt], max_new_tokens=len(target), temperature=0.0, tools=ToolUse(tok, ["python"], format="code"))[0][0]
+    assert out.finish_reason == "length" and out.loss_mask == [1] * len(target)
+    assert out.tool_calls == [dict(name="python", arguments={"code": "print(1 + "}, result=None,
+                                   error="unclosed call")]
+
+
+class EchoTools:
+    """A tool format for the Engine's mechanics alone: any token in `triggers` completes a call, answered with
+    ' [n]' (n: the characters the row wrote since its last answer)."""
+
+    def __init__(self, triggers):
+        self.triggers = set(triggers)
+
+    def may_close(self, token):
+        return token in self.triggers
+
+    def calls(self, segment):
+        return [Call("echo", {"n": str(len(segment))})]
+
+    def run(self, calls, made_before):
+        for c in calls:
+            c.result = f" [{c.arguments['n']}]"
+
+    def respond(self, segment, calls):
+        return calls[0].result
+
+    def unclosed(self, segment):
+        return None
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", seed=3)
+    return Transformer.from_pretrained(path), Tokenizer.from_pretrained(path)
+
+
+def test_forced_tokens_enter_the_cache_and_rollouts_do_not_depend_on_the_batch(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(t) for t in ("What is 3 + 4?", "What is 12 + 1? <think>", "7")]
+    G, T = 4, 40
+    seeds = [100 + r for r in range(len(prompts) * G)]
+    tools = EchoTools(range(60, 140))
+    engine = Engine(model, tok)
+    whole = engine.generate(prompts, num_samples=G, max_new_tokens=T, seed=seeds, tools=tools)
+    flat = [c for group in whole for c in group]
+    calls = [len(c.tool_calls) for c in flat]
+    assert sum(calls) >= 4 and any(c.loss_mask[-1] == 1 and 0 in c.loss_mask for c in flat)  # sampled after forced
+    for c in flat:
+        assert len(c.tokens) == len(c.loss_mask) == len(c.logprobs) <= T
+        assert all(lp == 0.0 for lp, m in zip(c.logprobs, c.loss_mask) if not m)
+    # one row at a time, and in reverse order: the same completions
+    for i, prompt in reversed(list(enumerate(prompts))):
+        for j in reversed(range(G)):
+            alone = engine.generate([prompt], num_samples=1, max_new_tokens=T, seed=[seeds[i * G + j]],
+                                    tools=tools)[0][0]
+            assert (alone.tokens, alone.loss_mask, alone.tool_calls) == \
+                (whole[i][j].tokens, whole[i][j].loss_mask, whole[i][j].tool_calls)
+            assert alone.logprobs == pytest.approx(whole[i][j].logprobs, abs=1e-5)
+    # the sampler's log-probs are the model's on the whole sequence, forced tokens included in what it attends to
+    rows = [(prompts[r // G], c.tokens) for r, c in enumerate(flat)]
+    with torch.no_grad():
+        lp = completion_logprobs(model, rows, tok.pad_id, 1024, 1.0, "cpu")
+    for b, c in enumerate(flat):
+        mask = torch.tensor(c.loss_mask, dtype=torch.bool)
+        assert torch.allclose(lp[b, :len(c.tokens)][mask], torch.tensor(c.logprobs)[mask], atol=1e-4)
+
+
+def test_an_answer_past_the_token_budget_is_cut(tiny):
+    model, tok = tiny
+    long_answer = EchoTools(range(0, 400))  # every token calls: each answer is forced right after
+    out = Engine(model, tok).generate([tok.encode("hi")], max_new_tokens=5, seed=0, tools=long_answer)[0][0]
+    assert len(out.tokens) == 5 and out.finish_reason == "length" and out.loss_mask[0] == 1
+    assert out.loss_mask[1:] == [0] * 4  # the first answer alone fills the rest of the budget
