@@ -66,7 +66,8 @@ def read_rows(path, skip_bad_rows=False):
 
 def row_to_example(row, tok, mode, where):
     """One JSONL row -> (ids, mask), or (chosen ids, rejected ids) in rm mode. Raises ValueError('file:line: why')
-    on anything unusable."""
+    on anything unusable. A conversation may hold tool calls (assistant `tool_calls`, `tool` turns, the schemas in
+    an optional `tools` field): the loss falls on the assistant's tokens only, never on a tool's."""
     if mode == "rm":
         return tuple(pair_ids(row, tok, where))
     if mode == "pretrain":
@@ -87,8 +88,10 @@ def row_to_example(row, tok, mode, where):
     if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant"
                                                  for m in messages):
         raise ValueError(f"{where}: no assistant turn, so nothing to learn")
+    if not isinstance(row.get("tools", []), list):
+        raise ValueError(f"{where}: 'tools' must be a list of JSON schemas")
     try:
-        ids, mask = tok.encode_chat_with_mask(messages)
+        ids, mask = tok.encode_chat_with_mask(messages, tools=row.get("tools"))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     if not any(mask[1:]):
@@ -210,12 +213,12 @@ def load_examples(paths, tok, mode, max_seq_len, skip_bad_rows=False, log=print,
 
 
 def load_prompt_sources(spec, tok, template, max_prompt_len=10**9, reward_names=(), skip_bad_rows=False, log=print,
-                        rm_rows=False):
+                        rm_rows=False, tools=None):
     """The prompt rows of RL: -> (one list per file of {"where", "row", "ids"}, weights or None, stats). Rows need
     `prompt` (string) or `messages` (list) and the fields their rewards use (reward.REQUIRED_FIELDS); bad rows stop
-    the run with file:line (or are skipped and counted with skip_bad_rows); prompts encoded by `template` longer than
-    max_prompt_len are skipped and counted. rm_rows (--reward_model): a row with no rule field is fine, the reward
-    model scores it."""
+    the run with file:line (or are skipped and counted with skip_bad_rows); prompts encoded by `template` (listing
+    `tools`' schemas, tasks.encode_problem) longer than max_prompt_len are skipped and counted. rm_rows
+    (--reward_model): a row with no rule field is fine, the reward model scores it."""
     files = parse_data_spec(spec)
     need = sorted({f for name in reward_names for f in REQUIRED_FIELDS.get(name, ())})
     sources, stats = [], dict(rows=0, too_long=0, bad=0, rm=0)
@@ -235,7 +238,7 @@ def load_prompt_sources(spec, tok, template, max_prompt_len=10**9, reward_names=
             if error and not skip_bad_rows:
                 raise ValueError(error)
             stats["bad"] += bool(error)
-            ids = None if error else encode_problem(tok, row, template)
+            ids = None if error else encode_problem(tok, row, template, tools)
             if ids is not None and len(ids) > max_prompt_len:
                 stats["too_long"] += 1
             elif ids is not None:

@@ -7,10 +7,14 @@ Sample from a checkpoint: continue one prompt (streamed), evaluate on a problem 
     python sample.py --init_from=DIR --eval --data=data/tiny/test.jsonl --num_samples=8 --temperature=0.6
     torchrun --nproc_per_node=8 sample.py --init_from=DIR --eval --data=FILE.jsonl --num_samples=16
     python sample.py --reject=1 --init_from=DIR --data=PROBLEMS.jsonl --num_samples=4 --out=SFT.jsonl  # R1 stage 3
+    python sample.py --init_from=DIR --eval --prompt_template=chat --tools=python --tool_format=code --out=FILE
 
 --prompt_template (chat | raw | r1zero) says how a bare prompt becomes tokens, for --prompt, --eval and --reject
 alike: the tokenizer's chat template, the text as it is, or R1-Zero's template; rows with `messages` are always
 chat-templated. Under torchrun, --eval and --reject split the problems over the ranks and rank 0 writes the result.
+--tools=python (or calculator, comma-separated) lets the model call tools while it writes, in --tool_format chat
+(<tool_call> turns, the schemas listed in the chat template's system turn) or code (```python fences answered by
+```output blocks); every --eval record then carries the completion's tokens, loss_mask and tool_calls.
 """
 import os
 import sys
@@ -26,6 +30,7 @@ from rejection import rejection_sample, save_samples
 from reward import is_equiv
 from tasks import PROMPT_TEMPLATES, encode_problem, load_problems, maj_at_k, pass_at_1, pass_at_k, score_problems
 from tokenizer import Tokenizer
+from tools import TOOL_FORMATS, tool_use
 from train_common import exit_if_torchrun, setup_runtime, teardown
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -58,6 +63,12 @@ CONFIG = dict(
     lang="en",  # --reject: language the chain of thought must be written in (reward.language_consistency_reward)
     min_language=1.0,  # --reject: least fraction of CoT words in --lang (R1 drops mixed-language CoTs)
     batch_size=32,  # problems per generate call in --eval / --reject (x num_samples rows)
+    tools="",  # tools the model may call while it writes, comma-separated (tools.py: calculator, python); "": none
+    tool_format="auto",  # chat | code | auto: chat under a chat template that has tool calls, else code
+    max_tool_calls=4,  # calls per completion; one past this gets an error result
+    max_tool_output_tokens=256,  # a longer result is cut, with a marker that says so
+    tool_timeout=5.0,  # seconds per call
+    tools_in_prompt=1,  # chat format: the prompts list the tools' JSON schemas (0: a model that learned them in SFT)
     device="auto",
     dtype="auto",  # float32 | bfloat16 | auto (bf16 on CUDA)
     cuda_graphs=1,
@@ -70,6 +81,8 @@ def main(argv):
     cfg = parse_overrides(argv, CONFIG)
     if cfg["prompt_template"] not in PROMPT_TEMPLATES:
         raise SystemExit(f"--prompt_template={cfg['prompt_template']}: expected one of {', '.join(PROMPT_TEMPLATES)}")
+    if cfg["tool_format"] not in ("auto",) + TOOL_FORMATS:
+        raise SystemExit(f"--tool_format={cfg['tool_format']}: expected one of auto, {', '.join(TOOL_FORMATS)}")
     if not cfg["init_from"]:
         cfg["init_from"] = next((d for d in (TINY_GRPO, TINY_SFT) if os.path.isfile(os.path.join(d, "config.json"))),
                                 TINY_BASE)
@@ -85,9 +98,16 @@ def main(argv):
     tok = Tokenizer.from_pretrained(cfg["init_from"])
     engine = Engine(model, tok, cuda_graphs=bool(cfg["cuda_graphs"]) and rt.dev_type == "cuda",
                     compile=bool(cfg["compile"]))
+    try:
+        tools = tool_use(tok, cfg["tools"], cfg["tool_format"], cfg["prompt_template"], cfg["max_tool_calls"],
+                         cfg["max_tool_output_tokens"], cfg["tool_timeout"], bool(cfg["tools_in_prompt"]))
+    except ValueError as e:
+        raise SystemExit(f"--tools={cfg['tools']}: {e}") from None
     sampling = dict(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
-                    top_p=cfg["top_p"], min_p=cfg["min_p"], stop=[cfg["stop"]] if cfg["stop"] else None)
+                    top_p=cfg["top_p"], min_p=cfg["min_p"], stop=[cfg["stop"]] if cfg["stop"] else None, tools=tools)
     if cfg["reject"]:
+        if tools is not None:  # a kept sample would need its tool turns as messages, not one assistant text
+            raise SystemExit("--reject=1 does not take --tools yet")
         run_reject(engine, tok, cfg, sampling, rt)
     elif cfg["eval"]:
         run_eval(engine, tok, cfg, sampling, rt)
@@ -95,6 +115,11 @@ def main(argv):
         run_prompt(engine, tok, cfg, sampling)
     teardown(rt)
     return 0
+
+
+def prompt_tools(sampling):
+    """The tool schemas a prompt lists in its system turn (the chat tool format), else None."""
+    return sampling["tools"].schemas if sampling["tools"] is not None else None
 
 
 def run_prompt(engine, tok, cfg, sampling):
@@ -108,7 +133,7 @@ def run_prompt(engine, tok, cfg, sampling):
             row, template = {"prompt": f"Q: {row['prompt']}\nA:"}, "raw"  # pretraining format
     else:
         raise SystemExit("give --prompt=... (or --data with problems)")
-    ids = encode_problem(tok, row, template)
+    ids = encode_problem(tok, row, template, prompt_tools(sampling))
     print(tok.decode(ids), end="", flush=True)
     if cfg["num_samples"] > 1:
         for j, c in enumerate(engine.generate([ids], num_samples=cfg["num_samples"], seed=cfg["seed"], **sampling)[0]):
@@ -132,7 +157,7 @@ def run_eval(engine, tok, cfg, sampling, rt):
     problems = load_problems(cfg["data"])
     K = cfg["num_samples"]
     t0 = time.time()
-    prompts = [encode_problem(tok, row, cfg["prompt_template"]) for row in problems]
+    prompts = [encode_problem(tok, row, cfg["prompt_template"], prompt_tools(sampling)) for row in problems]
     results, n_tokens = score_problems(engine, problems, prompts, K, sampling, cfg["seed"], cfg["batch_size"],
                                        rt.rank, rt.world)
     if not rt.master:

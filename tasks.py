@@ -45,10 +45,11 @@ R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The user asks a 
 PROMPT_TEMPLATES = ("chat", "raw", "r1zero")
 
 
-def encode_problem(tok, row, template="chat"):
+def encode_problem(tok, row, template="chat", tools=None):
     """A problem row -> prompt token ids. template "chat": the tokenizer's chat template (rows with `messages`
-    always use it, as the conversation they are); "raw": `prompt` as plain text; "r1zero": R1_ZERO_TEMPLATE
-    around `prompt` (or the last user turn of `messages`). A bool means "chat" (True) or "raw" (False)."""
+    always use it, as the conversation they are), listing `tools` (JSON schemas, tools.ToolUse.schemas) in its
+    system turn; "raw": `prompt` as plain text; "r1zero": R1_ZERO_TEMPLATE around `prompt` (or the last user turn of
+    `messages`). A bool means "chat" (True) or "raw" (False)."""
     template = {True: "chat", False: "raw"}.get(template, template) if isinstance(template, bool) else template
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"prompt template {template!r}: expected one of {', '.join(PROMPT_TEMPLATES)}")
@@ -57,10 +58,8 @@ def encode_problem(tok, row, template="chat"):
         prompt = row["prompt"] if isinstance(row.get("prompt"), str) else \
             next(m["content"] for m in reversed(messages) if m.get("role") == "user")
         return tok.encode(R1_ZERO_TEMPLATE.format(prompt=prompt))
-    if messages is not None:
-        return tok.apply_chat_template(messages, add_generation_prompt=True)
-    if template == "chat":
-        return tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
+    if messages is not None or template == "chat":
+        return tok.apply_chat_template(messages or [{"role": "user", "content": row["prompt"]}], tools=tools)
     return tok.encode(row["prompt"])
 
 
@@ -108,8 +107,8 @@ def sample_problems(engine, prompts, num_samples, sampling, judge, seed=0, batch
 def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, batch_size=32, rank=0, world=1,
                    progress=True, format_mode="strict"):
     """sample_problems, each sample scored with reward.accuracy_reward against its problem's `answer`, with its
-    format_reward(format_mode) and count_rechecks. -> (per problem a list of sample dicts, generated tokens over all
-    ranks)."""
+    format_reward(format_mode) and count_rechecks; each record also keeps the completion's tokens, loss_mask (0 on
+    tokens a tool wrote) and tool_calls. -> (per problem a list of sample dicts, generated tokens over all ranks)."""
     def judge(i, samples):
         gold, rows = str(problems[i]["answer"]), []
         for j, c in enumerate(samples):
@@ -117,7 +116,7 @@ def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, bat
             rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)), reward=reward,
                              correct=reward >= 1.0, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
                              format=format_reward(c.text, format_mode), rechecks=count_rechecks(c.text),
-                             completion=c.text))
+                             completion=c.text, tokens=c.tokens, loss_mask=c.loss_mask, tool_calls=c.tool_calls))
         return rows
 
     results = sample_problems(engine, prompts, num_samples, sampling, judge, seed, batch_size, rank, world, "eval",

@@ -140,14 +140,28 @@ class Call:
         return dict(name=self.name, arguments=self.arguments, result=self.result, error=self.error)
 
 
+def tool_use(tok, names, format="auto", template="chat", max_calls=4, max_output_tokens=256, timeout=5.0,
+             in_prompt=True):
+    """The ToolUse the command-line values ask for (the scripts' --tools, --tool_format, ...), or None for no tools.
+    names: a list or "a,b"; format auto: chat under a chat template that has tool calls, else code."""
+    names = [n for n in names.split(",") if n] if isinstance(names, str) else list(names)
+    if not names:
+        return None
+    if format == "auto":
+        format = "chat" if template == "chat" and tok.tools_preamble is not None else "code"
+    return ToolUse(tok, names, format, max_calls, max_output_tokens, timeout, in_prompt=in_prompt)
+
+
 class ToolUse:
     """How an Engine runs tools inside a generation: which tools, in which format, within which limits.
 
     The Engine feeds it the text a row wrote since the last result (its segment) and asks calls() whether that text
-    just completed a call; respond() turns the answered calls into the text forced into the row."""
+    just completed a call; respond() turns the answered calls into the text forced into the row.
+    in_prompt (chat format): the prompts list the tools' JSON schemas in the system turn, as the chat template does;
+    False for a model that learned its tools in SFT without them (the tiny world: they are ~500 tiny tokens)."""
 
     def __init__(self, tok, names, format="chat", max_calls=4, max_output_tokens=256, timeout=5.0,
-                 enable_thinking=True):
+                 enable_thinking=True, in_prompt=True):
         check_names(names)
         if format not in TOOL_FORMATS:
             raise ValueError(f"tool format {format!r}: expected one of {', '.join(TOOL_FORMATS)}")
@@ -157,6 +171,7 @@ class ToolUse:
         self.tok, self.names, self.format = tok, list(names), format
         self.max_calls, self.max_output_tokens, self.timeout = max_calls, max_output_tokens, timeout
         self.enable_thinking = enable_thinking
+        self.schemas = schemas(names) if format == "chat" and in_prompt else None  # the prompt's system turn lists
         backtick = tok.ids_containing("`")
         self.may_close = (lambda t: t == self.turn_end) if format == "chat" else (lambda t: t in backtick)
 

@@ -49,6 +49,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from configurator import parse_overrides
 from dataloader import PackStream, load_prompt_sources
-from engine import Engine, sample_seed
+from engine import Completion, Engine, sample_seed
 from losses import (LOSS_AGGS, ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss,
                     loss_normalizer, overlong_penalty, rollout_is_weights)
 from model import Transformer
@@ -65,6 +66,8 @@ from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
 from tasks import (PROMPT_TEMPLATES, RewardModelScorer, count_rechecks, held_out_rm_score, maj_at_k, pass_at_1,
                    pass_at_k, sample_problems, score_problems)
 from tokenizer import Tokenizer
+from sandbox import isolation
+from tools import TOOL_FORMATS, check_names, tool_use
 from train_common import (Config, RunLog, copy_full_params, truncate_jsonl, exit_if_torchrun, find_checkpoint, lr_at,
                           make_optimizer, peak_flops, restore_checkpoint, save_checkpoint, save_or_stop,
                           setup_runtime, shard_model, sum_gradients, teardown)
@@ -121,6 +124,14 @@ rollout_is = "auto"  # importance weights for the sampler/trainer mismatch: auto
 rollout_is_cap = 2.0  # weights above this are truncated (or masked out: *_mask)
 rollout_is_floor = 0.5  # *_mask: weights below this are masked out
 ignore_eos = 0  # 1 (benchmarks): every completion runs to max_completion_len
+tools = ""  # tools the policy calls while it writes, comma-separated (tools.py: calculator, python); "": none
+tool_format = "auto"  # chat: Qwen's <tool_call> turns | code: ```python fences answered by ```output blocks | auto:
+# chat under a chat template that has tool calls, else code
+max_tool_calls = 4  # calls per completion; a call past this gets an error result
+max_tool_output_tokens = 256  # a longer result is cut, with a marker that says so
+tool_timeout = 5.0  # seconds per call
+tools_in_prompt = 1  # chat format: the prompts list the tools' JSON schemas in the system turn (0: a model that learned
+# its tools in SFT without them)
 sample_every = 40  # print a few completions every this many steps (0: never)
 log_rollouts = -1  # append every completion of every N-th step to out_dir/rollouts.jsonl (-1: N = sample_every; 0: never)
 logp_chunk = 1024  # positions per chunk of the training log-probs (peak logits memory = logp_chunk x vocab)
@@ -143,7 +154,8 @@ CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k
 CHOICES = dict(loss_agg=LOSS_AGGS, scale_rewards=("group", "batch", "none"),
                importance_sampling=("token", "sequence"), overlong=("none", "mask", "soft"),
                rollout_is=("auto",) + ROLLOUT_IS_MODES,
-               prompt_template=PROMPT_TEMPLATES, sample_dtype=("auto", "float32", "bfloat16"))
+               prompt_template=PROMPT_TEMPLATES, sample_dtype=("auto", "float32", "bfloat16"),
+               tool_format=("auto",) + TOOL_FORMATS)
 
 
 def configure(argv=()):
@@ -159,7 +171,7 @@ def configure(argv=()):
         raise SystemExit(f"--group_size={cfg.group_size}: GRPO needs at least 2 samples per prompt (advantages are "
                          "relative to the group)")
     for key in ("prompts_per_step", "max_steps", "ppo_epochs", "minibatches", "micro_batch_size",
-                "max_completion_len", "max_sampling_rounds"):
+                "max_completion_len", "max_sampling_rounds", "max_tool_calls", "max_tool_output_tokens"):
         if cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 1")
     if not cfg.rollout_is_cap > 0:
@@ -170,6 +182,10 @@ def configure(argv=()):
         combine_rewards(cfg.rewards)
     except ValueError as e:
         raise SystemExit(f"--rewards={cfg.rewards}: {e}") from None
+    try:
+        check_names([n for n in cfg.tools.split(",") if n])
+    except ValueError as e:
+        raise SystemExit(f"--tools={cfg.tools}: {e}") from None
     if cfg.rollout_is == "auto":  # the rollouts differ from pi_old by construction: a bf16 sampler, filtered sampling
         cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         bf16_sampler = cfg.sample_dtype == "bfloat16" or (cfg.sample_dtype == "auto" and cuda)
@@ -182,15 +198,33 @@ def configure(argv=()):
 # 1. rollouts and their rewards
 
 
+@dataclass
+class Rollout:
+    """One completion of one prompt, the same record from the Engine to the loss and to rollouts.jsonl."""
+    draw: int  # the prompt's index in the step's draw (the group's)
+    item: dict  # the prompt: {"row": its JSONL row, "ids": its token ids, "where": "file:line"}
+    sample: Completion  # what the Engine wrote: tokens, text, logprobs, sample_logprobs, loss_mask, tool_calls, ...
+    reward: float  # the weighted total (reward.RewardFn, or the reward model's score x its weight)
+    parts: dict  # each reward component, unweighted
+    accuracy: float | None  # accuracy_reward when the row has an answer, else None
+    adv: float = 0.0  # its group-relative advantage (rollout_batch)
+    in_loss: bool = True  # False: DAPO's overlong filter (--overlong=mask) took a truncated completion out
+
+    @property
+    def loss_mask(self):
+        """Per token, 1 where the loss counts it: the tokens the model sampled (not a tool's), if it is in the loss."""
+        return self.sample.loss_mask if self.in_loss else [0] * len(self.sample.tokens)
+
+
 def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, sampling, scorer=None):
     """Sample a group for each item and score it: by reward_fn, or with a RewardModelScorer, a row without rule fields
     by the reward model (parts {"rm": score}). tasks.sample_problems splits the items over the ranks (k % world) and
-    gathers the groups; the seeds are engine.sample_seed's. -> (the groups in draw order, each {"draw", "item",
-    "samples": [{tokens, logprobs, finish, reward, parts, accuracy, text}]}, generated tokens over all ranks)."""
+    gathers the groups; the seeds are engine.sample_seed's. -> (the groups in draw order, each a list of Rollouts,
+    generated tokens over all ranks)."""
     def judge(k, group):
         row = items[k]["row"]
         rm_scores = scorer([(row, c.text) for c in group]) if scorer is not None and not rule_scored(row) else None
-        samples = []
+        rollouts = []
         for j, c in enumerate(group):
             if rm_scores is not None:
                 total, parts = scorer.weight * rm_scores[j], {"rm": rm_scores[j]}
@@ -201,17 +235,15 @@ def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, samplin
                 total += parts["overlong"]
             acc = accuracy_reward(c.text, row["answer"]) if "accuracy" not in parts and "answer" in row \
                 else parts.get("accuracy")
-            samples.append(dict(tokens=c.tokens, logprobs=c.logprobs, sample_logprobs=c.sample_logprobs,
-                                finish=c.finish_reason, reward=total, parts=parts, accuracy=acc, text=c.text))
-        return samples
+            rollouts.append(Rollout(first_draw + k, items[k], c, total, parts, acc))
+        return rollouts
 
     # sample_problems seeds sample j of item k with first_seed + k * G + j, which is sample_seed(seed, step,
     # first_draw + k, j, G): sample_seed is affine in (draw, j), so every sample keeps its global seed
     first_seed = sample_seed(cfg.seed, step, first_draw, 0, cfg.group_size)
     groups = sample_problems(engine, [it["ids"] for it in items], cfg.group_size, sampling, judge, first_seed,
                              batch_size=len(items), rank=rt.rank, world=rt.world)
-    groups = [dict(draw=first_draw + k, item=items[k], samples=samples) for k, samples in enumerate(groups)]
-    return groups, sum(len(s["tokens"]) for g in groups for s in g["samples"])
+    return groups, sum(len(r.sample.tokens) for g in groups for r in g)
 
 
 def collect_rollouts(engine, stream, step, cfg, rt, reward_fn, sampling, scorer=None):
@@ -227,8 +259,7 @@ def collect_rollouts(engine, stream, step, cfg, rt, reward_fn, sampling, scorer=
             kept = groups
             break
         for g in groups:
-            rewards = [s["reward"] for s in g["samples"]]
-            if max(rewards) == min(rewards):
+            if max(r.reward for r in g) == min(r.reward for r in g):
                 dropped += 1
             else:
                 kept.append(g)
@@ -240,49 +271,63 @@ def collect_rollouts(engine, stream, step, cfg, rt, reward_fn, sampling, scorer=
 
 
 def rollout_batch(groups, cfg):
-    """Groups -> (rollouts: one dict per completion with prompt, tokens, logprobs (the sampler's, unfiltered),
-    sample_logprobs (what the tokens were drawn from), loss_mask (per token, 0: out of the loss) and its
-    group-relative advantage; the step's rollout metrics)."""
-    samples = [s for g in groups for s in g["samples"]]
-    prompts = [g["item"]["ids"] for g in groups for _ in g["samples"]]
-    rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float64)
-    adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards) if samples else rewards
-    rollouts = []
-    for prompt, s, a in zip(prompts, samples, adv.tolist()):
-        keep = 0 if (s["finish"] == "length" and cfg.overlong == "mask") else 1  # DAPO overlong filtering
-        rollouts.append(dict(prompt=prompt, tokens=s["tokens"], logprobs=s["logprobs"],
-                             sample_logprobs=s["sample_logprobs"], loss_mask=[keep] * len(s["tokens"]), adv=a))
-    return rollouts, rollout_metrics(groups, samples, rewards)
+    """Groups -> (the step's rollouts, one flat list with each one's group-relative advantage and whether it is in
+    the loss; the step's rollout metrics)."""
+    rollouts = [r for g in groups for r in g]
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
+    adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards) if rollouts else rewards
+    for r, a in zip(rollouts, adv.tolist()):
+        r.adv = a
+        r.in_loss = not (r.sample.finish_reason == "length" and cfg.overlong == "mask")  # DAPO overlong filtering
+    return rollouts, rollout_metrics(groups, rollouts, rewards, bool(cfg.tools))
 
 
-def rollout_metrics(groups, samples, rewards):
-    if not samples:
+def rollout_metrics(groups, rollouts, rewards, tools):
+    if not rollouts:
         return {"reward": 0.0}
-    lens = [len(s["tokens"]) for s in samples]
+    lens = [len(r.sample.tokens) for r in rollouts]
     rec = {"reward": float(rewards.mean())}  # the mean total, over every sample
     # each component is the mean over the samples it scored (rule parts over the samples of rule-scored rows, rm
     # over those of RM-scored ones), so mixing the two sources does not dilute either
-    for name in dict.fromkeys(n for s in samples for n in s["parts"]):
-        vals = [s["parts"][name] for s in samples if name in s["parts"]]
+    for name in dict.fromkeys(n for r in rollouts for n in r.parts):
+        vals = [r.parts[name] for r in rollouts if name in r.parts]
         rec[f"reward/{name}"] = sum(vals) / len(vals)
-    accs = [s["accuracy"] for s in samples if s["accuracy"] is not None]
+    accs = [r.accuracy for r in rollouts if r.accuracy is not None]
     if accs:
         rec["accuracy"] = sum(accs) / len(accs)
-    rechecked = [count_rechecks(s["text"]) > 0 for s in samples]
-    rec["recheck_frac"] = sum(rechecked) / len(samples)  # completions that go back over a step ("Wait, ...")
+    rechecked = [count_rechecks(r.sample.text) > 0 for r in rollouts]
+    rec["recheck_frac"] = sum(rechecked) / len(rollouts)  # completions that go back over a step ("Wait, ...")
     for name, keep in (("accuracy_recheck", True), ("accuracy_no_recheck", False)):
-        vals = [s["accuracy"] for s, r in zip(samples, rechecked) if r == keep and s["accuracy"] is not None]
+        vals = [r.accuracy for r, c in zip(rollouts, rechecked) if c == keep and r.accuracy is not None]
         if vals:
             rec[name] = sum(vals) / len(vals)
-    n_flat = sum(max(s["reward"] for s in g["samples"]) == min(s["reward"] for s in g["samples"]) for g in groups)
-    all_lp = [lp for s in samples for lp in s["logprobs"]]
+    n_flat = sum(max(r.reward for r in g) == min(r.reward for r in g) for g in groups)
+    sampled = [lp for r in rollouts for lp, m in zip(r.sample.logprobs, r.sample.loss_mask) if m]
     rec.update(completion_len=sum(lens) / len(lens), completion_len_max=max(lens),
-               truncated_frac=sum(s["finish"] == "length" for s in samples) / len(samples),
+               truncated_frac=sum(r.sample.finish_reason == "length" for r in rollouts) / len(rollouts),
                zero_std_frac=n_flat / len(groups),
                # the mean surprisal of the sampled tokens: a Monte-Carlo estimate of the sampling policy's per-token
                # entropy (exact in expectation with top_p = 1, top_k = 0), free from the sampler
-               entropy=-sum(all_lp) / max(len(all_lp), 1))
+               entropy=-sum(sampled) / max(len(sampled), 1))
+    if tools:
+        rec.update(tool_metrics([vars(r.sample) for r in rollouts]))
+        for name, used in (("reward_tool", True), ("reward_no_tool", False)):  # completions that called a tool or not
+            vals = [r.reward for r in rollouts if bool(r.sample.tool_calls) == used]
+            if vals:
+                rec[name] = sum(vals) / len(vals)
     return rec
+
+
+def tool_metrics(completions):
+    """Completions as dicts with tool_calls and loss_mask (vars(Completion), score_problems' records) -> tool_calls
+    (per completion), tool_use (the share that calls at least once), tool_error_frac (of the calls), tool_token_frac
+    (of the tokens, the ones tools and template glue wrote)."""
+    calls = [c for s in completions for c in s["tool_calls"]]
+    tokens = sum(len(s["loss_mask"]) for s in completions)
+    n = max(len(completions), 1)
+    return dict(tool_calls=len(calls) / n, tool_use=sum(bool(s["tool_calls"]) for s in completions) / n,
+                tool_error_frac=sum(c["error"] is not None for c in calls) / max(len(calls), 1),
+                tool_token_frac=sum(s["loss_mask"].count(0) for s in completions) / max(tokens, 1))
 
 
 # -----------------------------------------------------------------------------
@@ -307,24 +352,25 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     # when the policy moves within the step, its log-probs before the first move
     old = old_logprobs(policy, rollouts, cfg, rt, pad_id, stats) if needs_old_logprobs else None
     ref = {}  # log pi_ref per rollout, computed the first time a micro-batch needs it
-    active = {i for i in range(B) if any(rollouts[i]["loss_mask"]) and (cfg.beta > 0 or rollouts[i]["adv"] != 0.0)}
+    active = {i for i in range(B) if any(rollouts[i].loss_mask) and (cfg.beta > 0 or rollouts[i].adv != 0.0)}
     params = [p for p in policy.parameters() if p.requires_grad]
     rng = np.random.default_rng([cfg.seed, step])
     for epoch in range(cfg.ppo_epochs):
         order = rng.permutation(B) if cfg.minibatches > 1 else np.arange(B)
         for mb in np.array_split(order, cfg.minibatches):
             mb = sorted(int(i) for i in mb)
-            lens = [sum(rollouts[i]["loss_mask"]) for i in mb]
+            lens = [sum(rollouts[i].loss_mask) for i in mb]
             normalizer = loss_normalizer(lens, cfg.loss_agg, cfg.max_completion_len)
             trained = [i for i in mb if i in active]
             for idx, pad in micro_batches(trained[rt.rank::rt.world], len(trained[::rt.world]), trained[:1], cfg):
                 lp, old_lp, ref_lp = micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pad_id,
                                                           stats)
-                adv = torch.tensor([rollouts[i]["adv"] for i in idx], device=lp.device)
-                mask = padded(rollouts, "loss_mask", idx, rt.device)
+                adv = torch.tensor([rollouts[i].adv for i in idx], device=lp.device)
+                mask = padded([rollouts[i].loss_mask for i in idx], rt.device)
                 # rollouts drawn from another distribution than pi_old: weigh each token by pi_old / pi_sampler
-                is_w, ist = rollout_is_weights(old_lp, padded(rollouts, "sample_logprobs", idx, rt.device), mask,
-                                               cfg.rollout_is, cfg.rollout_is_cap, cfg.rollout_is_floor)
+                sampler_lp = padded([rollouts[i].sample.sample_logprobs for i in idx], rt.device)
+                is_w, ist = rollout_is_weights(old_lp, sampler_lp, mask, cfg.rollout_is, cfg.rollout_is_cap,
+                                               cfg.rollout_is_floor)
                 loss, st = grpo_loss(lp, old_lp, ref_lp, adv, mask, cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
                                      cfg.loss_agg, cfg.importance_sampling, cfg.max_completion_len,
                                      normalizer=normalizer,
@@ -350,9 +396,10 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     return reduce_update_stats(stats, rt)
 
 
-def padded(rollouts, key, idx, device):
-    """[len(idx), longest completion] float tensor of each rollout's per-token list `key`, 0 past its end."""
-    return pad_sequence([torch.tensor(rollouts[i][key], dtype=torch.float32) for i in idx], batch_first=True).to(device)
+def padded(lists, device):
+    """Per-token lists of some rollouts (their loss_mask, logprobs, ...) -> [rollouts, longest] float32, 0 past each
+    one's end."""
+    return pad_sequence([torch.tensor(x, dtype=torch.float32) for x in lists], batch_first=True).to(device)
 
 
 def micro_batches(mine, most, fill, cfg):
@@ -366,15 +413,19 @@ def micro_batches(mine, most, fill, cfg):
 
 
 def batch_logprobs(model, rollouts, idx, cfg, rt, pad_id):
-    return completion_logprobs(model, [(rollouts[i]["prompt"], rollouts[i]["tokens"]) for i in idx], pad_id,
+    return completion_logprobs(model, [(rollouts[i].item["ids"], rollouts[i].sample.tokens) for i in idx], pad_id,
                                cfg.logp_chunk, cfg.temperature, rt.device).float()
 
 
 def logp_mismatch(lp, rollouts, idx, device):
-    """max |log pi_trainer - log pi_sampler| over the sampled tokens of the rollouts idx (both are 0 past each
-    completion's end): the sampler/trainer mismatch. The update measures it on the rollouts it runs: with one optimizer
-    step a batch only those it trains, so a step that trains none logs 0."""
-    return float((lp.float() - padded(rollouts, "logprobs", idx, device)).abs().max()) if lp.numel() else 0.0
+    """max |log pi_trainer - log pi_sampler| over the tokens the model sampled in the rollouts idx (not a tool's,
+    nor past each completion's end): the sampler/trainer mismatch. The update measures it on the rollouts it runs:
+    with one optimizer step a batch only those it trains, so a step that trains none logs 0."""
+    if not lp.numel():
+        return 0.0
+    sampler = padded([rollouts[i].sample.logprobs for i in idx], device)
+    sampled = padded([rollouts[i].sample.loss_mask for i in idx], device)  # a tool's tokens were not sampled
+    return float(((lp.float() - sampler) * sampled).abs().max())
 
 
 @torch.no_grad()
@@ -388,7 +439,7 @@ def old_logprobs(policy, rollouts, cfg, rt, pad_id, stats):
             lp = batch_logprobs(policy, rollouts, idx, cfg, rt, pad_id)
             if not pad:
                 stats["logp_mismatch"] = max(stats["logp_mismatch"], logp_mismatch(lp, rollouts, idx, rt.device))
-                old.update({i: lp[b, :len(rollouts[i]["tokens"])].cpu() for b, i in enumerate(idx)})
+                old.update({i: lp[b, :len(rollouts[i].sample.tokens)].cpu() for b, i in enumerate(idx)})
     if cfg.fsdp:  # FSDP2 keeps the root's parameters gathered after a forward, for the backward that follows a
         policy.reshard()  # training one: after no-grad passes free them (.parameters() are shards again)
     if rt.ddp:
@@ -410,7 +461,7 @@ def micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pa
         if missing:
             with torch.no_grad(), rt.autocast():
                 r = batch_logprobs(ref_model, rollouts, missing, cfg, rt, pad_id)
-            ref.update({i: r[b, :len(rollouts[i]["tokens"])] for b, i in enumerate(missing)})
+            ref.update({i: r[b, :len(rollouts[i].sample.tokens)] for b, i in enumerate(missing)})
         ref_lp = pad_sequence([ref[i] for i in idx], batch_first=True)
         stats["time_logp"] += time.time() - t0
     if old is not None:
@@ -457,10 +508,12 @@ def reduce_update_stats(stats, rt):
 # setup, evaluation, logging
 
 
-def load_prompts(cfg, tok, reward_fn, log):
-    """-> (the stream of training prompts, held-out problems, held-out reward-model prompts)."""
+def load_prompts(cfg, tok, reward_fn, log, tools=None):
+    """-> (the stream of training prompts, held-out problems, held-out reward-model prompts); with tools in the chat
+    format every prompt lists their schemas."""
     try:
-        load = dict(template=cfg.prompt_template, max_prompt_len=cfg.max_prompt_len, skip_bad_rows=cfg.skip_bad_rows)
+        load = dict(template=cfg.prompt_template, max_prompt_len=cfg.max_prompt_len, skip_bad_rows=cfg.skip_bad_rows,
+                    tools=tools.schemas if tools else None)
         sources, weights, stats = load_prompt_sources(cfg.data, tok, reward_names=list(reward_fn.weights), log=log,
                                                       rm_rows=bool(cfg.reward_model), **load)
         problems, rm_items = [], []
@@ -511,10 +564,16 @@ def evaluate(engine, problems, rm_items, scorer, history, at_step, cfg, rt, samp
                    eval_completion_len=sum(s["num_tokens"] for s in greedy) / len(greedy),
                    eval_format=sum(s["format"] for s in greedy) / len(greedy),
                    eval_recheck_frac=sum(s["rechecks"] > 0 for s in greedy) / len(greedy))
-        for key in ("accuracy", "completion_len", "format", "recheck_frac"):
-            history.setdefault(key if key == "accuracy" else "eval_" + key, []).append((at_step, out["eval_" + key]))
+        if sampling.get("tools"):
+            out.update({"eval_" + k: v for k, v in tool_metrics(greedy).items()})
+        for key in ("accuracy", "completion_len", "format", "recheck_frac", "tool_use", "tool_error_frac"):
+            if "eval_" + key in out:
+                name = key if key == "accuracy" else "eval_" + key
+                history.setdefault(name, []).append((at_step, out["eval_" + key]))
+        tool_use = f", tools used in {100 * out['eval_tool_use']:.1f}%" if "eval_tool_use" in out else ""
         rt.log(f"step {at_step}: held-out greedy pass@1 {100 * out['eval_accuracy']:.1f}% ({len(problems)} problems, "
-               f"{time.time() - t0:.1f}s), {out['eval_completion_len']:.1f} tokens, format {100 * out['eval_format']:.1f}%")
+               f"{time.time() - t0:.1f}s), {out['eval_completion_len']:.1f} tokens, format "
+               f"{100 * out['eval_format']:.1f}%{tool_use}")
     if problems and cfg.eval_samples > 1:
         t0, K = time.time(), cfg.eval_samples
         results, _ = score_problems(engine, rows, prompts, K, {**sampling, "temperature": cfg.eval_temperature},
@@ -566,12 +625,13 @@ def final_report(history, ckpt_path):
         before, after = history["accuracy"][0][1], history["accuracy"][-1][1]
         print(f"held-out accuracy: before {100 * before:.1f}% -> after {100 * after:.1f}%")
         result.update(before=before, after=after)
-    for key, name, unit in (("eval_completion_len", "completion length", " tokens"), ("eval_format", "format "
+    for key, name, unit in (("eval_tool_use", "tool use", "%"), ("eval_tool_error_frac", "tool calls that failed",
+                            "%"), ("eval_completion_len", "completion length", " tokens"), ("eval_format", "format "
                             "compliance", "%"), ("eval_recheck_frac", "completions that re-check a step", "%")):
         if len(history.get(key, [])) > 1:
-            scale, fmt_ = (100, ".1f") if unit == "%" else (1, ".1f")
+            scale = 100 if unit == "%" else 1
             before, after = history[key][0][1] * scale, history[key][-1][1] * scale
-            print(f"held-out {name} (greedy): before {before:{fmt_}}{unit} -> after {after:{fmt_}}{unit}")
+            print(f"held-out {name} (greedy): before {before:.1f}{unit} -> after {after:.1f}{unit}")
     if history.get("rm_score"):
         before, after = history["rm_score"][0][1], history["rm_score"][-1][1]
         print(f"held-out reward-model score: before {before:.3f} -> after {after:.3f}")
@@ -598,7 +658,12 @@ def main(argv=()):
     tok_dir = resume_from or cfg.init_from
     tok = Tokenizer.from_pretrained(tok_dir)
     reward_fn = combine_rewards(cfg.rewards)
-    stream, eval_problems, eval_rm_items = load_prompts(cfg, tok, reward_fn, rt.log)
+    try:
+        tools = tool_use(tok, cfg.tools, cfg.tool_format, cfg.prompt_template, cfg.max_tool_calls,
+                         cfg.max_tool_output_tokens, cfg.tool_timeout, bool(cfg.tools_in_prompt))
+    except ValueError as e:  # e.g. the chat format under a template without tool calls
+        raise SystemExit(f"--tools={cfg.tools} --tool_format={cfg.tool_format}: {e}") from None
+    stream, eval_problems, eval_rm_items = load_prompts(cfg, tok, reward_fn, rt.log, tools)
     policy, ref_model, sampler = load_models(cfg, rt, resume_from)
     scorer = None
     if cfg.reward_model:  # frozen, unsharded on every rank (it scores that rank's groups)
@@ -618,13 +683,17 @@ def main(argv=()):
     engine = Engine(sampler, tok, cuda_graphs=bool(cfg.cuda_graphs) and rt.dev_type == "cuda")
     sampling = dict(max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature, top_p=cfg.top_p,
                     top_k=cfg.top_k, min_p=cfg.min_p, ignore_eos=bool(cfg.ignore_eos),
-                    stop=["</answer>"] if cfg.prompt_template == "r1zero" else None)
+                    stop=["</answer>"] if cfg.prompt_template == "r1zero" else None, tools=tools)
     rm_info = f"; reward model {cfg.reward_model} ({scorer.model.num_params() / 1e6:.2f}M, x{scorer.weight})" \
         if scorer else ""
     rt.log(f"model: {policy.num_params() / 1e6:.2f}M params; device {rt.device}, world {rt.world}, "
            f"{'bf16 autocast' if rt.amp_dtype else 'fp32'} training{', FSDP2-sharded' if cfg.fsdp else ''}, "
            f"{next(sampler.parameters()).dtype} rollouts; reference model: "
            f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}; rollout IS correction: {cfg.rollout_is}")
+    if tools:
+        sandbox = f"; python sandbox: {', '.join(isolation()) or 'no namespace: network closed by the audit hook only'}"
+        rt.log(f"tools: {', '.join(tools.names)} in the {tools.format} format, at most {tools.max_calls} calls a "
+               f"completion{sandbox if 'python' in tools.names else ''}")
     log = StepLog(cfg, rt, policy, tok, step, resume_from)
     # a reference that moves (ref_update_every) is saved with the checkpoints; state_dict holds its live tensors
     ref_state = ref_model.state_dict() if ref_model is not None and cfg.ref_update_every else None
@@ -664,7 +733,7 @@ def main(argv=()):
         history["reward"].append((step, rec["reward"]))
         if do_eval and (step % cfg.eval_every == 0 or last):
             rec.update(evaluate(engine, eval_problems, eval_rm_items, scorer, history, step, cfg, rt, sampling))
-        log.step(rec, rollouts, groups)
+        log.step(rec, rollouts)
         if save_or_stop(step, last, cfg.save_every, cfg.stop_after, lambda: save_checkpoint(
                 rt, ckpt_path, policy, optimizer, tok_dir, cfg.fsdp, step=step, data=stream.state(), history=history,
                 config=dict(cfg), ref=ref_state), rt.log):
@@ -691,14 +760,14 @@ class StepLog(RunLog):
             truncate_jsonl(self.rollouts_path, step if resume_from else None)
         self.peak = peak_flops(torch.cuda.get_device_name(rt.device)) * rt.world if rt.dev_type == "cuda" else None
 
-    def step(self, rec, rollouts, groups):
+    def step(self, rec, rollouts):
         cfg, rt, step = self.cfg, self.rt, rec["step"]
         rec["peak_mem_mb"] = peak_mem_mb(rt)
         rec["gen_tok_s"] = rec["gen_tokens"] / max(rec["time_gen"], 1e-9)
         if self.peak and rollouts:
             # the rollouts that ran forward and backward (policy_update skips the ones with no gradient), at the
             # mean rollout length
-            mean_len = sum(len(r["prompt"]) + len(r["tokens"]) for r in rollouts) / len(rollouts)
+            mean_len = sum(len(r.item["ids"]) + len(r.sample.tokens) for r in rollouts) / len(rollouts)
             trained = mean_len * rec["trained_rollouts"]
             rec["mfu"] = self.flops_per_token * trained / max(rec["time_update"], 1e-9) / self.peak
             self.say(f"step {step}: reward {rec['reward']:.3f} | {rec['gen_tok_s']:.0f} gen tok/s | "
@@ -706,23 +775,24 @@ class StepLog(RunLog):
         self.write({k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in rec.items()})
         self.tick({"reward": f"{rec['reward']:.3f}", "acc": f"{rec.get('accuracy', 0):.3f}",
                    "len": f"{rec.get('completion_len', 0):.0f}", "s/step": f"{rec['time_step']:.2f}"})
-        if cfg.sample_every and step % cfg.sample_every == 0 and groups and rt.master:
-            g = groups[0]
-            self.say(f"--- step {step} samples for {g['item']['where']} (answer {g['item']['row'].get('answer')!r}):")
-            for s in g["samples"][:2]:
-                self.say(f"[reward {s['reward']:.2f}] {s['text']!r}")
+        if cfg.sample_every and step % cfg.sample_every == 0 and rollouts and rt.master:
+            item = rollouts[0].item
+            self.say(f"--- step {step} samples for {item['where']} (answer {item['row'].get('answer')!r}):")
+            for r in rollouts[:2]:
+                self.say(f"[reward {r.reward:.2f}] {r.sample.text!r}")
         if self.rollouts_every and step % self.rollouts_every == 0 and rt.master:
-            self.log_rollouts(step, groups, rollouts)
+            self.log_rollouts(step, rollouts)
 
-    def log_rollouts(self, step, groups, rollouts):
-        samples = [(g, s) for g in groups for s in g["samples"]]  # in the order of the rollouts
+    def log_rollouts(self, step, rollouts):
         with open(self.rollouts_path, "a", encoding="utf-8") as f:
-            for (g, s), r in zip(samples, rollouts):
-                f.write(json.dumps(dict(step=step, draw=g["draw"], where=g["item"]["where"],
-                                        prompt=self.tok.decode(g["item"]["ids"]), completion=s["text"],
-                                        answer=g["item"]["row"].get("answer"), reward=s["reward"], parts=s["parts"],
-                                        advantage=r["adv"], finish_reason=s["finish"], num_tokens=len(s["tokens"])),
-                                   ensure_ascii=False) + "\n")
+            for r in rollouts:
+                line = dict(step=step, draw=r.draw, where=r.item["where"], prompt=self.tok.decode(r.item["ids"]),
+                            completion=r.sample.text, answer=r.item["row"].get("answer"), reward=r.reward,
+                            parts=r.parts, advantage=r.adv, finish_reason=r.sample.finish_reason,
+                            num_tokens=len(r.sample.tokens))
+                if self.cfg.tools:  # each call as the model wrote it, and the result it read
+                    line.update(tool_calls=r.sample.tool_calls, tool_tokens=r.sample.loss_mask.count(0))
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ whose last assistant turn is the response (with no prompt/messages the list is t
 common preference sets). Each side is chat-templated (the response as the final assistant turn, its <think> kept)
 and scored at its last token; a pair is one example, never packed, and one with a side over max_seq_len is
 dropped (counted). The chat template of the tokenizer being trained is applied and only assistant
-content + the turn-closing token are learned. `--data=a.jsonl:0.7,b.jsonl:0.3` mixes files by weight, and epoch
+content + the turn-closing token are learned. Conversations may call tools (assistant "tool_calls", "tool" turns,
+their schemas in an optional "tools" field, as in tokenizer.apply_chat_template): the calls are learned, the tool
+results and the template's glue are not. `--data=a.jsonl:0.7,b.jsonl:0.3` mixes files by weight, and epoch
 e's order is a function of (seed, e), so --resume is exact (dataloader.py says how).
 
 Loss normalisation: every optimizer step divides the summed token loss by the number of target tokens

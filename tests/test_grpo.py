@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import losses
 import train_grpo
+from engine import Completion
 from helpers import make_tiny_checkpoint, torchrun, write_jsonl
 from model import ModelConfig, Transformer
 from train_common import Runtime, make_optimizer
@@ -533,6 +534,14 @@ def _tiny_model(seed=0):
                                    num_attention_heads=2, num_key_value_heads=1, dtype="float32")).init_weights(0.1)
 
 
+def _rollout(tokens, adv=0.0, logprobs=None, loss_mask=None, in_loss=True, prompt=(5, 6, 7)):
+    """A scored rollout as policy_update takes it (train_grpo.Rollout around an engine.Completion)."""
+    n = len(tokens)
+    sample = Completion(list(tokens), "", logprobs or [0.0] * n, "stop", 0, logprobs or [0.0] * n,
+                        loss_mask or [1] * n, [])
+    return train_grpo.Rollout(0, {"ids": list(prompt), "row": {}, "where": "test"}, sample, 0.0, {}, None, adv, in_loss)
+
+
 def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
     """The DDP code path of policy_update on a world of 1 (all_reduce is then the identity) against the plain
     path, over an update with non-zero advantages followed by two whose advantages are all 0 (every group flat:
@@ -545,8 +554,7 @@ def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
     g = torch.Generator().manual_seed(0)
 
     def rollouts(adv):
-        return [dict(prompt=[5, 6, 7], tokens=torch.randint(3, 60, (3,), generator=g).tolist(), logprobs=[0.0] * 3,
-                     sample_logprobs=[0.0] * 3, loss_mask=[1] * 3, adv=a) for a in adv]
+        return [_rollout(torch.randint(3, 60, (3,), generator=g).tolist(), a) for a in adv]
 
     steps = [rollouts([1.0, -1.0, 0.5, -0.5]), rollouts([0.0] * 4), rollouts([0.0] * 4)]
     base = _tiny_model()
@@ -577,8 +585,7 @@ def test_rollouts_out_of_the_loss_are_not_run():
 
     def update(masked_adv, beta):
         cfg = train_grpo.configure(["--group_size=2", "--max_completion_len=4", f"--beta={beta}"])
-        rollouts = [dict(prompt=[5, 6, 7], tokens=t, logprobs=[0.0] * 3, sample_logprobs=[0.0] * 3, loss_mask=[m] * 3,
-                         adv=a) for t, m, a in zip(tokens, (1, 1, 0, 1), (1.0, -1.0, masked_adv, -0.5))]
+        rollouts = [_rollout(t, a, in_loss=bool(m)) for t, m, a in zip(tokens, (1, 1, 0, 1), (1.0, -1.0, masked_adv, -0.5))]
         model = _tiny_model()
         ref = _tiny_model() if beta else None
         opt = make_optimizer(model, 1e-2, 0.0, (0.9, 0.99))
@@ -595,9 +602,11 @@ def test_rollouts_out_of_the_loss_are_not_run():
 
 def test_logp_mismatch_is_the_largest_gap_over_the_sampled_tokens():
     """Completions of 2 and 4 tokens: the trainer's log-probs (0 past each end, as completion_logprobs returns them)
-    against the sampler's; the largest |gap| of a real token, whatever its sign; 0 for no rollout."""
-    rollouts = [dict(tokens=[8, 9], logprobs=[-1.0, -2.0]), dict(tokens=[8, 9, 10, 11], logprobs=[-1.0] * 4)]
-    lp = torch.tensor([[-1.25, -2.0, 0.0, 0.0], [-1.0, -0.5, -1.0, -1.0]])
+    against the sampler's; the largest |gap| of a token the model sampled, whatever its sign (a tool's tokens carry
+    sampler log-prob 0 and do not count); 0 for no rollout."""
+    rollouts = [_rollout([8, 9], logprobs=[-1.0, -2.0]), _rollout([8, 9, 10, 11], logprobs=[-1.0, -1.0, 0.0, -1.0],
+                                                                  loss_mask=[1, 1, 0, 1])]
+    lp = torch.tensor([[-1.25, -2.0, 0.0, 0.0], [-1.0, -0.5, -3.0, -1.0]])
     assert train_grpo.logp_mismatch(lp, rollouts, [0, 1], "cpu") == 0.5  # rollout 1, token 1: |-0.5 - (-1)|
     assert train_grpo.logp_mismatch(lp[:1, :2], rollouts, [0], "cpu") == 0.25
     assert train_grpo.logp_mismatch(torch.zeros(0, 0), rollouts, [], "cpu") == 0.0

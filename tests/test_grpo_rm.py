@@ -82,33 +82,33 @@ def test_mixed_rule_and_reward_model_rows(setup, tmp_path, monkeypatch):
     for groups, m in zip(steps, metrics):
         rule_samples, rm_samples = [], []
         for g in groups:
-            by_rm = "answer" not in g["item"]["row"]
+            row = g[0].item["row"]
+            by_rm = "answer" not in row
             kinds.add(by_rm)
-            for s in g["samples"]:
+            for s in g:
                 if not by_rm:  # the rule rewards, as without a reward model
-                    assert set(s["parts"]) == {"accuracy", "language"}
-                    total, _ = reward.combine_rewards("accuracy:1,language:1")(s["text"], g["item"]["row"])
-                    assert s["reward"] == total
+                    assert set(s.parts) == {"accuracy", "language"}
+                    total, _ = reward.combine_rewards("accuracy:1,language:1")(s.sample.text, row)
+                    assert s.reward == total
                     rule_samples.append(s)
                     continue
-                assert set(s["parts"]) == {"rm"} and s["accuracy"] is None
+                assert set(s.parts) == {"rm"} and s.accuracy is None
                 # the RM reads what train_sft --mode=rm trains it on: the conversation with the completion as the
                 # closed assistant turn (ChatML: ... <|im_end|>\n)
-                messages = [{"role": "user", "content": g["item"]["row"]["prompt"]},
-                            {"role": "assistant", "content": s["text"]}]
+                messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": s.sample.text}]
                 ids = torch.tensor([tok.encode_chat_with_mask(messages)[0]])
                 assert ids[0, -2] == im_end
                 with torch.no_grad():
                     score = float(rm(ids))
-                assert s["parts"]["rm"] == pytest.approx(score, rel=1e-4, abs=1e-5)
-                assert s["reward"] == pytest.approx(weight * score, rel=1e-4, abs=1e-5)
+                assert s.parts["rm"] == pytest.approx(score, rel=1e-4, abs=1e-5)
+                assert s.reward == pytest.approx(weight * score, rel=1e-4, abs=1e-5)
                 rm_samples.append(s)
         # components: each over the samples it scored; reward: the mean total over all of them
         everything = rule_samples + rm_samples
-        assert m["reward"] == pytest.approx(sum(s["reward"] for s in everything) / len(everything), abs=1e-4)
+        assert m["reward"] == pytest.approx(sum(s.reward for s in everything) / len(everything), abs=1e-4)
         for name, samples in (("rm", rm_samples), ("accuracy", rule_samples), ("language", rule_samples)):
             if samples:
-                want = sum(s["parts"][name] for s in samples) / len(samples)
+                want = sum(s.parts[name] for s in samples) / len(samples)
                 assert m[f"reward/{name}"] == pytest.approx(want, rel=1e-4, abs=1e-4)
             else:
                 assert f"reward/{name}" not in m

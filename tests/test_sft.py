@@ -14,6 +14,7 @@ import train_sft
 from helpers import make_tiny_checkpoint, make_tiny_tokenizer, torchrun, write_jsonl
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
+from tools import schemas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "tokenizers")
@@ -116,6 +117,37 @@ def test_loss_mask_is_exactly_the_assistant_tokens(tmp_path, family):
     got = _learned_text(tok, rows)
     assert got[0] == got[1] == answer + end
     assert got[2] == "Hello." + end + answer + end  # both assistant turns, nothing of system/user
+
+
+def _tool_chat(a, b):
+    """A cold-start conversation that calls the calculator (the tiny world's tool format)."""
+    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": f"{a}*{b}"}}}
+    return {"tools": schemas(["calculator"]), "messages": [
+        {"role": "user", "content": f"What is {a}*{b}?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": str(a * b)}, {"role": "assistant", "content": f"\\boxed{{{a * b}}}"}]}
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "tiny"])
+def test_tool_turns_are_masked_and_calls_learned(family):
+    path = os.path.join(ROOT, "data", "tiny", "tokenizer") if family == "tiny" else os.path.join(FIXTURES, family)
+    tok = Tokenizer.from_pretrained(path)
+    got = _learned_text(tok, [_tool_chat(6, 7)])[0]
+    think = "<think>\n\n</think>\n\n" if family == "qwen3" else ""  # Qwen3's last turn always has a think block
+    assert got == ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call><|im_end|>'
+                   f"{think}\\boxed{{42}}<|im_end|>")  # the result "42" and the tool turn are not learned
+
+
+def test_sft_on_tool_conversations_runs_and_rejects_bad_tools(tmp_path):
+    data = write_jsonl(tmp_path / "tools.jsonl", [_tool_chat(a, b) for a in range(2, 9) for b in range(3, 9)])
+    res = _run(os.path.join(ROOT, "data", "tiny", "model"), data, str(tmp_path / "out"), max_steps=3, eval_every=0,
+               max_seq_len=768)  # the tools' schemas in the system turn are about 500 tiny tokens
+    assert res["step"] == 3
+    bad = write_jsonl(tmp_path / "bad.jsonl", [_tool_chat(2, 3), {**_tool_chat(2, 4), "tools": "calculator"}])
+    with pytest.raises(ValueError, match="bad.jsonl:2: .tools. must be a list"):
+        _run(os.path.join(ROOT, "data", "tiny", "model"), bad, str(tmp_path / "out2"), max_steps=1)
+    plain = write_jsonl(tmp_path / "plain.jsonl", [_tool_chat(2, 3)])
+    with pytest.raises(ValueError, match="plain.jsonl:1: .*has no tool calls"):
+        _run(make_tiny_checkpoint(tmp_path / "plain_ckpt"), plain, str(tmp_path / "out3"), max_steps=1)
 
 
 # -----------------------------------------------------------------------------
