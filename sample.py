@@ -9,8 +9,9 @@ Sample from a checkpoint: continue one prompt (streamed), evaluate on a problem 
     python sample.py --reject=1 --init_from=DIR --data=PROBLEMS.jsonl --num_samples=4 --out=SFT.jsonl  # R1 stage 3
     python sample.py --init_from=DIR --eval --prompt_template=chat --tools=python --tool_format=code --out=FILE
 
---prompt_template (chat | raw | r1zero) says how a bare prompt becomes tokens, for --prompt, --eval and --reject
-alike: the tokenizer's chat template, the text as it is, or R1-Zero's template; rows with `messages` are always
+--prompt_template (chat | raw | r1zero | tir) says how a bare prompt becomes tokens, for --prompt, --eval and --reject
+alike: the tokenizer's chat template, the text as it is, R1-Zero's template, or tasks.TIR_TEMPLATE (it offers
+```python blocks, for --tools=python on a base model); rows with `messages` are always
 chat-templated. Under torchrun, --eval and --reject split the problems over the ranks and rank 0 writes the result.
 --tools=python (or calculator, comma-separated) lets the model call tools while it writes, in --tool_format chat
 (<tool_call> turns, the schemas listed in the chat template's system turn) or code (```python fences answered by
@@ -42,7 +43,7 @@ DEFAULT_DATA = os.path.join(REPO, "data/tiny/test.jsonl")
 CONFIG = dict(
     init_from="",  # HF-layout checkpoint dir with tokenizer files; "": TINY_GRPO, else TINY_SFT, else TINY_BASE
     prompt="",  # text to continue; empty: the first problem of --data
-    prompt_template="chat",  # chat | raw | r1zero: how a bare prompt is encoded (rows with `messages`: always chat)
+    prompt_template="chat",  # chat | raw | r1zero | tir: how a bare prompt is encoded (`messages` rows: always chat)
     num_samples=1,
     max_new_tokens=256,
     temperature=0.8,  # 0 = greedy

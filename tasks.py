@@ -42,22 +42,28 @@ R1_ZERO_TEMPLATE = ("A conversation between User and Assistant. The user asks a 
                     "<answer> answer here </answer>. User: {prompt}. Assistant:")
 
 
-PROMPT_TEMPLATES = ("chat", "raw", "r1zero")
+# Tool-integrated reasoning from a base model, in the manner of ToRL (arXiv 2503.23383, sec. 2.1): the prompt says
+# that ```python blocks run and their output comes back in ```output blocks (the code tool format, tools.py)
+TIR_TEMPLATE = ("Solve the problem below. You may write Python code in ```python blocks; each block is run as it "
+                "closes and what it prints comes back in an ```output block, so you can compute with it and check "
+                "your work. Put the final answer in \\boxed{{}}.\n\nProblem: {prompt}\n\nSolution:")
+
+PROMPT_TEMPLATES = ("chat", "raw", "r1zero", "tir")
 
 
 def encode_problem(tok, row, template="chat", tools=None):
     """A problem row -> prompt token ids. template "chat": the tokenizer's chat template (rows with `messages`
     always use it, as the conversation they are), listing `tools` (JSON schemas, tools.ToolUse.schemas) in its
-    system turn; "raw": `prompt` as plain text; "r1zero": R1_ZERO_TEMPLATE around `prompt` (or the last user turn of
-    `messages`). A bool means "chat" (True) or "raw" (False)."""
+    system turn; "raw": `prompt` as plain text; "r1zero" / "tir": R1_ZERO_TEMPLATE / TIR_TEMPLATE around `prompt`
+    (or the last user turn of `messages`). A bool means "chat" (True) or "raw" (False)."""
     template = {True: "chat", False: "raw"}.get(template, template) if isinstance(template, bool) else template
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"prompt template {template!r}: expected one of {', '.join(PROMPT_TEMPLATES)}")
     messages = row.get("messages") if isinstance(row.get("messages"), list) else None
-    if template == "r1zero":
+    if template in ("r1zero", "tir"):
         prompt = row["prompt"] if isinstance(row.get("prompt"), str) else \
             next(m["content"] for m in reversed(messages) if m.get("role") == "user")
-        return tok.encode(R1_ZERO_TEMPLATE.format(prompt=prompt))
+        return tok.encode((R1_ZERO_TEMPLATE if template == "r1zero" else TIR_TEMPLATE).format(prompt=prompt))
     if messages is not None or template == "chat":
         return tok.apply_chat_template(messages or [{"role": "user", "content": row["prompt"]}], tools=tools)
     return tok.encode(row["prompt"])

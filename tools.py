@@ -20,6 +20,7 @@ The call formats (ToolUse.format), one mechanism behind both (engine.Engine.gene
 """
 import concurrent.futures
 import json
+import os
 import re
 from dataclasses import dataclass
 
@@ -167,13 +168,16 @@ class ToolUse:
             raise ValueError(f"tool format {format!r}: expected one of {', '.join(TOOL_FORMATS)}")
         if format == "chat":
             tok.check_tools()  # a template family without tools says so here
-            self.turn_end = tok.token_to_id("<|im_end|>")
         self.tok, self.names, self.format = tok, list(names), format
         self.max_calls, self.max_output_tokens, self.timeout = max_calls, max_output_tokens, timeout
         self.enable_thinking = enable_thinking
         self.schemas = schemas(names) if format == "chat" and in_prompt else None  # the prompt's system turn lists
-        backtick = tok.ids_containing("`")
-        self.may_close = (lambda t: t == self.turn_end) if format == "chat" else (lambda t: t in backtick)
+        # the tokens after which a call may be complete: the turn's end (chat), any with a backtick (code)
+        self.closers = {tok.token_to_id("<|im_end|>")} if format == "chat" else tok.ids_containing("`")
+
+    def may_close(self, token):
+        """Whether a row that just sampled `token` may have completed a call (then calls() looks)."""
+        return token in self.closers
 
     def calls(self, segment):
         """The calls the segment (a row's text since the last result) has just completed, or [] for none yet."""
@@ -217,8 +221,8 @@ class ToolUse:
             else:
                 todo.append(call)
         answer = lambda c: call_tool(c.name, c.arguments, self.timeout)  # noqa: E731
-        if len(todo) > 1:
-            with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
+        if len(todo) > 1:  # at most two calls a core at a time: the python tool's processes share the CPUs
+            with concurrent.futures.ThreadPoolExecutor(min(len(todo), 2 * (os.cpu_count() or 1))) as pool:
                 answers = list(pool.map(answer, todo))
         else:
             answers = [answer(c) for c in todo]

@@ -84,7 +84,8 @@ eval_rm_n = 200  # first eval_rm_n prompts of eval_rm_data
 eval_every = 40  # steps between evaluations (plus one before the first step and one at the end); 0: none at all
 eval_samples = 1  # K > 1: at every eval also K samples per held-out problem: sampled pass@1 (mean), pass@K and maj@K
 eval_temperature = 1.0  # the temperature of those K samples (greedy pass@1 is always measured too)
-prompt_template = "chat"  # chat: the tokenizer's chat template | r1zero: R1-Zero's plain-text template (base models)
+prompt_template = "chat"  # chat: the tokenizer's chat template | r1zero: R1-Zero's plain-text template (base models) |
+# tir: a plain-text prompt that offers ```python blocks (base models with --tools=python) | raw: the prompt as it is
 rewards = "accuracy:1"  # reward.py names with weights; every component is logged on its own
 reward_model = ""  # RewardModel dir (R1 stage 4): scores the rows without answer / tests / numbers+target
 reward_model_weight = 1.0  # such a row's reward = weight x RM score (logged unweighted as reward/rm)

@@ -174,3 +174,43 @@ def test_an_answer_past_the_token_budget_is_cut(tiny):
     out = Engine(model, tok).generate([tok.encode("hi")], max_new_tokens=5, seed=0, tools=long_answer)[0][0]
     assert len(out.tokens) == 5 and out.finish_reason == "length" and out.loss_mask[0] == 1
     assert out.loss_mask[1:] == [0] * 4  # the first answer alone fills the rest of the budget
+
+
+def test_every_bad_call_is_an_error_result_the_model_reads():
+    """Malformed JSON, an unknown tool, a bad expression, a timeout, output that is not UTF-8, an exception, a call
+    left unclosed at the turn's end and one past max_tool_calls: each comes back as an error result the row goes on
+    after, and each is counted; nothing raises."""
+    tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, "qwen2.5"))
+    header = tok.encode("<|im_start|>assistant\n")
+
+    def turn(*calls):
+        return "\n".join(f"<tool_call>\n{c}\n</tool_call>" for c in calls)
+
+    turns = [turn('{"name": "calculator", "arguments": {"expression": "1+"}}', '{"name": calculator}',
+                  '{"name": "nope", "arguments": {}}'),
+             turn('{"name": "python", "arguments": {"code": "import time\\ntime.sleep(30)"}}',
+                  '{"name": "python", "arguments": {"code": "import sys\\nsys.stdout.buffer.write(b\'\\\\xff\')"}}',
+                  '{"name": "python", "arguments": {"code": "1/0"}}'),
+             '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2"',
+             turn('{"name": "calculator", "arguments": {"expression": "3"}}'),
+             "All tools failed."]
+    turn_ids = [tok.encode(t) + [tok.token_to_id("<|im_end|>")] for t in turns]
+    prompt = tok.apply_chat_template([user("q")], tools=TOOLS)
+
+    def next_logits(history):  # write turn k after the k-th assistant header, whatever the tool turns held
+        done = history[len(prompt):]
+        starts = [i + len(header) for i in range(len(done)) if done[i:i + len(header)] == header]
+        k, i = len(starts), len(done) - (starts[-1] if starts else 0)
+        logits = torch.full((tok.vocab_size,), -30.0)
+        logits[turn_ids[k][i] if k < len(turn_ids) and i < len(turn_ids[k]) else tok.eos_id] = 30.0
+        return logits
+
+    use = ToolUse(tok, ["calculator", "python"], max_calls=7, timeout=1.0)
+    out = Engine(ScriptedLM(tok.vocab_size, next_logits), tok).generate([prompt], max_new_tokens=700,
+                                                                        temperature=0.0, tools=use)[0][0]
+    assert out.finish_reason == "stop" and out.text.endswith("All tools failed.")
+    errors = [c["error"] for c in out.tool_calls]
+    assert errors == ["bad expression", "malformed call", "unknown tool", "timeout", "output is not UTF-8",
+                      "ZeroDivisionError", "unclosed call", "too many calls"]
+    assert all(c["result"].startswith("Error") or "Error" in c["result"] for c in out.tool_calls)
+    assert out.text.count("<tool_response>") == 8  # the model read every one

@@ -131,6 +131,36 @@ def test_grpo_loss_value_and_grad_match_slow_loop(loss_agg, importance_sampling,
         assert 0 < (grad[mask == 1] == 0).sum() < n
 
 
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+@pytest.mark.parametrize("loss_agg", ["sequence", "token", "constant"])
+def test_tool_tokens_do_not_enter_the_loss(loss_agg, importance_sampling):
+    """A tool's answer forced into the middle of a completion (loss_mask 0 there): whatever the log-probs of those
+    positions (the sampler reports 0 for them), the loss, its gradient, the rollout IS weights and every normaliser
+    are those of the model's own tokens alone."""
+    lp, old, ref, adv, _ = _loss_inputs(B=4, T=10)
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[:, 3:7] = 0  # the forced span
+    mask[1, 8:] = 0  # and a shorter completion
+    sampler = old.clone()
+
+    def run(lp, old, ref, sampler):
+        x = lp.clone().requires_grad_(True)
+        w, ist = losses.rollout_is_weights(old, sampler, mask, "token_truncate", 2.0)
+        loss, st = losses.grpo_loss(x, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_agg, importance_sampling, 10,
+                                    normalizer=losses.loss_normalizer(mask.sum(-1), loss_agg, 10), is_weights=w)
+        return loss, torch.autograd.grad(loss, x)[0], w, ist, st
+
+    base = run(lp, old, ref, sampler)
+    forced = mask == 0
+    perturbed = run(lp.masked_fill(forced, -30.0), old.masked_fill(forced, 5.0), ref.masked_fill(forced, -9.0),
+                    sampler.masked_fill(forced, 0.0))
+    torch.testing.assert_close(perturbed[0], base[0], rtol=0, atol=0)
+    torch.testing.assert_close(perturbed[1], base[1], rtol=0, atol=0)
+    assert (base[1][forced] == 0).all() and (base[2][forced] == 0).all()
+    assert perturbed[3] == base[3] and perturbed[4] == base[4] and base[4]["tokens"] == int(mask.sum())
+    assert losses.loss_normalizer(mask.sum(-1), "token") == int(mask.sum())  # model tokens only
+
+
 @pytest.mark.parametrize("loss_agg", ["sequence", "token", "constant"])
 def test_grpo_loss_with_an_empty_row(loss_agg):
     """A row with no masked token (overlong=mask) adds nothing and, for sequence, is not counted as a row."""

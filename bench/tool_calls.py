@@ -1,0 +1,94 @@
+"""
+The Engine with tools: generated tokens/s on one batch in which about half the rows call the python tool -- real
+calls, run in the sandbox, their output forced into the row while the other rows decode -- beside the same batch
+with no tools. Random weights of the tiny world's shape with its tokenizer, sampled at temperature 1, EOS ignored,
+so every row makes max_new_tokens either way (tool output counts towards them).
+
+    python bench/tool_calls.py --threads=2
+    python bench/tool_calls.py --batch=64 --max_new_tokens=256
+
+Which rows call is decided from their own text (a row calls once its text since the last result reaches --every
+characters, if the CRC of those characters is even), since a random model writes no real calls; the calls, their
+sandbox and the forced tokens are the real ones. The batch waits for the calls of a step (they run at once, a
+thread each), so the ratio is the price of the tool calls, not of the Engine's bookkeeping.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import hardware  # noqa: E402  (bench/common.py)
+
+TINY_TOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tiny", "tokenizer")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--every", type=int, default=60, help="characters a calling row writes between calls")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest is kept")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = p.parse_args()
+
+    import torch
+
+    from engine import Engine
+    from model import ModelConfig, Transformer
+    from tokenizer import Tokenizer
+    from tools import Call, ToolUse
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = Tokenizer.from_pretrained(TINY_TOK)
+
+    class HalfTheRows(ToolUse):
+        """The python tool in the code format, but a row 'writes' a call by the rule in the docstring above."""
+
+        def may_close(self, token):
+            return True
+
+        def calls(self, segment):
+            if len(segment) < args.every or zlib.crc32(segment[:args.every].encode()) % 2:
+                return []
+            return [Call("python", {"code": "print(sum(i * i for i in range(10000)))"})]
+
+    with tempfile.TemporaryDirectory() as ckpt:
+        torch.manual_seed(0)
+        Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, dtype="float32")).init_weights(
+            std=0.02).save_pretrained(ckpt)
+        model = Transformer.from_pretrained(ckpt)
+    engine = Engine(model, tok)
+    prompts = [tok.encode(f"What is {i}*{i + 3}-{2 * i}?") for i in range(args.batch)]
+    tools = HalfTheRows(tok, ["python"], format="code", max_calls=100)
+
+    def run(use):
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0, ignore_eos=True,
+                              tools=use)
+        return time.perf_counter() - t0, [o[0] for o in out]
+
+    results = {}
+    for name, use in (("no tools", None), ("python tool", tools)):
+        run(use)  # warmup
+        best, outs = min((run(use) for _ in range(args.repeats)), key=lambda r: r[0])
+        tokens = sum(len(c.tokens) for c in outs)
+        results[name] = dict(tok_s=tokens / best, seconds=best, tokens=tokens,
+                             rows_calling=sum(bool(c.tool_calls) for c in outs),
+                             calls=sum(len(c.tool_calls) for c in outs),
+                             forced=sum(c.loss_mask.count(0) for c in outs))
+    print(f"hardware: {hardware(args.threads)}; torch {torch.__version__}; batch {args.batch} x "
+          f"{args.max_new_tokens} new tokens, temperature 1, EOS ignored; best of {args.repeats}")
+    for name, r in results.items():
+        print(f"{name:12s} {r['tok_s']:8.0f} tokens/s  ({r['tokens']} tokens in {r['seconds']:.2f} s; "
+              f"{r['rows_calling']} of {args.batch} rows call, {r['calls']} calls, {r['forced']} forced tokens)")
+    print(f"ratio (python tool / no tools): {results['python tool']['tok_s'] / results['no tools']['tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
