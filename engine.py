@@ -481,6 +481,7 @@ class Engine:
             same = all(a is b for a, b in zip(lps, slps))  # no filtering: sample_logprobs are the logprobs
             toks, lps = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # the host sync
             slps = lps if same else torch.stack(slps, 1).tolist()
+            sampled = []  # rows that took the sample this step (not a forced token)
             for k, r in enumerate(live):
                 if r is None or rows[r].finish:
                     continue
@@ -490,10 +491,11 @@ class Engine:
                     rows[r].logprobs.append(0.0), rows[r].sample_logprobs.append(0.0), rows[r].loss_mask.append(0)
                 else:
                     self._accept(rows[r], toks[k], lps[k], slps[k], stop_ids, stop_strs, lookback)
+                    sampled.append(rows[r])
                 if on_tokens is not None and len(rows[r].tokens) > before:
                     on_tokens(r, rows[r].tokens[before:])
             if tools is not None:
-                self._run_tools(tools, [rows[r] for r in live if r is not None], max_new_tokens)
+                self._run_tools(tools, sampled, max_new_tokens)
             keep = [k for k, r in enumerate(live) if r is not None and not rows[r].finish]
             if not keep or step >= max_new_tokens:
                 break
@@ -531,12 +533,12 @@ class Engine:
                     return
 
     def _run_tools(self, tools, rows, max_new_tokens):
-        """Rows whose last sampled token completed tool calls: run all their calls at once, then queue each row's
-        answer as forced tokens (cut at its token budget) and let it go on (a chat turn that ended in calls)."""
+        """Of the rows that just sampled a token, those whose text it completed tool calls in: run all their calls at
+        once, then queue each row's answer as forced tokens (cut at its token budget) and let the row go on (also a
+        chat turn that ended, in calls)."""
         pending = []
         for row in rows:
-            if row.forced or not row.tokens or row.loss_mask[-1] == 0 or row.by_string or row.finish == "length" \
-                    or not tools.may_close(row.tokens[-1]):
+            if row.by_string or not tools.may_close(row.tokens[-1]):
                 continue
             segment = self.tokenizer.decode(row.tokens[row.segment:])
             calls = tools.calls(segment)

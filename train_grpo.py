@@ -94,7 +94,10 @@ prompts_per_step = 16  # prompts per step over all ranks (x group_size rollouts)
 max_steps = 120
 ppo_epochs = 1  # mu: passes over each rollout batch
 minibatches = 1  # optimizer steps per pass
-micro_batch_size = 64  # rollouts per forward/backward on each rank (memory only: the gradient does not change)
+micro_batch_tokens = 512  # >0: each rank packs its rollouts, longest first, into micro-batches of at most this many
+# padded tokens (rows x longest row, prompt included; a longer rollout runs alone), the ranks sharing the step's tokens
+# evenly; 0: micro_batch_size rollouts a micro-batch, in order. Memory only: the gradient does not change
+micro_batch_size = 64  # rollouts per forward/backward on each rank with micro_batch_tokens=0; the reward model's batch
 lr = 5e-5
 min_lr = 1e-5
 warmup_steps = 10
@@ -175,6 +178,8 @@ def configure(argv=()):
                 "max_completion_len", "max_sampling_rounds", "max_tool_calls", "max_tool_output_tokens"):
         if cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 1")
+    if cfg.micro_batch_tokens < 0:
+        raise SystemExit(f"--micro_batch_tokens={cfg.micro_batch_tokens}: must be >= 0 (0: by micro_batch_size)")
     if not cfg.rollout_is_cap > 0:
         raise SystemExit(f"--rollout_is_cap={cfg.rollout_is_cap}: must be > 0")
     if cfg.overlong == "soft" and not 0 < cfg.overlong_buffer < cfg.max_completion_len:
@@ -343,15 +348,18 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     carry no gradient: they are skipped (the normaliser is still computed over the whole minibatch). A minibatch in
     which no rank trained a rollout is no optimizer step at all (AdamW's moments would still move the weights), on
     every rank alike. stats["trained_rollouts"] counts forward/backward passes of rollouts, summed over the
-    ppo_epochs x minibatches optimizer steps (the work the update did, which MFU is computed from)."""
+    ppo_epochs x minibatches optimizer steps (the work the update did, which MFU is computed from); "micro_batches"
+    the passes, and "pad_frac" the share of the tokens they pushed through the model that were padding."""
     B = len(rollouts)
+    lengths = [len(r.item["ids"]) + len(r.sample.tokens) for r in rollouts]  # a rollout's row in the update's batches
     needs_old_logprobs = cfg.ppo_epochs * cfg.minibatches > 1
     stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, kl=0.0, tokens=0.0, loss=0.0, trained_rollouts=0,
                  time_logp=0.0, rollout_is_mean=0.0, rollout_is_clipped_frac=0.0, mismatch_kl=0.0, is_tokens=0.0,
-                 ratio_max=0.0, logp_mismatch=0.0, rollout_is_max=0.0, grad_norm=0.0)
+                 ratio_max=0.0, logp_mismatch=0.0, rollout_is_max=0.0, grad_norm=0.0, micro_batches=0, real_tokens=0,
+                 padded_tokens=0)
     # pi_old: with one optimizer step per batch it is the policy itself (each micro-batch's detached log-probs);
     # when the policy moves within the step, its log-probs before the first move
-    old = old_logprobs(policy, rollouts, cfg, rt, pad_id, stats) if needs_old_logprobs else None
+    old = old_logprobs(policy, rollouts, lengths, cfg, rt, pad_id, stats) if needs_old_logprobs else None
     ref = {}  # log pi_ref per rollout, computed the first time a micro-batch needs it
     active = {i for i in range(B) if any(rollouts[i].loss_mask) and (cfg.beta > 0 or rollouts[i].adv != 0.0)}
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -363,7 +371,8 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
             lens = [sum(rollouts[i].loss_mask) for i in mb]
             normalizer = loss_normalizer(lens, cfg.loss_agg, cfg.max_completion_len)
             trained = [i for i in mb if i in active]
-            for idx, pad in micro_batches(trained[rt.rank::rt.world], len(trained[::rt.world]), trained[:1], cfg):
+            shares = rank_shares(trained, lengths, rt.world, cfg)
+            for idx, pad in micro_batches(shares, rt.rank, lengths, trained[:1], cfg):
                 lp, old_lp, ref_lp = micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pad_id,
                                                           stats)
                 adv = torch.tensor([rollouts[i].adv for i in idx], device=lp.device)
@@ -385,6 +394,9 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
                     stats["tokens"] += st["tokens"]
                     stats["loss"] += loss.item()
                     stats["trained_rollouts"] += len(idx)
+                    stats["micro_batches"] += 1
+                    stats["real_tokens"] += sum(lengths[i] for i in idx)
+                    stats["padded_tokens"] += len(idx) * max(lengths[i] for i in idx)
                     stats["ratio_max"] = max(stats["ratio_max"], st["ratio_max"])
                     for k in ("is_mean", "is_clipped_frac"):
                         stats["rollout_" + k] += ist[k] * ist["tokens"]
@@ -403,14 +415,43 @@ def padded(lists, device):
     return pad_sequence([torch.tensor(x, dtype=torch.float32) for x in lists], batch_first=True).to(device)
 
 
-def micro_batches(mine, most, fill, cfg):
-    """(rollout indices, is_padding) for each micro-batch this rank runs over its rollouts `mine`. Under FSDP every
-    rank runs as many as the rank with the most rollouts (`most`), since each forward all-gathers and each backward
-    reduce-scatters together with the other ranks: a rank out of rollouts runs `fill` with zero weight."""
-    n = -(-(most if cfg.fsdp else len(mine)) // cfg.micro_batch_size)
-    for s in range(0, n * cfg.micro_batch_size, cfg.micro_batch_size):
-        idx = mine[s:s + cfg.micro_batch_size]
-        yield (idx, False) if idx else (fill, True)
+def rank_shares(idx, lengths, world, cfg):
+    """The rollouts idx split over the ranks, the same split on every rank. With micro_batch_tokens each rank gets
+    nearly the same number of tokens (longest first, each to the rank with the fewest so far; ties to the lower
+    rank), since the slowest rank sets every step's pace; without, rollout k of idx goes to rank k % world."""
+    if not cfg.micro_batch_tokens:
+        return [idx[r::world] for r in range(world)]
+    shares, load = [[] for _ in range(world)], [0] * world
+    for i in sorted(idx, key=lambda i: -lengths[i]):
+        r = load.index(min(load))
+        shares[r].append(i)
+        load[r] += lengths[i]
+    return shares
+
+
+def pack(idx, lengths, cfg):
+    """One rank's rollouts -> its micro-batches. With micro_batch_tokens: longest first, each micro-batch filled while
+    its padded size (rows x its longest row, the first) stays within the budget; a longer rollout runs alone. Sorting
+    leaves little padding in a micro-batch (right-padded to its longest row, completion_logprobs). Without:
+    micro_batch_size rollouts each, in order."""
+    if not cfg.micro_batch_tokens:
+        return [idx[s:s + cfg.micro_batch_size] for s in range(0, len(idx), cfg.micro_batch_size)]
+    batches = []
+    for i in sorted(idx, key=lambda i: -lengths[i]):
+        if not batches or (len(batches[-1]) + 1) * lengths[batches[-1][0]] > cfg.micro_batch_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
+def micro_batches(shares, rank, lengths, fill, cfg):
+    """(rollout indices, is_padding) for each micro-batch this rank runs over its share (rank_shares), packed. Under
+    FSDP every rank runs as many as the rank with the most, since each forward all-gathers and each backward
+    reduce-scatters together with the other ranks: a rank out of micro-batches runs `fill` with zero weight."""
+    mine = pack(shares[rank], lengths, cfg)
+    n = max(len(pack(share, lengths, cfg)) for share in shares) if cfg.fsdp else len(mine)
+    for k in range(n):
+        yield (mine[k], False) if k < len(mine) else (fill, True)
 
 
 def batch_logprobs(model, rollouts, idx, cfg, rt, pad_id):
@@ -430,13 +471,13 @@ def logp_mismatch(lp, rollouts, idx, device):
 
 
 @torch.no_grad()
-def old_logprobs(policy, rollouts, cfg, rt, pad_id, stats):
-    """log pi_old of every rollout before the step's first optimizer step: each rank computes its share (k % world)
-    and the ranks swap them. -> {rollout index: [its tokens] cpu tensor}."""
+def old_logprobs(policy, rollouts, lengths, cfg, rt, pad_id, stats):
+    """log pi_old of every rollout before the step's first optimizer step: each rank computes its share (rank_shares),
+    packed as the update packs it, and the ranks swap them. -> {rollout index: [its tokens] cpu tensor}."""
     t0 = time.time()
-    mine, old = list(range(rt.rank, len(rollouts), rt.world)), {}
+    old, shares = {}, rank_shares(list(range(len(rollouts))), lengths, rt.world, cfg)
     with rt.autocast():
-        for idx, pad in micro_batches(mine, -(-len(rollouts) // rt.world), [0], cfg):
+        for idx, pad in micro_batches(shares, rt.rank, lengths, [0], cfg):
             lp = batch_logprobs(policy, rollouts, idx, cfg, rt, pad_id)
             if not pad:
                 stats["logp_mismatch"] = max(stats["logp_mismatch"], logp_mismatch(lp, rollouts, idx, rt.device))
@@ -487,7 +528,8 @@ def reduce_update_stats(stats, rt):
     """This rank's sums over its micro-batches -> the step's stats over all ranks (token means, maxima)."""
     if rt.ddp:
         keys = ["clip_frac_low", "clip_frac_high", "kl", "tokens", "trained_rollouts", "loss", "time_logp",
-                "rollout_is_mean", "rollout_is_clipped_frac", "mismatch_kl", "is_tokens"]
+                "rollout_is_mean", "rollout_is_clipped_frac", "mismatch_kl", "is_tokens", "micro_batches",
+                "real_tokens", "padded_tokens"]
         stats.update(zip(keys, rt.all_sum([stats[k] for k in keys])))
         maxima = ["ratio_max", "logp_mismatch", "rollout_is_max"]
         t = torch.tensor([stats[k] for k in maxima], dtype=torch.float64)
@@ -501,7 +543,9 @@ def reduce_update_stats(stats, rt):
         stats[k] = stats[k] / n_is if n_is else float(k == "rollout_is_mean")
     stats["rollout_is_max"] = stats["rollout_is_max"] if n_is else 1.0
     stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
-    stats["trained_rollouts"] = int(stats["trained_rollouts"])
+    stats["trained_rollouts"], stats["micro_batches"] = int(stats["trained_rollouts"]), int(stats["micro_batches"])
+    real, padded = stats.pop("real_tokens"), stats.pop("padded_tokens")
+    stats["pad_frac"] = 1 - real / padded if padded else 0.0  # of the tokens the update's passes pushed through
     return stats
 
 

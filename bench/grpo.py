@@ -11,6 +11,8 @@ shares the system torch and transformers, and point --trl_python at that interpr
     python bench/grpo.py --trl_python=/tmp/trlvenv/bin/python          # full workload below (2-core CPU: TRL
                                                                        # ~100 s/step, so ~6-10 min in all)
     python bench/grpo.py --trl_python=/tmp/trlvenv/bin/python --smoke  # tiny version: checks the script runs
+    python bench/grpo.py --lengths=lognormal                           # ours only: the update on ragged rollouts,
+                                                                       # token budget vs micro_batch_size=4
 
 The workload (identical on both sides): a random Qwen2 (vocab 151936 with the real Qwen2.5 tokenizer from
 tests/fixtures/tokenizers/qwen2.5, hidden 256, 4 layers, 4/2 heads, intermediate 512, tied embeddings),
@@ -115,6 +117,7 @@ def worker_ours(a):
              f"--group_size={a.group}", f"--max_completion_len={a.tokens}", "--ignore_eos=1", "--temperature=1.0",
              "--top_p=1.0", "--top_k=0", "--beta=0.04", "--loss_agg=token", "--scale_rewards=group",
              "--ppo_epochs=1", "--minibatches=1", f"--micro_batch_size={a.micro_batch or a.prompts * a.group}",
+             "--micro_batch_tokens=0",  # rows per micro-batch, as TRL's per_device_train_batch_size
              "--lr=1e-6", "--min_lr=1e-6", "--warmup_steps=0", "--weight_decay=0.0", "--beta1=0.9", "--beta2=0.99",
              "--grad_clip=1.0", "--clip_eps_low=0.2", "--clip_eps_high=0.2", "--dtype=float32", "--device=cpu",
              "--progress=0", "--sample_every=0", f"--out_dir={out_dir}", f"--seed={a.seed}",
@@ -247,6 +250,61 @@ def worker_trl(a):
 # -----------------------------------------------------------------------------
 
 
+def lognormal_update(a):
+    """--lengths=lognormal: only the update (policy forward + backward + optimizer step), on rollouts whose completion
+    lengths are drawn from a lognormal (median --median_len, sigma --sigma, capped at --tokens) after prompts of
+    --prompt_len tokens, the ragged batches R1-Zero and DAPO runs train on. The same rollouts go through
+    train_grpo.policy_update packed two ways, alternating step by step on one model: --micro_batch_tokens (default:
+    the padded size of 4 rollouts at the cap, the same worst-case memory) against micro_batch_size=4 in index order.
+    Reports seconds per update (median), pad_frac and micro-batches per update of each, and their ratio."""
+    import numpy as np
+    import torch
+
+    import train_grpo
+    from engine import Completion
+    from model import ModelConfig, Transformer
+    from train_common import Runtime, make_optimizer
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=151936, hidden_size=a.hidden, intermediate_size=a.inter,
+                                    num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                                    num_key_value_heads=a.kv_heads, dtype="float32")).init_weights()
+    opt = make_optimizer(model, 1e-6, 0.0, (0.9, 0.99))
+    rt = Runtime(False, 0, 0, 1, torch.device("cpu"), "cpu", None)
+    budget = a.micro_batch_tokens or 4 * (a.prompt_len + a.tokens)
+    common = [f"--group_size={a.group}", f"--max_completion_len={a.tokens}", "--loss_agg=token", "--beta=0"]
+    configs = {f"micro_batch_tokens={budget}": train_grpo.configure(common + [f"--micro_batch_tokens={budget}"]),
+               "micro_batch_size=4": train_grpo.configure(common + ["--micro_batch_tokens=0", "--micro_batch_size=4"])}
+    rng = np.random.default_rng(a.seed)
+    times, stats = {k: [] for k in configs}, {k: [] for k in configs}
+    for step in range(a.warmup + a.steps):
+        n = a.prompts * a.group
+        lens = np.minimum(np.maximum(rng.lognormal(np.log(a.median_len), a.sigma, n).round(), 1), a.tokens).astype(int)
+        rollouts = []
+        for k, length in enumerate(lens):
+            tokens = rng.integers(10, 151000, int(length)).tolist()
+            sample = Completion(tokens, "", [0.0] * len(tokens), "stop", 0, [0.0] * len(tokens), [1] * len(tokens))
+            item = {"ids": rng.integers(10, 151000, a.prompt_len).tolist(), "row": {}, "where": "bench"}
+            rollouts.append(train_grpo.Rollout(k // a.group, item, sample, 0.0, {}, None, float(rng.normal())))
+        for name, cfg in (configs.items() if step % 2 else reversed(list(configs.items()))):
+            t0 = time.perf_counter()
+            st = train_grpo.policy_update(model, None, opt, rollouts, cfg, rt, 0, step)
+            if step >= a.warmup:
+                times[name].append(time.perf_counter() - t0)
+                stats[name].append(st)
+    print(f"hardware: {hardware(a.threads)}; torch {torch.__version__}")
+    print(f"workload: random Qwen2 (vocab 151936, hidden {a.hidden}, {a.layers} layers), the update only, fp32; "
+          f"{a.prompts} x G={a.group} rollouts a step, prompts of {a.prompt_len} tokens, completions lognormal "
+          f"(median {a.median_len}, sigma {a.sigma}, cap {a.tokens}); {a.warmup} warmup + {a.steps} timed step(s)")
+    for name in configs:
+        print(f"{name:28s} update {median(times[name]):7.2f} s | pad_frac "
+              f"{median([s['pad_frac'] for s in stats[name]]):.3f} | micro-batches "
+              f"{median([s['micro_batches'] for s in stats[name]]):.0f}")
+    first, second = (median(times[k]) for k in configs)
+    print(f"ratio: the token budget is {second / first:.2f}x as fast as micro_batch_size=4")
+
+
 def write_workload(a, work):
     """The random checkpoint (transformers' Qwen2ForCausalLM, save_pretrained) + tokenizer files, and the prompts."""
     import torch
@@ -291,6 +349,13 @@ def main():
     p.add_argument("--rollout_is", default="auto", help="ours: train_grpo --rollout_is (token_truncate: the cost of "
                    "the rollout importance-sampling correction; auto is none on this fp32 workload)")
     p.add_argument("--sides", default="ours,trl", help="which sides to run (for debugging)")
+    p.add_argument("--lengths", default="fixed", choices=("fixed", "lognormal"),
+                   help="lognormal: the update alone on ragged rollouts, token budget vs micro_batch_size=4 (ours)")
+    p.add_argument("--median_len", type=int, default=200, help="lognormal: median completion length")
+    p.add_argument("--sigma", type=float, default=0.6, help="lognormal: sigma of the log-length")
+    p.add_argument("--prompt_len", type=int, default=40, help="lognormal: prompt length")
+    p.add_argument("--micro_batch_tokens", type=int, default=0,
+                   help="lognormal: the budget (0: 4 x (prompt_len + tokens), micro_batch_size=4's worst case)")
     p.add_argument("--impl", default="", help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--work", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -299,6 +364,10 @@ def main():
             setattr(a, k, v)
     if a.impl:
         return {"ours": worker_ours, "trl": worker_trl}[a.impl](a)
+    if a.lengths == "lognormal":
+        if a.tokens == 64:  # the fixed workload's default: the lognormal one caps at a longer length
+            a.tokens = 768
+        return lognormal_update(a)
     if not 1 <= a.prompts <= len(QUESTIONS):
         raise SystemExit(f"--prompts must be in 1..{len(QUESTIONS)}")
 

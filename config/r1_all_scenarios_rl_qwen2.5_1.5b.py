@@ -19,7 +19,8 @@ reward_model_weight = 1.0
 group_size = 16
 prompts_per_step = 64
 minibatches = 2
-micro_batch_size = 4
+micro_batch_tokens = 20480  # = 4 x (1024 + 4096): the padded size of 4 rollouts at the caps
+micro_batch_size = 4  # the reward model's batch
 max_steps = 300
 lr = 1e-6
 min_lr = 1e-6

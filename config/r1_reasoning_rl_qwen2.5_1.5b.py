@@ -15,7 +15,7 @@ rewards = "accuracy:1,format:0.2,language:0.1"
 group_size = 16
 prompts_per_step = 64
 minibatches = 2
-micro_batch_size = 4
+micro_batch_tokens = 19456  # = 4 x (768 + 4096): the padded size of 4 rollouts at the caps
 max_steps = 400
 lr = 1e-6
 min_lr = 1e-6

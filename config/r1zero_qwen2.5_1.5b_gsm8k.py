@@ -12,7 +12,7 @@ rewards = "accuracy:1,format_answer:0.5"
 group_size = 8
 prompts_per_step = 128
 minibatches = 2
-micro_batch_size = 8
+micro_batch_tokens = 12288  # = 8 x (512 + 1024): the padded size of 8 rollouts at the caps
 max_steps = 300
 lr = 1e-6
 min_lr = 1e-6

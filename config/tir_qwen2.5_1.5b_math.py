@@ -20,7 +20,7 @@ tool_timeout = 5.0
 group_size = 8
 prompts_per_step = 128
 minibatches = 2
-micro_batch_size = 4
+micro_batch_tokens = 15360  # = 4 x (768 + 3072): the padded size of 4 rollouts at the caps
 max_steps = 300
 lr = 1e-6
 min_lr = 1e-6

@@ -18,7 +18,7 @@ tool_timeout = 5.0
 group_size = 8
 prompts_per_step = 64
 minibatches = 2
-micro_batch_size = 2
+micro_batch_tokens = 10240  # = 2 x (1024 + 4096): the padded size of 2 rollouts at the caps
 max_steps = 200
 lr = 1e-6
 min_lr = 1e-6

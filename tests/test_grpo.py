@@ -607,6 +607,46 @@ def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):
     assert _max_diff(plain, ddp) <= 1e-6
 
 
+def test_token_budget_micro_batches_give_the_same_update():
+    """Ragged rollouts packed longest first under a token budget (several micro-batches, one rollout alone past the
+    budget) update the policy exactly as one micro-batch per rollout does: the normaliser is the minibatch's."""
+    g = torch.Generator().manual_seed(1)
+    rollouts = [_rollout(torch.randint(3, 60, (int(n),), generator=g).tolist(), float(a), prompt=list(range(5, 5 + p)))
+                for n, a, p in zip([3, 17, 9, 2, 30, 12, 5, 8], [1.0, -1.0, 0.5, -0.5, 0.7, -0.7, 0.2, -0.2],
+                                   [3, 5, 2, 4, 3, 6, 3, 2])]
+    results = {}
+    for name, flags in (("one each", ["--micro_batch_tokens=0", "--micro_batch_size=1"]),
+                        ("budget", ["--micro_batch_tokens=40"]), ("count", ["--micro_batch_tokens=0"])):
+        cfg = train_grpo.configure(["--group_size=2", "--max_completion_len=32", "--loss_agg=token", *flags])
+        model = _tiny_model()
+        opt = make_optimizer(model, 1e-2, 0.0, (0.9, 0.99))
+        stats = train_grpo.policy_update(model, None, opt, rollouts, cfg, Runtime(False, 0, 0, 1, torch.device("cpu"),
+                                                                                    "cpu", None), 0, 0)
+        results[name] = stats, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert _max_diff(results["budget"][1], results["one each"][1]) <= 1e-5
+    assert _max_diff(results["count"][1], results["one each"][1]) <= 1e-5
+    one, budget, count = (results[k][0] for k in ("one each", "budget", "count"))
+    assert (one["micro_batches"], one["pad_frac"]) == (8, 0.0)
+    assert count["micro_batches"] == 1 and count["pad_frac"] > 0.4  # all eight padded to the longest (33 tokens)
+    assert 1 < budget["micro_batches"] < 8 and budget["pad_frac"] < count["pad_frac"]
+
+
+def test_packing_and_rank_shares():
+    cfg = train_grpo.configure(["--micro_batch_tokens=100"])
+    lengths = [10, 60, 25, 25, 120, 30, 5, 50]
+    batches = train_grpo.pack(list(range(8)), lengths, cfg)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert batches[0] == [4]  # longer than the budget: alone
+    for b in batches:
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+        assert len(b) * lengths[b[0]] <= 100 or len(b) == 1
+    shares = train_grpo.rank_shares(list(range(8)), lengths, 3, cfg)
+    loads = [sum(lengths[i] for i in s) for s in shares]
+    assert sorted(i for s in shares for i in s) == list(range(8)) and max(loads) - min(loads) <= max(lengths)
+    assert train_grpo.rank_shares(list(range(8)), lengths, 3, train_grpo.configure(["--micro_batch_tokens=0"])) == \
+        [[0, 3, 6], [1, 4, 7], [2, 5]]  # without a budget: as before, k % world
+
+
 def test_rollouts_out_of_the_loss_are_not_run():
     """A truncated rollout that overlong=mask took out of the loss runs no forward/backward, even with a non-zero
     advantage: the update is the one where that rollout's advantage is 0 (a skipped rollout), also with beta > 0."""

@@ -1,0 +1,141 @@
+"""Tool use in miniature (config/tools_tiny.py from data/tiny/tool_start) and GRPO with tools end to end: the cold-start
+mix, the tool-use counter against hand-labelled completions, the recipe, torchrun x2 == one process, exact resume."""
+import contextlib
+import filecmp
+import io
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_grpo
+from configurator import read_recipe
+from data import prepare_tools, tiny_task
+from engine import Engine
+from helpers import ScriptedLM, torchrun
+from tokenizer import Tokenizer
+from tools import ToolUse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL_START = os.path.join(ROOT, "data", "tiny", "tool_start")
+
+
+def test_mix_is_seeded_byte_stable_and_shares_no_problem_with_test_or_train(tmp_path):
+    a, b, c = (str(tmp_path / f"{n}.jsonl") for n in "abc")
+    prepare_tools.main([f"--out={a}", "--n=2000"])
+    prepare_tools.main([f"--out={b}", "--n=2000"])
+    prepare_tools.main([f"--out={c}", "--n=2000", "--seed=7"])
+    assert filecmp.cmp(a, b, shallow=False) and not filecmp.cmp(a, c, shallow=False)
+    rows = [json.loads(line) for line in open(a)]
+    problems = [r["messages"][0]["content"][len("What is "):-1] for r in rows]
+    assert len(set(problems)) == len(problems) and not set(problems) & prepare_tools.held_out_problems()
+    tool_rows = [r for r in rows if "tool_calls" in r["messages"][1]]
+    assert 0.17 < len(tool_rows) / len(rows) < 0.23  # a minority calls the calculator
+    tok = Tokenizer.from_pretrained(TOOL_START)
+    for r, expr in zip(rows, problems):
+        answer = str(tiny_task.answer(expr))
+        assert r["messages"][-1]["content"].endswith("\\boxed{" + answer + "}")
+        if r in tool_rows:  # the whole expression to the calculator, its exact result read back
+            call = r["messages"][1]["tool_calls"][0]["function"]
+            assert call == {"name": "calculator", "arguments": {"expression": expr}} and r["messages"][2] == \
+                {"role": "tool", "content": answer}
+            tok.encode_chat_with_mask(r["messages"])  # renders with the tiny template's tool turns
+
+
+HAND_LABELLED = [  # (what the model writes in its first turn, does it call a tool)
+    ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>', True),
+    ("<think>\n2+3=5\n</think>\n\\boxed{5}", False),
+    ("I would use the calculator here, but 2+3=5. \\boxed{5}", False),
+    ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "2"}}\n</tool_call>\n'
+     '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3"}}\n</tool_call>', True),
+    ('<tool_call>\n{"name": "calculator", "arguments": {"expression": }\n</tool_call>', True),  # tried: malformed
+    ("```python\nprint(2+3)\n```\n\\boxed{5}", False),  # a fence is no call in the chat format
+]
+
+
+def test_tool_use_counter_matches_hand_labelled_completions():
+    tok = Tokenizer.from_pretrained(TOOL_START)
+    im_end, header = tok.token_to_id("<|im_end|>"), tok.encode("<|im_start|>assistant\n")
+    prompts = [tok.encode(f"q{i}") for i in range(len(HAND_LABELLED))]
+    first = [tok.encode(text) + [im_end] for text, _ in HAND_LABELLED]
+    answer = tok.encode("\\boxed{5}") + [im_end]
+
+    def next_logits(history):  # row i writes its hand-written turn, then (after any tool turn) a boxed answer
+        i = next(k for k, p in enumerate(prompts) if history[:len(p)] == p)
+        done = history[len(prompts[i]):]
+        after = [j + len(header) for j in range(len(done)) if done[j:j + len(header)] == header]
+        script, at = (answer, len(done) - after[-1]) if after else (first[i], len(done))
+        logits = torch.full((tok.vocab_size,), -30.0)
+        logits[script[at] if at < len(script) else im_end] = 30.0
+        return logits
+
+    engine = Engine(ScriptedLM(tok.vocab_size, next_logits), tok)
+    outs = [o[0] for o in engine.generate(prompts, max_new_tokens=240, temperature=0.0,
+                                          tools=ToolUse(tok, ["calculator"]))]
+    assert [bool(c.tool_calls) for c in outs] == [label for _, label in HAND_LABELLED]
+    metrics = train_grpo.tool_metrics([vars(c) for c in outs])
+    assert metrics["tool_use"] == pytest.approx(3 / 6) and metrics["tool_calls"] == pytest.approx(4 / 6)
+    assert metrics["tool_error_frac"] == pytest.approx(1 / 4)  # the malformed one
+
+
+def _run(out, **kw):
+    """config/tools_tiny.py from the shipped tool_start, cut down to a few small steps."""
+    args = dict(max_steps=2, prompts_per_step=4, group_size=4, eval_every=0, progress=0, sample_every=0,
+                out_dir=out, log_rollouts=1, warmup_steps=1)
+    args.update(kw)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = train_grpo.main([os.path.join(ROOT, "config", "tools_tiny.py")] + [f"--{k}={v}" for k, v in args.items()])
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return result, buf.getvalue(), metrics
+
+
+def test_recipe_parses_and_runs_with_tools(tmp_path):
+    recipe = read_recipe(os.path.join(ROOT, "config", "tools_tiny.py"), {k: getattr(train_grpo, k)
+                                                                           for k in train_grpo.CONFIG_KEYS})
+    assert recipe["tools"] == "calculator" and recipe["init_from"] == "data/tiny/tool_start"
+    result, out, metrics = _run(str(tmp_path / "run"), eval_every=2, eval_n=16)
+    assert "tools: calculator in the chat format" in out
+    assert "held-out tool use (greedy): before" in out.split("held-out accuracy: before")[1].splitlines()[1]
+    for m in metrics[1:]:
+        for k in ("tool_calls", "tool_use", "tool_error_frac", "tool_token_frac", "pad_frac", "micro_batches"):
+            assert k in m, k
+    assert sum(m["tool_calls"] for m in metrics[1:]) > 0 and any(m["tool_token_frac"] > 0 for m in metrics[1:])
+    assert any("reward_tool" in m for m in metrics[1:])  # (logged for the steps in which some completion called)
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "rollouts.jsonl")]
+    called = [r for r in lines if r["tool_calls"]]
+    assert called and all("<tool_response>" in r["completion"] and r["tool_tokens"] > 0 for r in called)
+
+
+def test_kill_and_resume_with_tools_is_exact(tmp_path):
+    kw = dict(max_steps=3, save_every=1)
+    _run(str(tmp_path / "full"), **kw)
+    _run(str(tmp_path / "resumed"), stop_after=2, **kw)
+    _, out, _ = _run(str(tmp_path / "resumed"), resume=1, **kw)
+    assert "at step 2" in out
+    a = load_file(str(tmp_path / "full" / "ckpt" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "ckpt" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_ranks_with_tools_equal_one_process(tmp_path):
+    """lr is small: Qwen2's k_proj biases have ~0 true gradients that Adam turns into lr-sized steps from float
+    noise (see test_grpo's DDP test); at 2e-6 that noise stays below the tolerance."""
+    common = dict(max_steps=2, prompts_per_step=4, group_size=4, eval_every=0, progress=0, sample_every=0, lr=2e-6,
+                  min_lr=2e-6, warmup_steps=0)
+    flags = [os.path.join(ROOT, "config", "tools_tiny.py")] + [f"--{k}={v}" for k, v in common.items()]
+    torchrun("train_grpo.py", flags + [f"--out_dir={tmp_path / 'ddp'}"])
+    _run(str(tmp_path / "one"), **{**common, "log_rollouts": 0})
+    m_ddp = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    m_one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    for a, b in zip(m_ddp, m_one):
+        for k in ("reward", "completion_len", "tool_calls", "tool_error_frac", "tool_token_frac", "trained_rollouts"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6), k
+    assert sum(m["tool_calls"] for m in m_one) > 0
+    a = load_file(str(tmp_path / "ddp" / "ckpt" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "ckpt" / "model.safetensors"))
+    init = load_file(os.path.join(TOOL_START, "model.safetensors"))
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-6
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
