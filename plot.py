@@ -6,7 +6,7 @@ can be drawn the same way:
     python plot.py out/grpo/metrics.jsonl            # -> out/grpo/curves.svg
 
 The panels follow the run's kind, told by its metrics: GRPO (reward, held-out accuracy, completion length, KL and
-the sampler/trainer mismatch), distillation (its loss, held-out accuracy) or SFT / reward-model training (train and
+the sampler/trainer mismatch, and with tools the share of completions that call one), distillation (its loss, held-out accuracy) or SFT / reward-model training (train and
 eval loss, pairwise accuracy). A panel with no data is left out.
 """
 import json
@@ -19,7 +19,8 @@ PANELS = {  # kind -> [(title, [(metric, label)])]
              ("held-out accuracy", [("eval_accuracy", "greedy pass@1"), ("eval_pass1", "sampled pass@1"),
                                     ("eval_pass_at_k", "pass@k"), ("eval_maj_at_k", "maj@k")]),
              ("completion length (tokens)", [("completion_len", "mean"), ("completion_len_max", "max")]),
-             ("KL and sampler mismatch", [("kl", "k3 KL"), ("mismatch_kl", "KL(sampler || trainer)")])],
+             ("KL and sampler mismatch", [("kl", "k3 KL"), ("mismatch_kl", "KL(sampler || trainer)")]),
+             ("tool use", [("tool_use", "samples that call"), ("eval_tool_use", "held-out greedy")])],
     "distill": [("distillation loss", [("kd_loss", "forward KL"), ("reverse_kl", "reverse KL")]),
                 ("held-out accuracy", [("eval_accuracy", "greedy pass@1")])],
     "sft": [("loss", [("loss", "train"), ("eval_loss", "eval")]),

@@ -106,6 +106,8 @@ def main(argv):
         raise SystemExit(f"--tools={cfg['tools']}: {e}") from None
     sampling = dict(max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
                     top_p=cfg["top_p"], min_p=cfg["min_p"], stop=[cfg["stop"]] if cfg["stop"] else None, tools=tools)
+    if tools is not None and rt.master:
+        print(f"tools: {tools.describe()}", file=sys.stderr)
     if cfg["reject"]:
         if tools is not None:  # a kept sample would need its tool turns as messages, not one assistant text
             raise SystemExit("--reject=1 does not take --tools yet")
@@ -143,8 +145,8 @@ def run_prompt(engine, tok, cfg, sampling):
     got, shown = [], [0]
 
     def on_tokens(_, new):  # print the new suffix whenever it is whole characters
-        got.extend(t for t in new if t not in tok.stop_ids)  # as in Completion.text: no stop token
-        text = tok.decode(got)
+        got.extend(new)  # a stop token shows once more follow it (in a tool turn); the one that ends it never does
+        text = tok.decode(got[:-1] if got[-1] in tok.stop_ids else got)
         if not text.endswith("\ufffd"):  # a partial UTF-8 sequence: wait for the rest of it
             print(text[shown[0]:], end="", flush=True)
             shown[0] = len(text)

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from reward import evaluate_arithmetic
-from sandbox import run_python
+from sandbox import isolation, run_python
 
 TOOL_FORMATS = ("chat", "code")
 
@@ -161,8 +161,7 @@ class ToolUse:
     in_prompt (chat format): the prompts list the tools' JSON schemas in the system turn, as the chat template does;
     False for a model that learned its tools in SFT without them (the tiny world: they are ~500 tiny tokens)."""
 
-    def __init__(self, tok, names, format="chat", max_calls=4, max_output_tokens=256, timeout=5.0,
-                 enable_thinking=True, in_prompt=True):
+    def __init__(self, tok, names, format="chat", max_calls=4, max_output_tokens=256, timeout=5.0, in_prompt=True):
         check_names(names)
         if format not in TOOL_FORMATS:
             raise ValueError(f"tool format {format!r}: expected one of {', '.join(TOOL_FORMATS)}")
@@ -170,10 +169,17 @@ class ToolUse:
             tok.check_tools()  # a template family without tools says so here
         self.tok, self.names, self.format = tok, list(names), format
         self.max_calls, self.max_output_tokens, self.timeout = max_calls, max_output_tokens, timeout
-        self.enable_thinking = enable_thinking
         self.schemas = schemas(names) if format == "chat" and in_prompt else None  # the prompt's system turn lists
         # the tokens after which a call may be complete: the turn's end (chat), any with a backtick (code)
         self.closers = {tok.token_to_id("<|im_end|>")} if format == "chat" else tok.ids_containing("`")
+
+    def describe(self):
+        """One line for a run's log: the tools, the format, the limits, and what isolates the python tool."""
+        line = f"{', '.join(self.names)} in the {self.format} format, at most {self.max_calls} calls a completion"
+        if "python" in self.names:
+            layers = ", ".join(isolation()) or "no namespace could be made: only the audit hook closes the network"
+            line += f"; python sandbox: {layers}"
+        return line
 
     def may_close(self, token):
         """Whether a row that just sampled `token` may have completed a call (then calls() looks)."""
@@ -214,8 +220,8 @@ class ToolUse:
         made_before[i]: how many calls call i's completion made before it (past max_calls: an error result)."""
         todo = []
         for call, n in zip(calls, made_before):
-            if call.error is not None:
-                call.result = f"Error: {call.error}: {call.arguments!r}"
+            if call.error is not None:  # malformed or unclosed: the model reads what was wrong with it
+                call.result = f"Error: {call.error}" + (f": {call.arguments}" if call.arguments else ".")
             elif n >= self.max_calls:
                 call.result, call.error = f"Error: at most {self.max_calls} tool calls.", "too many calls"
             else:
@@ -242,5 +248,5 @@ class ToolUse:
         """The text forced into the row after its answered calls: the tool turn and the next assistant header
         (chat), or the output block (code)."""
         if self.format == "chat":
-            return self.tok.tool_turn([c.result for c in calls], enable_thinking=self.enable_thinking)
+            return self.tok.tool_turn([c.result for c in calls])
         return ("" if segment.endswith("\n") else "\n") + f"```output\n{calls[0].result}\n```\n"

@@ -66,7 +66,6 @@ from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
 from tasks import (PROMPT_TEMPLATES, RewardModelScorer, count_rechecks, held_out_rm_score, maj_at_k, pass_at_1,
                    pass_at_k, sample_problems, score_problems)
 from tokenizer import Tokenizer
-from sandbox import isolation
 from tools import TOOL_FORMATS, check_names, tool_use
 from train_common import (Config, RunLog, copy_full_params, truncate_jsonl, exit_if_torchrun, find_checkpoint, lr_at,
                           make_optimizer, peak_flops, restore_checkpoint, save_checkpoint, save_or_stop,
@@ -736,9 +735,7 @@ def main(argv=()):
            f"{next(sampler.parameters()).dtype} rollouts; reference model: "
            f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}; rollout IS correction: {cfg.rollout_is}")
     if tools:
-        sandbox = f"; python sandbox: {', '.join(isolation()) or 'no namespace: network closed by the audit hook only'}"
-        rt.log(f"tools: {', '.join(tools.names)} in the {tools.format} format, at most {tools.max_calls} calls a "
-               f"completion{sandbox if 'python' in tools.names else ''}")
+        rt.log(f"tools: {tools.describe()}")
     log = StepLog(cfg, rt, policy, tok, step, resume_from)
     # a reference that moves (ref_update_every) is saved with the checkpoints; state_dict holds its live tensors
     ref_state = ref_model.state_dict() if ref_model is not None and cfg.ref_update_every else None

@@ -491,3 +491,32 @@ def test_graph_mode_logic_on_cpu(mt, prompts, monkeypatch):
                 assert out[i][j].tokens == ref[i][j].tokens and out[i][j].finish_reason == ref[i][j].finish_reason
                 assert out[i][j].logprobs == pytest.approx(ref[i][j].logprobs, abs=1e-5)
     assert len(engine._graphs) > 1 and set(engine._graphs) <= set(_buckets(2 * len(prompts)))
+
+
+def test_eval_with_the_python_tool_on_a_qwen2_with_the_real_tokenizer(tmp_path):
+    """`sample.py --eval --prompt_template=chat --tools=python --tool_format=code --out=FILE` on a tiny random Qwen2
+    that has the real Qwen2.5 tokenizer and chat template: every record carries the completion's tokens, loss_mask
+    and tool_calls; the code format lists no schemas in the prompt (the chat format does)."""
+    import shutil
+
+    from helpers import tiny_hf_checkpoint
+
+    ck = tmp_path / "qwen"
+    tiny_hf_checkpoint(ck, vocab_size=151936)
+    fixtures = os.path.join(REPO, "tests", "fixtures", "tokenizers", "qwen2.5")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(fixtures, name), ck)
+    data = tmp_path / "probs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a}*7?", "answer": str(7 * a)}) + "\n" for a in range(3)))
+    out = tmp_path / "eval.jsonl"
+    common = [f"--init_from={ck}", "--eval", f"--data={data}", "--prompt_template=chat", "--tools=python",
+              "--temperature=0", "--max_new_tokens=12"]
+    assert sample.main(common + ["--tool_format=code", f"--out={out}"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3
+    for r in records:
+        assert len(r["tokens"]) == len(r["loss_mask"]) == r["num_tokens"] and r["tool_calls"] == []
+        assert set(r["loss_mask"]) == {1}  # no call was made: every token is the model's
+    assert sample.main(common + ["--tool_format=chat", f"--out={tmp_path / 'chat.jsonl'}"]) == 0
+    with pytest.raises(SystemExit, match="unknown tool"):
+        sample.main(common + ["--tools=shell"])
