@@ -12,16 +12,19 @@ What makes it fast, in the order it happens:
   1. all prompts are left-padded into one batch and prefilled once into a static, preallocated KV cache
      (KVCache below: positions count real tokens only, so padding never changes an output);
   2. each prompt's cache rows are fanned out to its num_samples rows (the GRPO group) -- no G-fold prefill;
-  3. decoding runs sync_every steps between host syncs; rows that finished are compacted away;
+  3. decoding runs sync_every steps between host syncs (every step with tools: a call is seen at the token that
+     completes it, and its answer is fed to that row, token by token, while the others sample); rows that finished
+     are compacted away;
   4. on CUDA the one-token decode step is captured in a CUDA graph per batch size (static cache path:
      full-length masked attention, write position held in a device tensor), removing per-op launch cost;
      on the CPU the linears run through oneDNN on prepacked weights (onednn_linears), 1.5-3x faster at the
      skinny matmuls of decoding than F.linear on the machine of bench/README.md.
 
 Randomness is per row: row r draws all its uniforms up front from torch.Generator().manual_seed(seed_r) and
-samples by inverse CDF, so a row's tokens depend only on its seed and its logits -- not on the batch it is
-in, on which rows finished, or on the device. With generate(seed=s), row r = i*num_samples + j gets
-seed_r = s + r; pass a list of seeds to choose them yourself (evaluation uses s + problem*K + j, GRPO sample_seed).
+samples by inverse CDF, so a row's tokens depend only on its seed and its logits (and, with tools, on its tools'
+answers) -- not on the batch it is in, on which rows finished, or on the device. With generate(seed=s), row
+r = i*num_samples + j gets seed_r = s + r; pass a list of seeds to choose them yourself (evaluation uses
+s + problem*K + j, GRPO sample_seed).
 """
 import collections
 import contextlib
@@ -211,12 +214,15 @@ def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
 class Completion:
     tokens: list  # generated ids, including the stop token that ended it (GRPO trains on emitting it), tool output too
     text: str  # decoded; the stop token's text is left out, a stop *string* is kept (text ends with it)
+    # model_text (below): the text of the tokens the model sampled alone, what rewards score (a tool's output is
+    # never taken for the model's answer); the same as text when no tool wrote anything
     logprobs: list  # per token: log softmax(logits / T) of the sampled token (see sample_tokens); 0 on forced tokens
     finish_reason: str  # "stop" (stop token or stop string) or "length" (hit max_new_tokens)
     seed: int = 0  # this row's seed: generate([prompt], seed=this) reproduces the completion
     sample_logprobs: list = field(default_factory=list)  # per token: under the filtered distribution it came from
     loss_mask: list = field(default_factory=list)  # per token: 1 sampled by the model, 0 forced (tool output, glue)
     tool_calls: list = field(default_factory=list)  # per call: {name, arguments, result, error} (tools.Call.record)
+    model_text: str = None
 
 
 @dataclass
@@ -533,16 +539,18 @@ class Engine:
                     return
 
     def _run_tools(self, tools, rows, max_new_tokens):
-        """Of the rows that just sampled a token, those whose text it completed tool calls in: run all their calls at
-        once, then queue each row's answer as forced tokens (cut at its token budget) and let the row go on (also a
-        chat turn that ended, in calls)."""
+        """rows: those that sampled a token this step. Where that token completed tool calls, run them (every row's at
+        once), queue each answer as the row's next tokens, forced (cut at its token budget), and let the row go on
+        (in the chat format the turn ended at its calls: it is no longer finished)."""
         pending = []
         for row in rows:
             if row.by_string or not tools.may_close(row.tokens[-1]):
                 continue
             segment = self.tokenizer.decode(row.tokens[row.segment:])
             calls = tools.calls(segment)
-            if calls:
+            if calls and len(row.tokens) >= max_new_tokens:  # no room left for an answer: recorded, never run
+                row.tool_calls += [dict(c.record(), error=c.error or "no tokens left for the result") for c in calls]
+            elif calls:
                 pending.append((row, segment, calls))
         if not pending:
             return
@@ -557,15 +565,21 @@ class Engine:
             row.finish = "" if forced else "length"
 
     def _finish(self, row, stop_strs):
-        text = None
+        text = model_text = None
         if self.tokenizer is not None:
             ids = row.tokens[:-1] if row.finish == "stop" and not row.by_string else row.tokens
             text = self.tokenizer.decode(ids)
             if row.by_string:  # cut right after the earliest-ending stop string the model wrote
                 start = len(self.tokenizer.decode(row.tokens[:row.segment])) if row.segment else 0
                 text = text[:min(text.find(s, start) + len(s) for s in stop_strs if s in text[start:])]
+            model_text = text
+            if 0 in row.loss_mask:  # the sampled spans only (a stop string can only be in the last one)
+                own = [t for t, m in zip(ids, row.loss_mask) if m]
+                model_text = self.tokenizer.decode(own)
+                if row.by_string:
+                    model_text = model_text[:min(model_text.find(s) + len(s) for s in stop_strs if s in model_text)]
         return Completion(row.tokens, text, row.logprobs, row.finish or "length", row.seed, row.sample_logprobs,
-                          row.loss_mask, row.tool_calls)
+                          row.loss_mask, row.tool_calls, model_text)
 
 
 def sample_seed(seed, step, draw, j, group_size):

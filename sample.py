@@ -15,7 +15,8 @@ alike: the tokenizer's chat template, the text as it is, R1-Zero's template, or 
 chat-templated. Under torchrun, --eval and --reject split the problems over the ranks and rank 0 writes the result.
 --tools=python (or calculator, comma-separated) lets the model call tools while it writes, in --tool_format chat
 (<tool_call> turns, the schemas listed in the chat template's system turn) or code (```python fences answered by
-```output blocks); every --eval record then carries the completion's tokens, loss_mask and tool_calls.
+```output blocks). Every --eval record carries the completion's text, tokens, loss_mask (0 on a tool's tokens) and
+tool_calls; it is scored on the text the model wrote.
 """
 import os
 import sys

@@ -1,21 +1,26 @@
 """
 Model-written Python runs here, never in the caller's process. One sandbox serves both users: reward.code_reward
-(does the code pass its tests?) and the python tool of tools.py (what does the code print?).
+(does the code pass its tests?) and the python tool of tools.py (what does the program print?).
 
-    run = run_python("print(2 ** 10)", timeout=5)      # Run(output=b'1024\\n', truncated=False, error=None, passed=0)
+    run = run_python("print(2 ** 10)", timeout=5)      # Run(output=b'1024\\n', truncated=False, error=None, ...)
 
 What holds the code in, outermost first:
-  - a fresh `python -I` in a session of its own, in an empty temporary directory, with a PATH-only environment; the
-    wall-clock timeout SIGKILLs the whole process group, so nothing the code starts outlives the call;
-  - kernel limits: address space, CPU seconds, file size, open files, no core dumps, no new processes;
+  - a fresh Python in a session of its own, in an empty temporary directory, with a PATH-only environment; the
+    wall-clock limit SIGKILLs the whole process group, so nothing the code starts outlives the call;
+  - kernel limits: CPU seconds (the `timeout`), address space, file size, open files, no core dumps, no new processes;
   - as root (CI runs as root): new network and mount namespaces -- no network interface but a loopback that is down,
     and a private empty /tmp, /var/tmp and /dev/shm -- then the unprivileged user `nobody`, for whom the limit on
-    new processes holds; as another user: a new user + network namespace where the kernel allows one, and
-    otherwise only the Python-level guard below keeps the network closed (isolation() says which of these held);
+    new processes holds; as another user: a new user + network namespace where the kernel allows one (the network
+    is closed, but the code can read what that user can read), and otherwise only the Python-level guard below
+    keeps the network closed (isolation() says which of these held);
   - a Python audit hook (PEP 578), installed before the code runs, which Python code cannot remove: no sockets, no
-    subprocess / exec / fork / kill, no ctypes, no file written, created or removed outside the working directory.
-    It stops a model's stray call, not a program written to escape; the kernel layers above are the boundary.
-The code's stdout and stderr share one file, of which the first MAX_OUTPUT bytes come back.
+    subprocess / exec / fork / kill, no ctypes or sqlite, no file written, created or removed outside the working
+    directory (by path: a write through another directory's descriptor is not seen).
+The hook stops a model's stray call, not a program written to escape: the kernel layers are the boundary. Likewise
+the harness reports test results from inside the process the code runs in, so code written to attack the harness
+(not a solution) could forge them; the setup report it cannot forge (it is read only up to the "ready" line).
+Runs are reproducible: a fixed hash seed, `random` (and numpy's) seeded, and the limit that stops a busy loop is CPU
+time, which does not depend on the machine's load (the wall-clock limit, for code that sleeps, does).
 """
 import json
 import math
@@ -28,6 +33,7 @@ import tempfile
 from dataclasses import dataclass
 
 MAX_OUTPUT = 64 * 1024  # bytes of stdout + stderr that come back
+WALL_GRACE = 2.0  # seconds of wall clock past the CPU limit: the interpreter's start, and code that sleeps
 SANDBOX_MARKER = "nanor1-sandbox"  # in the child's argv, so tests can look for leftovers
 PRELOAD = ("math cmath collections itertools functools heapq bisect re string typing fractions decimal random "
            "statistics operator copy array datetime dataclasses enum unicodedata traceback").split()
@@ -37,7 +43,7 @@ _HARNESS = r'''
 import json, os, resource, sys
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, MS_REC, MS_PRIVATE = 0x20000, 0x10000000, 0x40000000, 0x4000, 0x40000
 BLOCKED = ("socket.", "subprocess.", "ctypes.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.system",
-           "os.kill", "os.killpg", "pty.", "gc.get_")
+           "os.kill", "os.killpg", "pty.", "gc.get_", "sqlite3.")
 PATH_EVENTS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
                "os.symlink", "os.link", "shutil.")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -56,7 +62,7 @@ def isolate(payload):
     elif os.getuid() != 0 and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
         done.append("network namespace")
     for key, value in payload["limits"].items():
-        resource.setrlimit(getattr(resource, key), (value, value))
+        resource.setrlimit(getattr(resource, key), tuple(value) if isinstance(value, list) else (value, value))
     if os.getuid() == 0:
         os.setgroups([]); os.setgid(payload["gid"]); os.setuid(payload["uid"])
         done.append("user nobody")
@@ -83,26 +89,35 @@ def guard(work):
 
 def main(write=os.write, dumps=json.dumps, exit=os._exit):
     payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-    nonce, result_fd = payload["nonce"], os.dup(1)
+    nonce, result_fd, program = payload["nonce"], os.dup(1), not payload["tests"]
     try:
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(2, 1)  # the code's stdout joins its stderr in the output file, a line at a time as on a terminal
-        sys.stdout.reconfigure(line_buffering=True)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        if program:  # the python tool: stdout joins stderr in the output file, a line at a time as on a terminal
+            os.dup2(2, 1)
+            sys.stdout.reconfigure(line_buffering=True)
+        else:  # code_reward: what a solution prints goes nowhere (its tests decide)
+            os.dup2(null, 1), os.dup2(null, 2)
         for name in payload["preload"]:
             try:
                 __import__(name)
             except Exception:
                 pass
+        import random
         import traceback
+        random.seed(0)
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed(0)
         work = os.getcwd()
         isolation = isolate(payload)
         sys.addaudithook(guard(work))
     except BaseException as e:
         write(result_fd, (nonce + dumps({"setup_error": repr(e)}) + "\n").encode())
         exit(1)
+    write(result_fd, (nonce + "ready\n").encode())  # from here on the code runs: no setup report counts
     code, tests = payload["code"], payload["tests"]
     del payload
-    ns, passed, error = {"__name__": "__main__"}, 0, None
+    ns, passed, error = {"__name__": "__main__" if program else "solution"}, 0, None
     try:
         exec(compile(code, "<code>", "exec"), ns)
     except SystemExit as e:
@@ -126,7 +141,8 @@ def main(write=os.write, dumps=json.dumps, exit=os._exit):
             stream.flush()
         except BaseException:
             pass
-    write(result_fd, (nonce + dumps({"passed": passed, "error": error, "isolation": isolation}) + "\n").encode())
+    # on a line of its own, whatever the code wrote to this descriptor
+    write(result_fd, ("\n" + nonce + dumps({"passed": passed, "error": error, "isolation": isolation}) + "\n").encode())
     exit(0)
 main()
 '''
@@ -154,8 +170,10 @@ def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
     except (ImportError, KeyError):
         uid = gid = 65534
     nonce = secrets.token_hex(16)
-    limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_FSIZE": 1 << 20,
-              "RLIMIT_NPROC": 0, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
+    # CPU seconds stop a busy loop whatever the load (SIGXCPU at the soft limit); the wall clock, with room for the
+    # interpreter's start, stops code that sleeps
+    limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": [math.ceil(timeout), math.ceil(timeout) + 1],
+              "RLIMIT_FSIZE": 1 << 20, "RLIMIT_NPROC": 0, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
     preload = PRELOAD + [m for m in PRELOAD_IF_USED if m in code]
     payload = json.dumps({"code": code, "tests": list(tests), "nonce": nonce, "limits": limits, "uid": uid,
                           "gid": gid, "preload": preload}).encode()
@@ -165,12 +183,14 @@ def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
         if os.getuid() == 0:
             os.chown(work, uid, gid)
         with open(os.path.join(root, "result"), "w+b") as result, open(os.path.join(root, "output"), "w+b") as out:
-            proc = subprocess.Popen([sys.executable or "python3", "-I", "-c", _HARNESS, SANDBOX_MARKER],
+            # -s -P and an environment of our own, as -I would give, but with a fixed hash seed (-I ignores it)
+            proc = subprocess.Popen([sys.executable or "python3", "-s", "-P", "-c", _HARNESS, SANDBOX_MARKER],
                                     stdin=subprocess.PIPE, stdout=result, stderr=out, cwd=work,
-                                    env={"PATH": os.defpath}, start_new_session=True, close_fds=True)
+                                    env={"PATH": os.defpath, "PYTHONHASHSEED": "0"}, start_new_session=True,
+                                    close_fds=True)
             timed_out = False
             try:
-                proc.communicate(payload, timeout=timeout)
+                proc.communicate(payload, timeout=timeout + WALL_GRACE)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
@@ -184,13 +204,21 @@ def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
             lines = result.read(1 << 16).decode("utf-8", "replace").splitlines()
             out.seek(0)
             output = out.read(MAX_OUTPUT + 1)
-    reports = [json.loads(line[len(nonce):]) for line in lines if line.startswith(nonce)]
-    report = reports[-1] if reports else {}
-    if "setup_error" in report:  # a broken sandbox must be loud, not a silent failure of the code
-        raise SandboxError(f"python sandbox setup failed: {report['setup_error']}")
-    error = "timeout" if timed_out else report.get("error", "crashed") if report else "crashed"
+    reports = [line[len(nonce):] for line in lines if line.startswith(nonce)]
+    if reports and reports[0] != "ready":  # a broken sandbox must be loud, not a silent failure of the code
+        raise SandboxError(f"python sandbox setup failed: {json.loads(reports[0]).get('setup_error')}")
+    report = next((r for r in map(_json_or_none, reports[:0:-1]) if isinstance(r, dict) and "passed" in r), {})
+    out_of_time = timed_out or proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not report
+    error = "timeout" if out_of_time else report.get("error", "crashed") if report else "crashed"
     return Run(output[:MAX_OUTPUT], len(output) > MAX_OUTPUT, error, int(report.get("passed", 0)),
                tuple(report.get("isolation", ())))
+
+
+def _json_or_none(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def isolation():

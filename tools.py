@@ -10,6 +10,8 @@ A tool is one function registered with @tool; everything else calls it through c
 
 A bad call never raises: malformed arguments, an unknown tool, an exception, a timeout, output that is not UTF-8
 all come back as (text the model reads, a short reason), and the reason is what the metrics count.
+A tool's text is tokenized as the chat template's rendering is: a special token's string in it (`<|im_end|>`) becomes
+that token, as it does in transformers' apply_chat_template.
 
 The call formats (ToolUse.format), one mechanism behind both (engine.Engine.generate(..., tools=ToolUse(...))):
   chat: Qwen's `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`; the calls end the assistant turn
@@ -37,11 +39,12 @@ class Tool:
 
 
 class ToolError(Exception):
-    """A call the tool refuses: its message is what the model reads; `reason` (default: the message) is counted."""
+    """A call that failed: the model reads "Error: MESSAGE" (or, with verbatim, MESSAGE as it is: a program's own
+    output and traceback); `reason` (default: the message) is what the metrics count."""
 
-    def __init__(self, message, reason=None):
+    def __init__(self, message, reason=None, verbatim=False):
         super().__init__(message)
-        self.reason = reason or message
+        self.reason, self.verbatim = reason or message, verbatim
 
 
 TOOLS: dict[str, Tool] = {}
@@ -82,7 +85,7 @@ def call_tool(name, arguments, timeout=5.0):
     try:
         return str(TOOLS[name].fn(**arguments, timeout=timeout)), None
     except ToolError as e:
-        return f"Error: {e}", e.reason
+        return (str(e) if e.verbatim else f"Error: {e}"), e.reason
     except Exception as e:  # a bug in a tool must not end the run either
         return f"Error: {type(e).__name__}: {e}", "tool exception"
 
@@ -116,9 +119,10 @@ def python(code, timeout=5.0):
     if run.truncated:
         text += f"\n[output cut at {len(run.output)} bytes]"
     if run.error == "timeout":
-        raise ToolError(f"{text}\nTimeoutError: the code ran for more than {timeout} s".lstrip("\n"), "timeout")
-    if run.error is not None:  # the traceback's last lines are already in the output
-        raise ToolError(text.rstrip("\n"), run.error)
+        raise ToolError(f"{text}\nTimeoutError: the code ran for more than {timeout} s".lstrip("\n"), "timeout",
+                        verbatim=True)
+    if run.error is not None:  # what it printed, then the exception's last lines, as a terminal shows them
+        raise ToolError(text.rstrip("\n"), run.error, verbatim=True)
     return text.rstrip("\n")
 
 
@@ -126,8 +130,8 @@ def python(code, timeout=5.0):
 # calls inside a generation
 
 _CHAT_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-_CODE_CALL = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.S)
-_CODE_OPEN = re.compile(r"```(?:python|py)[ \t]*\n")
+_CODE_CALL = re.compile(r"```(?i:python3?|py)[ \t]*\n(.*?)```", re.S)  # the fence tags reward._extract_code takes
+_CODE_OPEN = re.compile(r"```(?i:python3?|py)[ \t]*\n")
 
 
 @dataclass
@@ -165,6 +169,12 @@ class ToolUse:
         check_names(names)
         if format not in TOOL_FORMATS:
             raise ValueError(f"tool format {format!r}: expected one of {', '.join(TOOL_FORMATS)}")
+        if format == "code" and list(names) != ["python"]:
+            raise ValueError(f"the code format runs ```python blocks: it takes the python tool alone, not "
+                             f"{', '.join(names)} (use the chat format under a chat template that has tool calls)")
+        if timeout <= 0 or max_calls < 1 or max_output_tokens < 1:
+            raise ValueError(f"timeout {timeout}, max_calls {max_calls}, max_output_tokens {max_output_tokens}: "
+                             "each must be > 0")
         if format == "chat":
             tok.check_tools()  # a template family without tools says so here
         self.tok, self.names, self.format = tok, list(names), format
@@ -197,14 +207,15 @@ class ToolUse:
 
     @staticmethod
     def _parse_chat(body):
-        try:
+        try:  # any model output: malformed JSON, the wrong shape, JSON nested past the recursion limit, ...
             call = json.loads(body)
             args = call["arguments"]
             args = json.loads(args) if isinstance(args, str) else args
             if not isinstance(call["name"], str):
                 raise TypeError
+            json.dumps(args)  # (the call is logged as JSON later)
             return Call(call["name"], args)
-        except (ValueError, KeyError, TypeError):
+        except Exception:
             return Call(None, body.strip(), error="malformed call")
 
     def unclosed(self, segment):
@@ -227,8 +238,9 @@ class ToolUse:
             else:
                 todo.append(call)
         answer = lambda c: call_tool(c.name, c.arguments, self.timeout)  # noqa: E731
-        if len(todo) > 1:  # at most two calls a core at a time: the python tool's processes share the CPUs
-            with concurrent.futures.ThreadPoolExecutor(min(len(todo), 2 * (os.cpu_count() or 1))) as pool:
+        if len(todo) > 1:  # a call per core this rank may use (torchrun ranks on one node share its cores)
+            cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            with concurrent.futures.ThreadPoolExecutor(min(len(todo), max(cores, 1))) as pool:
                 answers = list(pool.map(answer, todo))
         else:
             answers = [answer(c) for c in todo]

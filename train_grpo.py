@@ -177,6 +177,8 @@ def configure(argv=()):
                 "max_completion_len", "max_sampling_rounds", "max_tool_calls", "max_tool_output_tokens"):
         if cfg[key] < 1:
             raise SystemExit(f"--{key}={cfg[key]}: must be >= 1")
+    if not cfg.tool_timeout > 0:
+        raise SystemExit(f"--tool_timeout={cfg.tool_timeout}: must be > 0 (seconds per call)")
     if cfg.micro_batch_tokens < 0:
         raise SystemExit(f"--micro_batch_tokens={cfg.micro_batch_tokens}: must be >= 0 (0: by micro_batch_size)")
     if not cfg.rollout_is_cap > 0:
@@ -226,19 +228,20 @@ def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, samplin
     by the reward model (parts {"rm": score}). tasks.sample_problems splits the items over the ranks (k % world) and
     gathers the groups; the seeds are engine.sample_seed's. -> (the groups in draw order, each a list of Rollouts,
     generated tokens over all ranks)."""
-    def judge(k, group):
+    def judge(k, group):  # every reward reads what the model wrote (model_text), never a tool's output
         row = items[k]["row"]
-        rm_scores = scorer([(row, c.text) for c in group]) if scorer is not None and not rule_scored(row) else None
+        rm_scores = scorer([(row, c.model_text) for c in group]) if scorer is not None and not rule_scored(row) \
+            else None
         rollouts = []
         for j, c in enumerate(group):
             if rm_scores is not None:
                 total, parts = scorer.weight * rm_scores[j], {"rm": rm_scores[j]}
             else:
-                total, parts = reward_fn(c.text, row)
+                total, parts = reward_fn(c.model_text, row)
             if cfg.overlong == "soft":
                 parts["overlong"] = overlong_penalty(len(c.tokens), cfg.max_completion_len, cfg.overlong_buffer)
                 total += parts["overlong"]
-            acc = accuracy_reward(c.text, row["answer"]) if "accuracy" not in parts and "answer" in row \
+            acc = accuracy_reward(c.model_text, row["answer"]) if "accuracy" not in parts and "answer" in row \
                 else parts.get("accuracy")
             rollouts.append(Rollout(first_draw + k, items[k], c, total, parts, acc))
         return rollouts
@@ -287,7 +290,7 @@ def rollout_batch(groups, cfg):
     return rollouts, rollout_metrics(groups, rollouts, rewards, bool(cfg.tools))
 
 
-def rollout_metrics(groups, rollouts, rewards, tools):
+def rollout_metrics(groups, rollouts, rewards, with_tools):
     if not rollouts:
         return {"reward": 0.0}
     lens = [len(r.sample.tokens) for r in rollouts]
@@ -300,7 +303,7 @@ def rollout_metrics(groups, rollouts, rewards, tools):
     accs = [r.accuracy for r in rollouts if r.accuracy is not None]
     if accs:
         rec["accuracy"] = sum(accs) / len(accs)
-    rechecked = [count_rechecks(r.sample.text) > 0 for r in rollouts]
+    rechecked = [count_rechecks(r.sample.model_text) > 0 for r in rollouts]
     rec["recheck_frac"] = sum(rechecked) / len(rollouts)  # completions that go back over a step ("Wait, ...")
     for name, keep in (("accuracy_recheck", True), ("accuracy_no_recheck", False)):
         vals = [r.accuracy for r, c in zip(rollouts, rechecked) if c == keep and r.accuracy is not None]
@@ -314,7 +317,7 @@ def rollout_metrics(groups, rollouts, rewards, tools):
                # the mean surprisal of the sampled tokens: a Monte-Carlo estimate of the sampling policy's per-token
                # entropy (exact in expectation with top_p = 1, top_k = 0), free from the sampler
                entropy=-sum(sampled) / max(len(sampled), 1))
-    if tools:
+    if with_tools:
         rec.update(tool_metrics([vars(r.sample) for r in rollouts]))
         for name, used in (("reward_tool", True), ("reward_no_tool", False)):  # completions that called a tool or not
             vals = [r.reward for r in rollouts if bool(r.sample.tool_calls) == used]
@@ -428,7 +431,7 @@ def rank_shares(idx, lengths, world, cfg):
     return shares
 
 
-def pack(idx, lengths, cfg):
+def split_micro_batches(idx, lengths, cfg):
     """One rank's rollouts -> its micro-batches. With micro_batch_tokens: longest first, each micro-batch filled while
     its padded size (rows x its longest row, the first) stays within the budget; a longer rollout runs alone. Sorting
     leaves little padding in a micro-batch (right-padded to its longest row, completion_logprobs). Without:
@@ -444,11 +447,12 @@ def pack(idx, lengths, cfg):
 
 
 def micro_batches(shares, rank, lengths, fill, cfg):
-    """(rollout indices, is_padding) for each micro-batch this rank runs over its share (rank_shares), packed. Under
-    FSDP every rank runs as many as the rank with the most, since each forward all-gathers and each backward
-    reduce-scatters together with the other ranks: a rank out of micro-batches runs `fill` with zero weight."""
-    mine = pack(shares[rank], lengths, cfg)
-    n = max(len(pack(share, lengths, cfg)) for share in shares) if cfg.fsdp else len(mine)
+    """(rollout indices, is_padding) for each micro-batch this rank runs over its share (rank_shares), as
+    split_micro_batches cuts it. Under FSDP every rank runs as many as the rank with the most, since each forward
+    all-gathers and each backward reduce-scatters together with the other ranks: a rank out of micro-batches runs
+    `fill` with zero weight."""
+    mine = split_micro_batches(shares[rank], lengths, cfg)
+    n = max(len(split_micro_batches(share, lengths, cfg)) for share in shares) if cfg.fsdp else len(mine)
     for k in range(n):
         yield (mine[k], False) if k < len(mine) else (fill, True)
 
@@ -465,8 +469,8 @@ def logp_mismatch(lp, rollouts, idx, device):
     if not lp.numel():
         return 0.0
     sampler = padded([rollouts[i].sample.logprobs for i in idx], device)
-    sampled = padded([rollouts[i].sample.loss_mask for i in idx], device)  # a tool's tokens were not sampled
-    return float(((lp.float() - sampler) * sampled).abs().max())
+    forced = padded([rollouts[i].sample.loss_mask for i in idx], device) == 0  # a tool's (or past the end)
+    return float((lp.float() - sampler).masked_fill(forced, 0.0).abs().max())
 
 
 @torch.no_grad()
@@ -543,8 +547,8 @@ def reduce_update_stats(stats, rt):
     stats["rollout_is_max"] = stats["rollout_is_max"] if n_is else 1.0
     stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
     stats["trained_rollouts"], stats["micro_batches"] = int(stats["trained_rollouts"]), int(stats["micro_batches"])
-    real, padded = stats.pop("real_tokens"), stats.pop("padded_tokens")
-    stats["pad_frac"] = 1 - real / padded if padded else 0.0  # of the tokens the update's passes pushed through
+    real, pushed = stats.pop("real_tokens"), stats.pop("padded_tokens")
+    stats["pad_frac"] = 1 - real / pushed if pushed else 0.0  # of the tokens the update's passes pushed through
     return stats
 
 

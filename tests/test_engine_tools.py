@@ -94,6 +94,17 @@ def test_code_format_answers_a_fenced_block_with_an_output_block():
     n = len(tok.encode(wrote))
     assert out.loss_mask == [1] * n + [0] * len(forced) + [1] * (len(target) - n - len(forced))
     assert out.tool_calls == [dict(name="python", arguments={"code": "print(6*7)\n"}, result="42", error=None)]
+    assert out.model_text == wrote + then  # what rewards score: the tool's "42" is not the model's
+
+
+def test_rewards_never_read_a_tools_output():
+    """A row cut off right after a tool's answer: its text ends with the answer, its model_text does not have it."""
+    tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, "qwen2.5"))
+    prompt = tok.encode("Q:")
+    wrote = tok.encode("```python\nprint(6*7)\n```\n")
+    out = Engine(scripted(tok, prompt, wrote + [0] * 20), tok).generate(
+        [prompt], max_new_tokens=len(wrote) + 6, temperature=0.0, tools=ToolUse(tok, ["python"], format="code"))[0][0]
+    assert out.finish_reason == "length" and "42" in out.text and "42" not in out.model_text
 
 
 def test_a_call_left_open_at_the_token_limit_is_recorded():

@@ -634,7 +634,7 @@ def test_token_budget_micro_batches_give_the_same_update():
 def test_packing_and_rank_shares():
     cfg = train_grpo.configure(["--micro_batch_tokens=100"])
     lengths = [10, 60, 25, 25, 120, 30, 5, 50]
-    batches = train_grpo.pack(list(range(8)), lengths, cfg)
+    batches = train_grpo.split_micro_batches(list(range(8)), lengths, cfg)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert batches[0] == [4]  # longer than the budget: alone
     for b in batches:

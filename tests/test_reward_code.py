@@ -84,3 +84,19 @@ def test_fuzz_code_reward_never_raises(text):
     start = time.monotonic()
     assert code_reward(text, ["assert f() == 1"], timeout=1.0) in (0.0, 1.0)
     assert time.monotonic() - start < 4.0
+
+
+def test_solutions_are_not_run_as_main_and_may_print_freely():
+    """code_reward runs a solution as a module named "solution" (its `if __name__ == "__main__":` block, which reads
+    stdin, does not run) and what it prints goes nowhere, however much."""
+    main_block = "def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    a, b = map(int, input().split())"
+    assert code_reward(main_block, ADD_TESTS) == 1.0
+    assert code_reward("print('x' * 3_000_000)\ndef add(a, b):\n    return a + b", ADD_TESTS) == 1.0
+
+
+def test_code_cannot_forge_a_setup_failure():
+    """A line claiming the sandbox failed to start, written by the code to the harness's report descriptor, does not
+    stop a run (only a report before the harness's "ready" line counts)."""
+    forged = "import os\nfor fd in range(3, 8):\n    try:\n        os.write(fd, b'\\n{\"setup_error\": \"x\"}\\n')\n" \
+             "    except OSError:\n        pass\ndef add(a, b):\n    return a + b"
+    assert code_reward(forged, ADD_TESTS) == 1.0

@@ -196,3 +196,24 @@ def test_a_template_without_tools_cannot_use_the_chat_format():
     ToolUse(r1, ["python"], format="code")  # fences work under any template
     with pytest.raises(ValueError, match="unknown tool"):
         ToolUse(r1, ["shell"], format="code")
+
+
+def test_python_runs_are_reproducible():
+    code = "import random\nprint(hash('nanoR1'), random.random(), set('abcdefgh'))"
+    assert python(code) == python(code) and python(code)[1] is None
+
+
+def test_model_output_nested_past_the_recursion_limit_is_a_malformed_call(qwen):
+    use = ToolUse(qwen, ["calculator"])
+    deep = '<tool_call>\n{"name": "calculator", "arguments": ' + "[" * 5000 + "\n</tool_call>"
+    assert [(c.name, c.error) for c in use.calls(deep)] == [(None, "malformed call")]
+
+
+def test_the_code_format_takes_the_python_tool_alone(qwen):
+    with pytest.raises(ValueError, match="takes the python tool alone"):
+        ToolUse(qwen, ["calculator"], format="code")
+    with pytest.raises(ValueError, match="takes the python tool alone"):
+        tools.tool_use(qwen, "calculator", "auto", "r1zero")  # auto picks code outside a chat template
+    assert tools.tool_use(qwen, "calculator", "auto", "chat").format == "chat"
+    with pytest.raises(ValueError, match="must be > 0"):
+        ToolUse(qwen, ["python"], format="code", timeout=0)
