@@ -452,18 +452,7 @@ class Engine:
         if max_new_tokens <= 0:
             return [[self._finish(r, stop_strs) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
 
-        # prefill: every prompt once, left-padded to the longest
-        L = max(map(len, prompts))
-        pad = tok.pad_id if tok is not None and tok.pad_id is not None else 0
-        ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        cache = self._get_cache(P, B, L + max_new_tokens)
-        logits = self.model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1].float()
-        if G > 1:  # prefix sharing: fan each prompt's cache rows out to its G samples
-            fan = torch.arange(P, device=self.device).repeat_interleave(G)
-            cache.select(fan)
-            logits = logits[fan]
-        cache.static = self.static
+        cache, logits = self._prefill(prompts, G, max_new_tokens)
         u = None
         if temperature != 0:  # all of a row's uniforms, drawn once from its own generator
             u = torch.stack([torch.rand(max_new_tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
@@ -524,6 +513,22 @@ class Engine:
                 r.tool_calls += [call.record()] if call is not None else []
             r.finish = r.finish or "length"
         return [[self._finish(r, stop_strs) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
+
+    def _prefill(self, prompts, num_samples, max_new_tokens):
+        """Every prompt once, left-padded to the longest, into the KV cache; then each prompt's cache rows fanned out
+        to its num_samples rows (prefix sharing: no G-fold prefill). -> (cache, next-token logits [rows, V])."""
+        P, L, tok = len(prompts), max(map(len, prompts)), self.tokenizer
+        pad = tok.pad_id if tok is not None and tok.pad_id is not None else 0
+        ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        cache = self._get_cache(P, P * num_samples, L + max_new_tokens)
+        logits = self.model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1].float()
+        if num_samples > 1:
+            fan = torch.arange(P, device=self.device).repeat_interleave(num_samples)
+            cache.select(fan)
+            logits = logits[fan]
+        cache.static = self.static
+        return cache, logits
 
     def _accept(self, row, toks, lps, slps, stop_ids, stop_strs, lookback):
         """Append a chunk of sampled tokens to a row, up to and including the first stop token / string."""
