@@ -7,10 +7,11 @@ R1-Zero's RL amplifies. This corpus gives the tiny base the same kind of reading
   - one problem a document, in one of six layouts: R1-Zero's template (the template with the question, then the
     reply), four plain-text ones (`Q: ...\\nA:\\n`, `Question: ...\\nAnswer:\\n`, `What is ...?\\n`,
     `Problem: ...\\nSolution:\\n`) and the bare fact `7+8*3-5=26`;
-  - in every layout but the bare fact the answer is given outright, `The answer is 26.`, in `worked_frac` of the
-    documents (0.3) it comes after the working, one operation a line, and then the same sentence. The two kinds
-    part at the first token of the reply: "The" (the same word in every layout) against the first operand of the
-    first step. Worked solutions have no opening words of their own, so no prompt can end with them;
+  - in every layout but the bare fact most replies give the answer outright, `The answer is 26.`; in `worked_frac`
+    of them (3 in 10) the working comes first, one operation a line, then the same sentence. The two kinds part at
+    the first token of the reply: "The" (the same word in every layout) against the first operand of the first
+    step, so greedy decoding follows the likelier, outright kind. Worked solutions have no opening words of their
+    own, so no prompt can end with them;
   - `recheck_frac` of the worked solutions get a step wrong, re-check it and fix it ("Wait, 8*3=24, ...",
     tiny_task.recheck_lines), the way people do when they write things out;
   - tables of single operations (`6*11=66`, `31-5=26`, one a line, drawn from the steps of random problems and
@@ -19,7 +20,7 @@ The outright answers are the true ones, which a tiny model cannot compute in one
 No problem of data/tiny/test.jsonl or data/tiny/train.jsonl appears (the held-out set and the RL prompts); every
 problem has at least two operations, so no line of a table is one.
 
-    python data/prepare_zero.py         # -> data/tiny/zero_pretrain.jsonl (seeded, byte-stable, ~30 s)
+    python data/prepare_zero.py         # -> data/tiny/zero_pretrain.jsonl (seeded, byte-stable, ~20 s)
     python data/prepare_zero.py --prompts=out   # -> out/test_{qa,question,plain,problem,bare}.jsonl: test.jsonl's
                                                 #    problems as the plain layouts' prompts (for sample.py --eval)
 """
