@@ -1,17 +1,28 @@
 """The R1-Zero base's pretraining corpus: what a small base model has read before pure RL (config/r1zero_tiny.py).
 
-Real bases have read plenty of question-and-answer text, much of it in shapes like R1-Zero's template, usually with
-the answer given outright and the working left out; R1-Zero's RL amplifies the working they have also seen. This
-corpus gives the tiny base the same kind of reading:
-  - plain-text worked solutions of the tiny task, as in data/tiny/pretrain.jsonl (tiny_task.pretrain_text);
-  - a share of "web" text in the R1-Zero template's shape (the template with the question, then the answer):
-    mostly (three of five) the answer given outright, `<think> 7+8*3-5=26 </think> <answer> 26 </answer>`, and
-    otherwise after a little working inside the think tags, one operation per line;
-  - in both kinds, a few worked solutions that get a step wrong, re-check it and fix it ("Wait, 8*3=24, ..."), the
-    way people do when they write things out (tiny_task.recheck_lines).
-No problem of data/tiny/test.jsonl or data/tiny/train.jsonl appears (the RL prompts and the held-out set).
+A real base has read questions answered in many layouts, and in every one of them the answer is mostly stated
+outright; worked solutions, now and then with a slip caught and fixed, are a minority everywhere. So no layout and no
+prompt makes it work problems out most of the time, while sampling still does some of the time: that is what
+R1-Zero's RL amplifies. This corpus gives the tiny base the same kind of reading:
+  - one problem a document, in one of six layouts: R1-Zero's template (the template with the question, then the
+    reply), four plain-text ones (`Q: ...\\nA:\\n`, `Question: ...\\nAnswer:\\n`, `What is ...?\\n`,
+    `Problem: ...\\nSolution:\\n`) and the bare fact `7+8*3-5=26`;
+  - in every layout but the bare fact most replies give the answer outright, `The answer is 26.`; in `worked_frac`
+    of them (3 in 10) the working comes first, one operation a line, then the same sentence. The two kinds part at
+    the first token of the reply: "The" (the same word in every layout) against the first operand of the first
+    step, so greedy decoding follows the likelier, outright kind. Worked solutions have no opening words of their
+    own, so no prompt can end with them;
+  - `recheck_frac` of the worked solutions get a step wrong, re-check it and fix it ("Wait, 8*3=24, ...",
+    tiny_task.recheck_lines), the way people do when they write things out;
+  - tables of single operations (`6*11=66`, `31-5=26`, one a line, drawn from the steps of random problems and
+    shuffled), like the arithmetic tables of web text: they teach each step without being anyone's solution.
+The outright answers are the true ones, which a tiny model cannot compute in one shot: answering outright, it guesses.
+No problem of data/tiny/test.jsonl or data/tiny/train.jsonl appears (the held-out set and the RL prompts); every
+problem has at least two operations, so no line of a table is one.
 
-    python data/prepare_zero.py         # -> data/tiny/zero_pretrain.jsonl (seeded, byte-stable, a few seconds)
+    python data/prepare_zero.py         # -> data/tiny/zero_pretrain.jsonl (seeded, byte-stable, ~20 s)
+    python data/prepare_zero.py --prompts=out   # -> out/test_{qa,question,plain,problem,bare}.jsonl: test.jsonl's
+                                                #    problems as the plain layouts' prompts (for sample.py --eval)
 """
 import argparse
 import json
@@ -31,57 +42,100 @@ R1_ZERO = ("A conversation between User and Assistant. The user asks a question,
            "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
            "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
            "User: {prompt}. Assistant:")
+# the plain layouts: what comes before the reply ({q} the question, {e} the bare expression); the reply follows
+PLAIN_LAYOUTS = {
+    "qa": "Q: {q}\nA:\n",
+    "question": "Question: {q}\nAnswer:\n",
+    "plain": "{q}\n",
+    "problem": "Problem: {e}\nSolution:\n",
+}
 
 
-def zero_text(expr, rng, worked_frac, recheck_frac):
-    """One question in the R1-Zero template and its answer: outright, or after working (sometimes re-checked)."""
-    if rng.random() < worked_frac:
-        steps = tiny_task.recheck_lines(expr, rng) if rng.random() < recheck_frac else tiny_task.solution_lines(expr)
-        think = "\n".join(steps)
-    else:
-        think = f"{expr}={tiny_task.answer(expr)}"
-    return R1_ZERO.format(prompt=tiny_task.question(expr)) + f" <think> {think} </think> <answer> " \
-        f"{tiny_task.answer(expr)} </answer>"
+def reply(expr, rng, worked_frac, recheck_frac):
+    """The answer outright, `The answer is 26.`, or (worked_frac) the working and then that sentence."""
+    final = f"The answer is {tiny_task.answer(expr)}."
+    if rng.random() >= worked_frac:
+        return final
+    steps = tiny_task.recheck_lines(expr, rng) if rng.random() < recheck_frac else tiny_task.solution_lines(expr)
+    return "\n".join(steps + [final])
 
 
-def plain_text(expr, rng, recheck_frac):
-    """A plain-text worked solution (or bare fact) of pretrain.jsonl's kind, sometimes with a re-checked step."""
-    text = tiny_task.pretrain_text(expr, rng)
-    if "\n" in text and rng.random() < recheck_frac:
-        steps = tiny_task.solution_lines(expr)
-        text = text.replace("\n".join(steps), "\n".join(tiny_task.recheck_lines(expr, rng)))
-    return text
+def problem_text(expr, rng, template_frac, bare_frac, worked_frac, recheck_frac):
+    """One problem in one layout: R1-Zero's template, a plain one, or the bare fact."""
+    u = rng.random()
+    if u < bare_frac:
+        return f"{expr}={tiny_task.answer(expr)}"
+    body = reply(expr, rng, worked_frac, recheck_frac)
+    if u < bare_frac + template_frac:
+        return R1_ZERO.format(prompt=tiny_task.question(expr)) + \
+            f" <think>\n{body}\n</think> <answer> {tiny_task.answer(expr)} </answer>"
+    layout = PLAIN_LAYOUTS[rng.choice(sorted(PLAIN_LAYOUTS))]
+    return layout.format(q=tiny_task.question(expr), e=expr) + body
 
 
-def corpus(n, seed, held_out, template_frac, worked_frac, recheck_frac):
-    """n documents {"text"} about n distinct problems, none of them in held_out."""
+def table_text(rng, n_facts):
+    """n_facts single operations, one a line (`6*11=66`), drawn from the steps of random problems and shuffled."""
+    facts = []
+    while len(facts) < n_facts:
+        facts += [line.split(",")[0] for line in tiny_task.solution_lines(tiny_task.generate(rng))]
+    facts = facts[:n_facts]
+    rng.shuffle(facts)
+    return "\n".join(facts)
+
+
+def corpus(n, seed, held_out, template_frac, bare_frac, worked_frac, recheck_frac, tables, facts_per_table):
+    """n documents {"text"} about n distinct problems, none of them in held_out, and `tables` tables of single
+    operations, shuffled together."""
     rng, seen, rows = random.Random(f"{seed}:zero"), set(held_out), []
     while len(rows) < n:
         expr = tiny_task.generate(rng)
         if expr in seen:
             continue
         seen.add(expr)
-        text = zero_text(expr, rng, worked_frac, recheck_frac) if rng.random() < template_frac \
-            else plain_text(expr, rng, recheck_frac)
-        rows.append({"text": text})
+        rows.append({"text": problem_text(expr, rng, template_frac, bare_frac, worked_frac, recheck_frac)})
+    rows += [{"text": table_text(rng, facts_per_table)} for _ in range(tables)]
+    rng.shuffle(rows)
     return rows
+
+
+def prompt_rows(rows, layout):
+    """test.jsonl-style rows {"prompt": "What is ...?", "answer"} -> the same problems as one layout's prompts."""
+    out = []
+    for r in rows:
+        expr = r["prompt"][len("What is "):-1]
+        text = f"{expr}=" if layout == "bare" else PLAIN_LAYOUTS[layout].format(q=r["prompt"], e=expr)
+        out.append({"prompt": text, "answer": r["answer"]})
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(TINY, "zero_pretrain.jsonl"))
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--n", type=int, default=40000, help="documents, one problem each")
-    p.add_argument("--template_frac", type=float, default=0.3, help="share of text in the R1-Zero template's shape")
-    # 0.2 gave a base whose RL run reached 37.2% (its best plain prompt: 48.2%), 0.4 one that reaches 44.6% (46.6%)
-    p.add_argument("--worked_frac", type=float, default=0.4, help="template text: share answered after working")
+    p.add_argument("--n", type=int, default=120000, help="problem documents, one problem each")
+    p.add_argument("--template_frac", type=float, default=0.25, help="problems in R1-Zero's template")
+    p.add_argument("--bare_frac", type=float, default=0.1, help="problems as a bare fact, `7+8*3-5=26`")
+    p.add_argument("--worked_frac", type=float, default=0.3, help="in every other layout: share answered after "
+                   "working (the rest: outright)")
     p.add_argument("--recheck_frac", type=float, default=0.05, help="worked solutions that re-check a step")
+    p.add_argument("--tables", type=int, default=12000, help="tables of single operations")
+    p.add_argument("--facts_per_table", type=int, default=32)
+    p.add_argument("--prompts", default="", help="instead: write test.jsonl as each plain layout's prompts into DIR")
     args = p.parse_args(argv)
+    if args.prompts:
+        with open(os.path.join(TINY, "test.jsonl"), encoding="utf-8") as f:
+            test = [json.loads(line) for line in f]
+        os.makedirs(args.prompts, exist_ok=True)
+        for layout in [*PLAIN_LAYOUTS, "bare"]:
+            write_jsonl(os.path.join(args.prompts, f"test_{layout}.jsonl"), prompt_rows(test, layout))
+        print(f"wrote {len(PLAIN_LAYOUTS) + 1} prompt files of {len(test)} problems to {args.prompts}")
+        return
     held_out = set()
     for name in ("test.jsonl", "train.jsonl"):
         with open(os.path.join(TINY, name), encoding="utf-8") as f:
             held_out |= {json.loads(line)["prompt"][len("What is "):-1] for line in f}
-    rows = corpus(args.n, args.seed, held_out, args.template_frac, args.worked_frac, args.recheck_frac)
+    rows = corpus(args.n, args.seed, held_out, args.template_frac, args.bare_frac, args.worked_frac,
+                  args.recheck_frac, args.tables, args.facts_per_table)
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} documents to {args.out}")
 

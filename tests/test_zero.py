@@ -17,31 +17,87 @@ from tasks import R1_ZERO_TEMPLATE, count_rechecks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _layout(text):
+    """A corpus document -> (layout, problem, reply), or ("table", None, text) for a table of single operations."""
+    if text.startswith(R1_ZERO_TEMPLATE.split("{")[0]):
+        m = re.fullmatch(r"User: What is ([^?\n]+)\?\. Assistant: <think>\n(.+)\n</think> <answer> (-?\d+) </answer>",
+                         text[text.index("User: "):], re.S)
+        return "template", m.group(1), m.group(2)
+    for layout, prefix in prepare_zero.PLAIN_LAYOUTS.items():
+        m = re.fullmatch(re.escape(prefix).replace(r"\{q\}", r"What is ([^?\n]+)\?").replace(r"\{e\}", r"([^\n]+)")
+                         + "(.+)", text, re.S)
+        if m:
+            return layout, m.group(1), m.group(2)
+    if "\n" not in text:
+        return "bare", text.rsplit("=", 1)[0], text.rsplit("=", 1)[1]
+    return "table", None, text
+
+
 def test_corpus_is_seeded_byte_stable_and_shares_no_problem_with_test_or_train(tmp_path):
     a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
-    prepare_zero.main([f"--out={a}", "--n=3000"])
-    prepare_zero.main([f"--out={b}", "--n=3000"])
-    assert filecmp.cmp(a, b, shallow=False)
-    prepare_zero.main([f"--out={b}", "--n=3000", "--seed=7"])
+    prepare_zero.main([f"--out={a}", "--n=4000", "--tables=400"])
+    prepare_zero.main([f"--out={b}", "--n=4000", "--tables=400"])
+    assert filecmp.cmp(a, b, shallow=False) and prepare_zero.R1_ZERO == R1_ZERO_TEMPLATE
+    prepare_zero.main([f"--out={b}", "--n=4000", "--tables=400", "--seed=7"])
     assert not filecmp.cmp(a, b, shallow=False)
     held_out = set()
     for name in ("test.jsonl", "train.jsonl"):
         held_out |= {json.loads(line)["prompt"][len("What is "):-1] for line in open(os.path.join(ROOT, "data/tiny", name))}
-    texts = [json.loads(line)["text"] for line in open(a)]
-    seen = [set(re.findall(r"What is ([^?\n]+)\?", t)) | set(re.findall(r"^Problem: (.+)$", t, re.M))
-            or {re.fullmatch(r"(.+)=-?\d+", t).group(1)} for t in texts]  # a question, a problem, or a bare fact
-    assert all(len(s) == 1 for s in seen)  # one problem a document
-    problems = [s.pop() for s in seen]
-    assert len(set(problems)) == len(problems) and not set(problems) & held_out
-    template = [t for t in texts if t.startswith(R1_ZERO_TEMPLATE.split("{")[0])]
-    assert 0.25 < len(template) / len(texts) < 0.35  # the web-like share, in the template's shape
-    worked = [t for t in template if "\n" in t]
-    assert 0.3 < len(worked) / len(template) < 0.5  # mostly answered outright
-    for t in template:
-        completion = t.split("Assistant:", 1)[1]
-        assert format_reward(completion, "answer_tag") == 1.0 and accuracy_reward(completion, str(
-            tiny_task.answer(t.split("What is ", 1)[1].split("?")[0]))) == 1.0
-    assert 0 < sum(count_rechecks(t) > 0 for t in texts) / len(texts) < 0.06  # a few re-check a step
+    docs = [_layout(json.loads(line)["text"]) for line in open(a)]
+    problems = [p for _, p, _ in docs if p is not None]
+    assert len(problems) == 4000 and len(set(problems)) == len(problems) and not set(problems) & held_out
+    tables = [t for layout, _, t in docs if layout == "table"]
+    assert len(tables) == 400
+    for line in (line for t in tables for line in t.split("\n")):  # one operation a line, right, not a problem
+        a, op, b, value = re.fullmatch(r"(-?\d+)([-+*])(\d+|\(-\d+\))=(-?\d+)", line).groups()
+        assert tiny_task.OPS[op](int(a), int(b.strip("()"))) == int(value)
+
+
+def test_every_layout_answers_mostly_outright_and_works_a_minority(tmp_path):
+    path = str(tmp_path / "a.jsonl")
+    prepare_zero.main([f"--out={path}", "--n=4000", "--tables=10"])
+    docs = [_layout(json.loads(line)["text"]) for line in open(path)]
+    by_layout = {}
+    for layout, expr, reply in docs:
+        if layout == "table":
+            continue
+        answer = tiny_task.answer(expr)
+        if layout == "bare":
+            assert reply == str(answer)
+            continue
+        # the same sentence ends every reply; worked ones open straight with the first step (no words of their own)
+        assert reply.endswith(f"The answer is {answer}.")
+        worked = reply != f"The answer is {answer}."
+        if worked:
+            first = tiny_task.solution_lines(expr)[0]
+            assert reply.split("\n")[0].split("=")[0] == first.split("=")[0]
+        by_layout.setdefault(layout, []).append(worked)
+    assert set(by_layout) == {"template", *prepare_zero.PLAIN_LAYOUTS}
+    assert 0.2 < len(by_layout["template"]) / len(docs) < 0.3
+    for layout, worked in by_layout.items():
+        assert 0.2 < sum(worked) / len(worked) < 0.4, layout  # mostly outright, in every layout
+    texts = [json.loads(line)["text"] for line in open(path)]
+    for t in texts:
+        if t.startswith(R1_ZERO_TEMPLATE.split("{")[0]):
+            completion = t.split("Assistant:", 1)[1]
+            assert format_reward(completion, "answer_tag") == 1.0 and accuracy_reward(completion, str(
+                tiny_task.answer(t.split("What is ", 1)[1].split("?")[0]))) == 1.0
+    rechecked = sum(count_rechecks(t) > 0 for t in texts) / sum(w for ws in by_layout.values() for w in ws)
+    assert 0.02 < rechecked < 0.08  # a few worked solutions re-check a step
+
+
+def test_prompt_files_hold_test_problems_in_each_layout(tmp_path):
+    prepare_zero.main([f"--prompts={tmp_path}"])
+    test = [json.loads(line) for line in open(os.path.join(ROOT, "data/tiny/test.jsonl"))]
+    for layout in [*prepare_zero.PLAIN_LAYOUTS, "bare"]:
+        rows = [json.loads(line) for line in open(tmp_path / f"test_{layout}.jsonl")]
+        assert [r["answer"] for r in rows] == [r["answer"] for r in test]
+        for r, t in zip(rows, test):
+            expr = t["prompt"][len("What is "):-1]
+            if layout == "bare":
+                assert r["prompt"] == expr + "="
+            else:  # the prompt is the layout up to where the reply starts
+                assert _layout(r["prompt"] + "The answer is 0.")[:2] == (layout, expr)
 
 
 def test_recheck_lines_make_a_slip_and_fix_it():
