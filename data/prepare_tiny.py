@@ -18,6 +18,7 @@ Every problem appears in at most one file, so nothing held out was ever seen in 
 """
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -198,14 +199,11 @@ def main(argv=None):
 
     # The RL starting point's SFT sets, drawn after everything above from the same stream (so the files above
     # stay as they were) and disjoint from every other file.
+    problems = tiny_task.fresh_problems(rng, seen, min_ops=args.min_ops, max_ops=args.max_ops, max_num=args.max_num,
+                                        max_value=args.max_value, paren_prob=args.paren_prob)
+
     def fresh_problems(n):
-        out = []
-        while len(out) < n:
-            expr = tiny_task.generate(rng, args.min_ops, args.max_ops, args.max_num, args.max_value, args.paren_prob)
-            if expr not in seen:
-                seen.add(expr)
-                out.append(expr)
-        return out
+        return list(itertools.islice(problems, n))
 
     def r1_row(expr, shortcut=False):
         return {"messages": [{"role": "user", "content": tiny_task.question(expr)},

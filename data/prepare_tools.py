@@ -16,7 +16,7 @@ No problem of data/tiny/test.jsonl or data/tiny/train.jsonl appears.
     python data/prepare_tools.py --out=out/tools_coldstart.jsonl      # 12,000 conversations, seeded, ~1 s
 """
 import argparse
-import json
+import itertools
 import os
 import random
 import sys
@@ -47,25 +47,16 @@ def head_messages(expr, shortcut):
 
 def conversations(n, seed, held_out, tool_frac, shortcut_frac):
     """n conversations {"messages"} about n distinct problems, none of them in held_out."""
-    rng, seen, rows = random.Random(f"{seed}:tools"), set(held_out), []
-    while len(rows) < n:
-        expr = tiny_task.generate(rng)
-        if expr in seen:
-            continue
-        seen.add(expr)
-        kind = rng.random()
-        messages = tool_messages(expr) if kind < tool_frac else head_messages(expr, rng.random() < shortcut_frac)
-        rows.append({"messages": messages})
+    rng, rows = random.Random(f"{seed}:tools"), []
+    for expr in itertools.islice(tiny_task.fresh_problems(rng, set(held_out)), n):
+        tool = rng.random() < tool_frac
+        rows.append({"messages": tool_messages(expr) if tool else head_messages(expr, rng.random() < shortcut_frac)})
     return rows
 
 
 def held_out_problems():
     """The expressions of test.jsonl (evaluation) and train.jsonl (the RL prompts)."""
-    problems = set()
-    for name in ("test.jsonl", "train.jsonl"):
-        with open(os.path.join(TINY, name), encoding="utf-8") as f:
-            problems |= {json.loads(line)["prompt"][len("What is "):-1] for line in f}
-    return problems
+    return tiny_task.problems_in([os.path.join(TINY, "test.jsonl"), os.path.join(TINY, "train.jsonl")])
 
 
 def main(argv=None):

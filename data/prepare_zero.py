@@ -25,6 +25,7 @@ problem has at least two operations, so no line of a table is one.
                                                 #    problems as the plain layouts' prompts (for sample.py --eval)
 """
 import argparse
+import itertools
 import json
 import os
 import random
@@ -86,13 +87,9 @@ def table_text(rng, n_facts):
 def corpus(n, seed, held_out, template_frac, bare_frac, worked_frac, recheck_frac, tables, facts_per_table):
     """n documents {"text"} about n distinct problems, none of them in held_out, and `tables` tables of single
     operations, shuffled together."""
-    rng, seen, rows = random.Random(f"{seed}:zero"), set(held_out), []
-    while len(rows) < n:
-        expr = tiny_task.generate(rng)
-        if expr in seen:
-            continue
-        seen.add(expr)
-        rows.append({"text": problem_text(expr, rng, template_frac, bare_frac, worked_frac, recheck_frac)})
+    rng = random.Random(f"{seed}:zero")
+    problems = itertools.islice(tiny_task.fresh_problems(rng, set(held_out)), n)
+    rows = [{"text": problem_text(expr, rng, template_frac, bare_frac, worked_frac, recheck_frac)} for expr in problems]
     rows += [{"text": table_text(rng, facts_per_table)} for _ in range(tables)]
     rng.shuffle(rows)
     return rows
@@ -130,10 +127,7 @@ def main(argv=None):
             write_jsonl(os.path.join(args.prompts, f"test_{layout}.jsonl"), prompt_rows(test, layout))
         print(f"wrote {len(PLAIN_LAYOUTS) + 1} prompt files of {len(test)} problems to {args.prompts}")
         return
-    held_out = set()
-    for name in ("test.jsonl", "train.jsonl"):
-        with open(os.path.join(TINY, name), encoding="utf-8") as f:
-            held_out |= {json.loads(line)["prompt"][len("What is "):-1] for line in f}
+    held_out = tiny_task.problems_in([os.path.join(TINY, "test.jsonl"), os.path.join(TINY, "train.jsonl")])
     rows = corpus(args.n, args.seed, held_out, args.template_frac, args.bare_frac, args.worked_frac,
                   args.recheck_frac, args.tables, args.facts_per_table)
     write_jsonl(args.out, rows)

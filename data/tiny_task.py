@@ -20,6 +20,7 @@ steps wrong, which leaves RL something to fix. Answers are checked exactly (`eva
 Nothing here calls eval(): `evaluate` is a 20-line recursive-descent parser.
 """
 
+import json
 import re
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -162,6 +163,26 @@ def generate(rng, min_ops=2, max_ops=4, max_num=20, max_value=100, paren_prob=0.
                 expr = candidate
         if all(abs(s[3]) <= max_value for s in solve(expr)):
             return expr
+
+
+def fresh_problems(rng, seen, **generate_kw):
+    """Problems from generate(rng, **generate_kw), endlessly, none of them in `seen`, each added to it as it is drawn:
+    files drawn from one `seen` share no problem."""
+    while True:
+        expr = generate(rng, **generate_kw)
+        if expr not in seen:
+            seen.add(expr)
+            yield expr
+
+
+def problems_in(paths):
+    """The expressions of the question rows (`{"prompt": "What is ...?"}`) of JSONL files: e.g. test.jsonl and
+    train.jsonl, which no training corpus may contain."""
+    problems = set()
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            problems |= {json.loads(line)["prompt"][len("What is "):-1] for line in f}
+    return problems
 
 
 # ---- text renderings -------------------------------------------------------------------------
