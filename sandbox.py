@@ -9,8 +9,8 @@ What holds the code in, outermost first:
     wall-clock limit SIGKILLs the whole process group, so nothing the code starts outlives the call;
   - kernel limits: CPU seconds (the `timeout`), address space, file size, open files, no core dumps, no new processes;
   - as root (CI runs as root): new network and mount namespaces -- no network interface but a loopback that is down,
-    and a private empty /tmp, /var/tmp and /dev/shm -- then the unprivileged user `nobody`, for whom the limit on
-    new processes holds; as another user: a new user + network namespace where the kernel allows one (the network
+    and a private empty /tmp, /var/tmp and /dev/shm (each one Python does not itself read from: a virtualenv under
+    /tmp keeps it) -- then the unprivileged user `nobody`, for whom the limit on new processes holds; as another user: a new user + network namespace where the kernel allows one (the network
     is closed, but the code can read what that user can read), and otherwise only the Python-level guard below
     keeps the network closed (isolation() says which of these held);
   - a Python audit hook (PEP 578), installed before the code runs, which Python code cannot remove: no sockets, no
@@ -55,10 +55,13 @@ def isolate(payload):
     libc, done = ctypes.CDLL(None, use_errno=True), []
     if os.getuid() == 0 and libc.unshare(CLONE_NEWNET | CLONE_NEWNS) == 0:
         done.append("network namespace")
-        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0 and all(
-                libc.mount(b"tmpfs", d, b"tmpfs", 0, b"size=1m") == 0 for d in (b"/tmp", b"/var/tmp", b"/dev/shm")
-                if os.path.isdir(d)):
-            done.append("private /tmp")
+        # an empty tmpfs over each scratch directory, but not over one Python itself reads from (a venv in /tmp)
+        python = [os.path.realpath(p) + os.sep for p in sys.path + [sys.prefix, sys.base_prefix] if p]
+        scratch = [d for d in ("/tmp", "/var/tmp", "/dev/shm")
+                   if os.path.isdir(d) and not any(p.startswith(d + os.sep) for p in python)]
+        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0 and scratch and all(
+                libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=1m") == 0 for d in scratch):
+            done.append("private " + " ".join(scratch))
     elif os.getuid() != 0 and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
         done.append("network namespace")
     for key, value in payload["limits"].items():
@@ -222,6 +225,7 @@ def _json_or_none(text):
 
 
 def isolation():
-    """What holds here besides the process, its limits and the audit hook: e.g. ('network namespace', 'private /tmp',
-    'user nobody') as root; () where no namespace could be made (then only the audit hook closes the network)."""
+    """What holds here besides the process, its limits and the audit hook: e.g. ('network namespace', 'private /tmp
+    /var/tmp /dev/shm', 'user nobody') as root; () where no namespace could be made (then only the audit hook closes
+    the network)."""
     return run_python("", timeout=10).isolation
