@@ -57,6 +57,11 @@ def main():
                 return []
             return [Call("python", {"code": "print(sum(i * i for i in range(10000)))"})]
 
+        def run(self, calls, made_before):  # timed: the batch waits here, for the slowest call of the step
+            t0 = time.perf_counter()
+            super().run(calls, made_before)
+            self.waits.append(time.perf_counter() - t0)
+
     with tempfile.TemporaryDirectory() as ckpt:
         torch.manual_seed(0)
         Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
@@ -68,17 +73,18 @@ def main():
     tools = HalfTheRows(tok, ["python"], format="code", max_calls=100)
 
     def run(use):
+        tools.waits = []
         t0 = time.perf_counter()
         out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0, ignore_eos=True,
                               tools=use)
-        return time.perf_counter() - t0, [o[0] for o in out]
+        return time.perf_counter() - t0, [o[0] for o in out], list(tools.waits)
 
     results = {}
     for name, use in (("no tools", None), ("python tool", tools)):
         run(use)  # warmup
-        best, outs = min((run(use) for _ in range(args.repeats)), key=lambda r: r[0])
+        best, outs, waits = min((run(use) for _ in range(args.repeats)), key=lambda r: r[0])
         tokens = sum(len(c.tokens) for c in outs)
-        results[name] = dict(tok_s=tokens / best, seconds=best, tokens=tokens,
+        results[name] = dict(tok_s=tokens / best, seconds=best, tokens=tokens, waits=waits,
                              rows_calling=sum(bool(c.tool_calls) for c in outs),
                              calls=sum(len(c.tool_calls) for c in outs),
                              forced=sum(c.loss_mask.count(0) for c in outs))
@@ -87,6 +93,11 @@ def main():
     for name, r in results.items():
         print(f"{name:12s} {r['tok_s']:8.0f} tokens/s  ({r['tokens']} tokens in {r['seconds']:.2f} s; "
               f"{r['rows_calling']} of {args.batch} rows call, {r['calls']} calls, {r['forced']} forced tokens)")
+    waits = results["python tool"]["waits"]
+    if waits:
+        decoding = results["python tool"]["seconds"] - sum(waits)
+        print(f"python tool: {sum(waits):.2f} s waiting on calls over {len(waits)} steps ({1e3 * sum(waits) / len(waits):.0f} "
+              f"ms a step, slowest call of each); decoding the rest {results['python tool']['tokens'] / decoding:.0f} tokens/s")
     print(f"ratio (python tool / no tools): {results['python tool']['tok_s'] / results['no tools']['tok_s']:.2f}x")
 
 
