@@ -520,3 +520,39 @@ def test_eval_with_the_python_tool_on_a_qwen2_with_the_real_tokenizer(tmp_path):
     assert sample.main(common + ["--tool_format=chat", f"--out={tmp_path / 'chat.jsonl'}"]) == 0
     with pytest.raises(SystemExit, match="unknown tool"):
         sample.main(common + ["--tools=shell"])
+
+
+def test_eval_records_of_completions_that_call_the_calculator(tmp_path):
+    """`sample.py --eval --tools=calculator --out=FILE` on the shipped tool cold start, sampled: some completions call
+    the calculator (it does in about a fifth of its samples), and their records show the call as the model saw it:
+    the call with its exact result (or its error), the tool turn's tokens masked 0 in loss_mask, the model's own 1."""
+    from reward import evaluate_arithmetic
+
+    rows = [json.loads(line) for line in open(REPO / "data" / "tiny" / "test.jsonl")][:8]
+    data = tmp_path / "probs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.jsonl"
+    assert sample.main([f"--init_from={REPO / 'data' / 'tiny' / 'tool_start'}", "--eval", f"--data={data}",
+                        "--tools=calculator", "--tools_in_prompt=0", "--temperature=1", "--num_samples=8",
+                        "--max_new_tokens=160", f"--out={out}"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 64
+    tok = Tokenizer.from_pretrained(str(REPO / "data" / "tiny" / "tool_start"))
+    calling = [r for r in records if r["tool_calls"]]
+    assert 0 < len(calling) < len(records)
+    for r in calling:
+        assert len(r["tokens"]) == len(r["loss_mask"]) == r["num_tokens"]
+        forced = tok.decode([t for t, m in zip(r["tokens"], r["loss_mask"]) if m == 0])
+        for j, call in enumerate(r["tool_calls"]):
+            if call["error"] is None:
+                assert call["name"] == "calculator"
+                assert call["result"] == str(evaluate_arithmetic(call["arguments"]["expression"]))
+            else:  # a miswritten call (a misspelt key, an unclosed bracket) is answered with its error, never raised
+                assert call["result"].startswith("Error:")
+            # the result is what the Engine forced in, not what the model wrote; max_new_tokens may cut the last one
+            cut = j == len(r["tool_calls"]) - 1 and r["num_tokens"] == 160
+            assert call["result"] in forced or cut and call["result"].startswith(forced.split("<tool_response>\n")[-1])
+        assert "<tool_response>" in forced and "<tool_response>" not in r["completion"].split("<tool_call>")[0]
+    for r in records:
+        if not r["tool_calls"]:
+            assert set(r["loss_mask"]) == {1}
