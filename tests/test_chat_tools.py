@@ -92,11 +92,9 @@ def test_qwen3_thinking_defaults_on_and_reads_the_empty_think_block():
     assert qwen3.decode(off).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-def test_tiny_template_without_tools_is_plain_chatml(pair):
+def test_tiny_template_without_tools_is_plain_chatml():
     """The tiny tokenizer gained the tool branches; every conversation without tools renders as before."""
-    name, ours, _ = pair
-    if name != "tiny":
-        pytest.skip("tiny tokenizer only")
+    ours = Tokenizer.from_pretrained(DIRS["tiny"])
     messages = [{"role": "system", "content": "s"}, user("q"), asst("<think>\n1+2=3\n</think>\n\\boxed{3}"), user("x")]
     plain = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     assert ours.render_chat(messages) == plain
