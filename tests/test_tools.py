@@ -66,6 +66,26 @@ def test_adding_a_tool_is_one_function():
         tools.check_names(["reverse"])
 
 
+def test_the_calls_of_one_step_run_at_once(monkeypatch):
+    """ToolUse.run answers a step's calls concurrently: two calls that each wait for the other both return (run one
+    after the other, the first would give up at the barrier's timeout and read an error)."""
+    import threading
+    barrier = threading.Barrier(2, timeout=10)
+
+    @tool("Wait for the other call.", name="who")
+    def meet(name, timeout=None):
+        barrier.wait()
+        return f"met {name}"
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two cores to run on, whatever runs the test
+    try:
+        calls = [Call("meet", {"name": "a"}), Call("meet", {"name": "b"})]
+        ToolUse(Tokenizer.from_pretrained(TINY_TOK), ["meet"], format="chat").run(calls, [0, 0])
+        assert [(c.result, c.error) for c in calls] == [("met a", None), ("met b", None)]
+    finally:
+        del TOOLS["meet"]
+
+
 def python(code, timeout=2.0):
     return call_tool("python", {"code": code}, timeout=timeout)
 
