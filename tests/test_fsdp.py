@@ -70,15 +70,16 @@ def test_sft_fsdp_equals_ddp(ckpt, sft_data, tmp_path):  # noqa: F811
 
 
 def test_grpo_fsdp_equals_ddp(grpo_data, tmp_path):  # noqa: F811
-    """4 fp32 steps of minibatches=2 x ppo_epochs=2 (recomputed pi_old) on 3 x 3 rollouts with micro_batch_size=2:
-    the ranks hold 5 and 4 rollouts, and zero-advantage rollouts are skipped, so FSDP's padding passes run. Bias-free
+    """4 fp32 steps of minibatches=2 x ppo_epochs=2 (recomputed pi_old) on 3 x 3 rollouts, packed by a token budget
+    of 1 (every rollout a micro-batch of its own): the ranks run different numbers of rollouts (9 of them, fewer once
+    zero-advantage ones are skipped), so FSDP's padding passes run. Bias-free
     Qwen3-style model, as in test_grpo's DDP test (Adam turns rounding on near-zero-gradient k_proj biases into
     lr-sized steps)."""
     init = make_tiny_checkpoint(str(tmp_path / "init"), std=0.1, model_type="qwen3", attention_bias=False,
                                 qk_norm=True, head_dim=16)
     common = dict(init_from=init, data=grpo_data[0], eval_every=0, max_steps=4, group_size=3, prompts_per_step=3,
                   max_completion_len=16, progress=0, sample_every=0, warmup_steps=1, lr=1e-3, rewards="language:1",
-                  minibatches=2, ppo_epochs=2, micro_batch_size=2, save_every=2)
+                  minibatches=2, ppo_epochs=2, micro_batch_tokens=1, save_every=2)
     ddp, fsdp, m_ddp, m_fsdp = _ddp_and_fsdp("train_grpo.py", tmp_path, common)
     assert sum(m["trained_rollouts"] for m in m_fsdp) > 0
     for x, y in zip(m_ddp, m_fsdp):  # the same rollouts (sampled from the gathered weights) and the same update

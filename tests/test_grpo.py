@@ -647,6 +647,19 @@ def test_packing_and_rank_shares():
         [[0, 3, 6], [1, 4, 7], [2, 5]]  # without a budget: as before, k % world
 
 
+def test_fsdp_ranks_run_as_many_micro_batches_as_the_busiest():
+    """Under FSDP every forward and backward is collective: a rank with fewer micro-batches runs padding passes (the
+    fill rollouts, zero weight) until the busiest rank is done. Without FSDP each rank runs its own."""
+    lengths = [120, 10, 10, 10, 10, 10]
+    shares = [[0], [1, 2, 3, 4, 5]]  # one long rollout against five short ones
+    for fsdp in (0, 1):
+        cfg = train_grpo.configure(["--micro_batch_tokens=20", f"--fsdp={fsdp}"])
+        runs = [list(train_grpo.micro_batches(shares, rank, lengths, [9], cfg)) for rank in (0, 1)]
+        assert [idx for idx, pad in runs[1] if not pad] == [[1, 2], [3, 4], [5]]
+        assert runs[0][0] == ([0], False)
+        assert runs[0][1:] == ([([9], True)] * 2 if fsdp else [])
+
+
 def test_rollouts_out_of_the_loss_are_not_run():
     """A truncated rollout that overlong=mask took out of the loss runs no forward/backward, even with a non-zero
     advantage: the update is the one where that rollout's advantage is 0 (a skipped rollout), also with beta > 0."""
