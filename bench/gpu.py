@@ -383,11 +383,12 @@ def cmd_grpo_e2e(a):
         for q, ans in (bench_grpo.QUESTIONS * 4)[:w["prompts"] * (w["steps"] + 1)]:
             f.write(json.dumps({"prompt": q, "answer": ans}) + "\n")
     out_dir = os.path.join(run_dir, "out")
+    budget = w["micro_batch"] * (w["completion"] + 128)  # micro_batch rollouts a pass (chat prompts: < 128 tokens)
     flags = [f"--init_from={ckpt_dir(a, a.model)}", f"--data={data}", "--eval_every=0", "--sample_every=0",
              "--progress=0", "--prompt_template=chat", "--rewards=language:1",  # varies across random completions
              f"--prompts_per_step={w['prompts']}", f"--group_size={w['group']}",
              f"--max_completion_len={w['completion']}", "--ignore_eos=1", "--temperature=1.0",
-             f"--beta={w['beta']}", f"--minibatches={w['minibatches']}", f"--micro_batch_size={w['micro_batch']}",
+             f"--beta={w['beta']}", f"--minibatches={w['minibatches']}", f"--micro_batch_tokens={budget}",
              f"--grad_checkpointing={w['grad_checkpointing']}", "--lr=1e-6", "--min_lr=1e-6", "--warmup_steps=0",
              f"--device={e['device']}", f"--out_dir={out_dir}",
              # one step more than run, stopped after `steps`: no end-of-run checkpoint (18 GB for 1.5B + AdamW)
@@ -431,7 +432,7 @@ def cmd_grpo_e2e(a):
     return dict(**e, model=a.model, prompts_per_step=w["prompts"], group_size=w["group"],
                 rows_per_step=w["prompts"] * w["group"], completion_len=w["completion"], steps_run=len(recs),
                 grad_checkpointing=w["grad_checkpointing"], beta=w["beta"], minibatches=w["minibatches"],
-                micro_batch_size=w["micro_batch"], flags=flags, wall_s=wall, steps=steps,
+                micro_batch_tokens=budget, flags=flags, wall_s=wall, steps=steps,
                 steady=dict(time_gen=last["time_gen"], time_logp=last["time_logp"], time_update=last["time_update"],
                             time_step=last["time_step"], gen_tok_s=last["gen_tok_s"], mfu=last["mfu"]),
                 logp_mismatch_max=max(s["logp_mismatch"] or 0.0 for s in steps),
