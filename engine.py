@@ -214,15 +214,14 @@ def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
 class Completion:
     tokens: list  # generated ids, including the stop token that ended it (GRPO trains on emitting it), tool output too
     text: str  # decoded; the stop token's text is left out, a stop *string* is kept (text ends with it)
-    # model_text (below): the text of the tokens the model sampled alone, what rewards score (a tool's output is
-    # never taken for the model's answer); the same as text when no tool wrote anything
     logprobs: list  # per token: log softmax(logits / T) of the sampled token (see sample_tokens); 0 on forced tokens
     finish_reason: str  # "stop" (stop token or stop string) or "length" (hit max_new_tokens)
     seed: int = 0  # this row's seed: generate([prompt], seed=this) reproduces the completion
     sample_logprobs: list = field(default_factory=list)  # per token: under the filtered distribution it came from
     loss_mask: list = field(default_factory=list)  # per token: 1 sampled by the model, 0 forced (tool output, glue)
     tool_calls: list = field(default_factory=list)  # per call: {name, arguments, result, error} (tools.Call.record)
-    model_text: str = None
+    model_text: str = None  # the text of the tokens the model sampled alone, what rewards score (a tool's output is
+    # never taken for the model's answer); the same as text when no tool wrote anything
 
 
 @dataclass
@@ -575,16 +574,19 @@ class Engine:
             ids = row.tokens[:-1] if row.finish == "stop" and not row.by_string else row.tokens
             text = self.tokenizer.decode(ids)
             if row.by_string:  # cut right after the earliest-ending stop string the model wrote
-                start = len(self.tokenizer.decode(row.tokens[:row.segment])) if row.segment else 0
-                text = text[:min(text.find(s, start) + len(s) for s in stop_strs if s in text[start:])]
+                text = _cut_after_stop(text, stop_strs, len(self.tokenizer.decode(row.tokens[:row.segment])))
             model_text = text
             if 0 in row.loss_mask:  # the sampled spans only (a stop string can only be in the last one)
-                own = [t for t, m in zip(ids, row.loss_mask) if m]
-                model_text = self.tokenizer.decode(own)
+                model_text = self.tokenizer.decode([t for t, m in zip(ids, row.loss_mask) if m])
                 if row.by_string:
-                    model_text = model_text[:min(model_text.find(s) + len(s) for s in stop_strs if s in model_text)]
+                    model_text = _cut_after_stop(model_text, stop_strs)
         return Completion(row.tokens, text, row.logprobs, row.finish or "length", row.seed, row.sample_logprobs,
                           row.loss_mask, row.tool_calls, model_text)
+
+
+def _cut_after_stop(text, stop_strs, start=0):
+    """text up to the end of the earliest-ending stop string found at or after character `start`."""
+    return text[:min(text.find(s, start) + len(s) for s in stop_strs if s in text[start:])]
 
 
 def sample_seed(seed, step, draw, j, group_size):

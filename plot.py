@@ -6,8 +6,9 @@ can be drawn the same way:
     python plot.py out/grpo/metrics.jsonl            # -> out/grpo/curves.svg
 
 The panels follow the run's kind, told by its metrics: GRPO (reward, held-out accuracy, completion length, KL and
-the sampler/trainer mismatch, and with tools the share of completions that call one), distillation (its loss, held-out accuracy) or SFT / reward-model training (train and
-eval loss, pairwise accuracy). A panel with no data is left out.
+the sampler/trainer mismatch, and with tools the share of completions that call one), distillation (its loss,
+held-out accuracy) or SFT / reward-model training (train and eval loss, pairwise accuracy). A panel with no data is
+left out.
 """
 import json
 import os

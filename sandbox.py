@@ -10,9 +10,10 @@ What holds the code in, outermost first:
   - kernel limits: CPU seconds (the `timeout`), address space, file size, open files, no core dumps, no new processes;
   - as root (CI runs as root): new network and mount namespaces -- no network interface but a loopback that is down,
     and a private empty /tmp, /var/tmp and /dev/shm (each one Python does not itself read from: a virtualenv under
-    /tmp keeps it) -- then the unprivileged user `nobody`, for whom the limit on new processes holds; as another user: a new user + network namespace where the kernel allows one (the network
-    is closed, but the code can read what that user can read), and otherwise only the Python-level guard below
-    keeps the network closed (isolation() says which of these held);
+    /tmp keeps it) -- then the unprivileged user `nobody`, for whom the limit on new processes holds;
+  - as another user: a new user + network namespace where the kernel allows one (the network is closed, but the code
+    can read what that user can read), and otherwise only the Python-level guard below keeps the network closed
+    (isolation() says which of these held);
   - a Python audit hook (PEP 578), installed before the code runs, which Python code cannot remove: no sockets, no
     subprocess / exec / fork / kill, no ctypes or sqlite, no file written, created or removed outside the working
     directory (by path: a write through another directory's descriptor is not seen).

@@ -262,8 +262,12 @@ class Tokenizer:
                 elif i > 0 or role != "system":  # the first system message is in the system turn
                     segments.append((f"{IM_START}{role}\n{message['content']}{IM_END}\n", False))
         if add_generation_prompt:
-            segments.append((self.generation_prompt + ("" if enable_thinking else self.no_thinking_prompt), False))
+            segments.append((self._assistant_opening(enable_thinking), False))
         return segments
+
+    def _assistant_opening(self, enable_thinking):
+        """The generation prompt, and with thinking off the empty think block Qwen3's template adds to it."""
+        return self.generation_prompt + ("" if enable_thinking else self.no_thinking_prompt)
 
     def _r1_segments(self, messages, keep_final_thinking):
         # R1 puts the (last) system message right after bos, whatever its position in the list.
@@ -335,7 +339,7 @@ class Tokenizer:
         tool turn holding `results`, and the next assistant header, exactly as the template renders them."""
         self.check_tools()
         turn = "".join(self._tool_result(r, i == 0, i == len(results) - 1) for i, r in enumerate(results))
-        return "\n" + turn + self.generation_prompt + ("" if enable_thinking else self.no_thinking_prompt)
+        return "\n" + turn + self._assistant_opening(enable_thinking)
 
     def render_chat(self, messages, add_generation_prompt: bool = False, tools=None, enable_thinking: bool = True) -> str:
         return "".join(text for text, _ in self._segments(messages, add_generation_prompt, tools=tools,

@@ -130,8 +130,8 @@ def python(code, timeout=5.0):
 # calls inside a generation
 
 _CHAT_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
-_CODE_CALL = re.compile(r"```(?i:python3?|py)[ \t]*\n(.*?)```", re.S)  # the fence tags reward._extract_code takes
-_CODE_OPEN = re.compile(r"```(?i:python3?|py)[ \t]*\n")
+_CODE_OPEN = re.compile(r"```(?i:python3?|py)[ \t]*\n")  # the fence tags reward._extract_code takes
+_CODE_CALL = re.compile(_CODE_OPEN.pattern + r"(.*?)```", re.S)
 
 
 @dataclass
@@ -143,6 +143,12 @@ class Call:
 
     def record(self):
         return dict(name=self.name, arguments=self.arguments, result=self.result, error=self.error)
+
+
+def _open_chat_call(segment):
+    """The text from a `<tool_call>` the segment opened after its last `</tool_call>` and never closed, else None."""
+    tail = segment.rsplit("</tool_call>", 1)[-1]
+    return tail[tail.find("<tool_call>"):] if "<tool_call>" in tail else None
 
 
 def tool_use(tok, names, format="auto", template="chat", max_calls=4, max_output_tokens=256, timeout=5.0,
@@ -201,7 +207,7 @@ class ToolUse:
             m = _CODE_CALL.search(segment)
             return [Call("python", {"code": m.group(1)})] if m else []
         calls = [self._parse_chat(body) for body in _CHAT_CALL.findall(segment)]
-        if "<tool_call>" in segment.rsplit("</tool_call>", 1)[-1]:
+        if _open_chat_call(segment) is not None:
             calls.append(Call(None, None, error="unclosed call"))
         return calls
 
@@ -223,8 +229,8 @@ class ToolUse:
         if self.format == "code":
             opened = list(_CODE_OPEN.finditer(segment))
             return Call("python", {"code": segment[opened[-1].end():]}, error="unclosed call") if opened else None
-        tail = segment.rsplit("</tool_call>", 1)[-1]
-        return Call(None, tail[tail.find("<tool_call>"):], error="unclosed call") if "<tool_call>" in tail else None
+        opened = _open_chat_call(segment)
+        return Call(None, opened, error="unclosed call") if opened is not None else None
 
     def run(self, calls, made_before):
         """Answer calls in place, all at once (a thread each: the python tool waits on a subprocess).

@@ -218,6 +218,11 @@ class Rollout:
     in_loss: bool = True  # False: DAPO's overlong filter (--overlong=mask) took a truncated completion out
 
     @property
+    def length(self):
+        """Its row in the update's batches: prompt and completion tokens."""
+        return len(self.item["ids"]) + len(self.sample.tokens)
+
+    @property
     def loss_mask(self):
         """Per token, 1 where the loss counts it: the tokens the model sampled (not a tool's), if it is in the loss."""
         return self.sample.loss_mask if self.in_loss else [0] * len(self.sample.tokens)
@@ -353,7 +358,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     ppo_epochs x minibatches optimizer steps (the work the update did, which MFU is computed from); "micro_batches"
     the passes, and "pad_frac" the share of the tokens they pushed through the model that were padding."""
     B = len(rollouts)
-    lengths = [len(r.item["ids"]) + len(r.sample.tokens) for r in rollouts]  # a rollout's row in the update's batches
+    lengths = [r.length for r in rollouts]
     needs_old_logprobs = cfg.ppo_epochs * cfg.minibatches > 1
     stats = dict(clip_frac_low=0.0, clip_frac_high=0.0, kl=0.0, tokens=0.0, loss=0.0, trained_rollouts=0,
                  time_logp=0.0, rollout_is_mean=0.0, rollout_is_clipped_frac=0.0, mismatch_kl=0.0, is_tokens=0.0,
@@ -813,7 +818,7 @@ class StepLog(RunLog):
         if self.peak and rollouts:
             # the rollouts that ran forward and backward (policy_update skips the ones with no gradient), at the
             # mean rollout length
-            mean_len = sum(len(r.item["ids"]) + len(r.sample.tokens) for r in rollouts) / len(rollouts)
+            mean_len = sum(r.length for r in rollouts) / len(rollouts)
             trained = mean_len * rec["trained_rollouts"]
             rec["mfu"] = self.flops_per_token * trained / max(rec["time_update"], 1e-9) / self.peak
             self.say(f"step {step}: reward {rec['reward']:.3f} | {rec['gen_tok_s']:.0f} gen tok/s | "

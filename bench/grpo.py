@@ -342,7 +342,8 @@ def main():
     p.add_argument("--kv_heads", type=int, default=2)
     p.add_argument("--prompts", type=int, default=8, help=f"prompts per step (at most {len(QUESTIONS)})")
     p.add_argument("--group", type=int, default=8, help="G: completions per prompt")
-    p.add_argument("--tokens", type=int, default=64, help="completion length (exact)")
+    p.add_argument("--tokens", type=int, default=0, help="completion length (exact; lognormal: the cap); 0: 64, "
+                   "lognormal 768")
     p.add_argument("--micro_batch", type=int, default=0, help="rows per forward/backward on both sides (ours "
                    "micro_batch_size, TRL per_device_train_batch_size); 0: all the step's rows at once")
     p.add_argument("--seed", type=int, default=1337)
@@ -362,11 +363,10 @@ def main():
     if a.smoke:
         for k, v in SMOKE.items():
             setattr(a, k, v)
+    a.tokens = a.tokens or (768 if a.lengths == "lognormal" else 64)
     if a.impl:
         return {"ours": worker_ours, "trl": worker_trl}[a.impl](a)
     if a.lengths == "lognormal":
-        if a.tokens == 64:  # the fixed workload's default: the lognormal one caps at a longer length
-            a.tokens = 768
         return lognormal_update(a)
     if not 1 <= a.prompts <= len(QUESTIONS):
         raise SystemExit(f"--prompts must be in 1..{len(QUESTIONS)}")

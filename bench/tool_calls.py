@@ -93,11 +93,13 @@ def main():
     for name, r in results.items():
         print(f"{name:12s} {r['tok_s']:8.0f} tokens/s  ({r['tokens']} tokens in {r['seconds']:.2f} s; "
               f"{r['rows_calling']} of {args.batch} rows call, {r['calls']} calls, {r['forced']} forced tokens)")
-    waits = results["python tool"]["waits"]
+    with_tool = results["python tool"]
+    waits = with_tool["waits"]
     if waits:
-        decoding = results["python tool"]["seconds"] - sum(waits)
-        print(f"python tool: {sum(waits):.2f} s waiting on calls over {len(waits)} steps ({1e3 * sum(waits) / len(waits):.0f} "
-              f"ms a step, slowest call of each); decoding the rest {results['python tool']['tokens'] / decoding:.0f} tokens/s")
+        decoding = with_tool["seconds"] - sum(waits)
+        print(f"python tool: {sum(waits):.2f} s waiting on calls over {len(waits)} steps "
+              f"({1e3 * sum(waits) / len(waits):.0f} ms a step, slowest call of each); decoding the rest "
+              f"{with_tool['tokens'] / decoding:.0f} tokens/s")
     print(f"ratio (python tool / no tools): {results['python tool']['tok_s'] / results['no tools']['tok_s']:.2f}x")
 
 
