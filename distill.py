@@ -100,7 +100,7 @@ logp_chunk = 1024
 # runtime
 teacher_device = "auto"  # auto: the student's device; or e.g. cuda:1 / cpu
 device = "auto"
-dtype = "auto"  # training compute: auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
+dtype = "auto"  # training compute: auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16 | float64
 eval_every = 100  # logit, onpolicy: steps between held-out evaluations (one before and one at the end always)
 log_every = 10
 save_every = 0
@@ -141,9 +141,9 @@ def check_same_vocabulary(teacher_tok, student_tok, teacher_dir, student_dir):
 
 
 def load_teacher(cfg, rt):
-    """The frozen teacher on --teacher_device (bf16 on CUDA), in eval mode."""
+    """The frozen teacher on --teacher_device (bf16 on CUDA, the student's dtype on the CPU), in eval mode."""
     t_dev = rt.device if cfg.teacher_device == "auto" else torch.device(cfg.teacher_device)
-    teacher = Transformer.from_pretrained(cfg.teacher, dtype=torch.bfloat16 if t_dev.type == "cuda" else torch.float32,
+    teacher = Transformer.from_pretrained(cfg.teacher, dtype=torch.bfloat16 if t_dev.type == "cuda" else rt.param_dtype,
                                           device=t_dev).eval()
     return teacher.requires_grad_(False)
 
@@ -253,9 +253,9 @@ def onpolicy_step(student, teacher, engine, stream, step, cfg, rt, tok):
     for s in range(0, len(pairs), cfg.micro_batch_size):
         part = pairs[s:s + cfg.micro_batch_size]
         with torch.inference_mode(), rt.autocast():
-            t_lp = completion_logprobs(teacher, part, tok.pad_id, cfg.logp_chunk, 1.0, t_dev).float().to(rt.device)
+            t_lp = completion_logprobs(teacher, part, tok.pad_id, cfg.logp_chunk, 1.0, t_dev).to(rt.device)
         with rt.autocast():
-            s_lp = completion_logprobs(student, part, tok.pad_id, cfg.logp_chunk, 1.0, rt.device).float()
+            s_lp = completion_logprobs(student, part, tok.pad_id, cfg.logp_chunk, 1.0, rt.device)
         mask = torch.zeros_like(s_lp)
         for b, (_, c) in enumerate(part):
             mask[b, :len(c)] = 1
@@ -296,7 +296,7 @@ def run_trainer(cfg, rt, tok, eval_problems, history):
     """The logit / onpolicy loop: -> whether it ran to the end (False: stopped by stop_after)."""
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
     teacher = load_teacher(cfg, rt)
-    student = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=torch.float32, device=rt.device)
+    student = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=rt.param_dtype, device=rt.device)
     V = min(student.config.vocab_size, teacher.config.vocab_size)  # heads padded past the tokenizer may differ
     if V < tok.vocab_size:
         raise SystemExit(f"a head of {V} words does not cover the tokenizer's {tok.vocab_size}")

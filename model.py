@@ -133,13 +133,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalise in fp32, cast back before the weight multiply: the order HF uses, so bf16 matches too
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # normalise in fp32 (fp64 stays fp64), cast back before the weight multiply: the order HF uses, so bf16
+        # matches too
+        return self.weight * F.rms_norm(x.to(at_least_fp32(x.dtype)), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def at_least_fp32(dtype):
+    """The dtype to accumulate in: fp32 for bf16/fp16/fp32 tensors, fp64 for fp64 ones (the exactness tests)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def rope_cos_sin(position_ids, inv_freq, dtype):
-    """cos/sin [B, T, head_dim] for integer positions [B, T]; computed in fp32 then cast (as HF does)."""
-    freqs = position_ids[..., None].float() * inv_freq  # [B, T, head_dim/2]
+    """cos/sin [B, T, head_dim] for integer positions [B, T]; computed in fp32 then cast (as HF does), in fp64 for an
+    fp64 model."""
+    freqs = position_ids[..., None].to(at_least_fp32(dtype)) * inv_freq  # [B, T, head_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -38,8 +38,14 @@ class Runtime:
     world: int
     device: torch.device
     dev_type: str
-    amp_dtype: torch.dtype | None  # bf16 autocast dtype, or None for plain fp32
+    amp_dtype: torch.dtype | None  # bf16 autocast dtype, or None for plain fp32 (fp64)
     owns_group: bool = True  # this setup_runtime created the process group (teardown destroys only its own)
+    param_dtype: torch.dtype = torch.float32  # the weights being trained: fp32 masters, fp64 under --dtype=float64
+
+    @property
+    def compute(self):
+        """The training compute in words, for the run's first lines."""
+        return "bf16 autocast" if self.amp_dtype else {torch.float64: "fp64"}.get(self.param_dtype, "fp32")
 
     @property
     def master(self):
@@ -62,7 +68,9 @@ class Runtime:
 
 def setup_runtime(device="auto", dtype="auto", seed=1337):
     """torchrun sets RANK/WORLD_SIZE (one process per device, NCCL on CUDA, gloo on the CPU); plain python is a
-    world of 1. dtype auto: bf16 autocast over fp32 master weights on CUDA, fp32 on the CPU. Seeds every RNG."""
+    world of 1. dtype auto: bf16 autocast over fp32 master weights on CUDA, fp32 on the CPU; float64: fp64 weights
+    and compute, where a change of summation order moves a result by ~1e-16 instead of ~1e-7, so two ways of running
+    one update (DDP, micro-batches) can be compared on any CPU (the tests). Seeds every RNG."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     dev_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if ddp:
@@ -74,9 +82,10 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
             dist.init_process_group(backend="nccl" if dev_type == "cuda" else "gloo")
     else:
         rank, local_rank, world, owns_group = 0, 0, 1, False
-    amp = {"auto": torch.bfloat16 if dev_type == "cuda" else None, "float32": None, "bfloat16": torch.bfloat16}
+    amp = {"auto": torch.bfloat16 if dev_type == "cuda" else None, "float32": None, "bfloat16": torch.bfloat16,
+           "float64": None}
     if dtype not in amp:
-        raise SystemExit(f"--dtype={dtype}: expected auto, float32 or bfloat16")
+        raise SystemExit(f"--dtype={dtype}: expected auto, float32, bfloat16 or float64")
     if dev_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -84,7 +93,7 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
     np.random.seed(seed)
     torch.manual_seed(seed)
     return Runtime(ddp, rank, local_rank, world, torch.device(f"cuda:{local_rank}" if dev_type == "cuda" else dev_type),
-                   dev_type, amp[dtype], owns_group)
+                   dev_type, amp[dtype], owns_group, torch.float64 if dtype == "float64" else torch.float32)
 
 
 def teardown(rt):

@@ -142,7 +142,7 @@ grad_checkpointing = 0
 fsdp = 0  # 1 (torchrun): FSDP2 shards the policy's parameters, gradients and AdamW state over the ranks
 sample_dtype = "auto"  # rollout weights: auto (bf16 copy of the policy on cuda, the policy itself on cpu) | float32
 cuda_graphs = 1
-dtype = "auto"  # training compute: auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16
+dtype = "auto"  # training compute: auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16 | float64 (tests)
 device = "auto"
 out_dir = "out/grpo"
 save_every = 0  # 0: only at the end
@@ -464,7 +464,7 @@ def micro_batches(shares, rank, lengths, fill, cfg):
 
 def batch_logprobs(model, rollouts, idx, cfg, rt, pad_id):
     return completion_logprobs(model, [(rollouts[i].item["ids"], rollouts[i].sample.tokens) for i in idx], pad_id,
-                               cfg.logp_chunk, cfg.temperature, rt.device).float()
+                               cfg.logp_chunk, cfg.temperature, rt.device)
 
 
 def logp_mismatch(lp, rollouts, idx, device):
@@ -475,7 +475,7 @@ def logp_mismatch(lp, rollouts, idx, device):
         return 0.0
     sampler = padded([rollouts[i].sample.logprobs for i in idx], device)
     forced = padded([rollouts[i].sample.loss_mask for i in idx], device) == 0  # a tool's (or past the end)
-    return float((lp.float() - sampler).masked_fill(forced, 0.0).abs().max())
+    return float((lp - sampler).masked_fill(forced, 0.0).abs().max())
 
 
 @torch.no_grad()
@@ -588,18 +588,19 @@ def load_prompts(cfg, tok, reward_fn, log, tools=None):
 
 
 def load_models(cfg, rt, resume_from):
-    """-> (policy, reference model or None, sampler). fp32 master weights (bf16 compute comes from autocast); a frozen
-    reference only when beta > 0. The sampler is the policy itself, or a low-precision copy (or under FSDP an
-    unsharded one) refreshed in place after every update: CUDA graphs keep the addresses of its tensors."""
-    policy = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=torch.float32, device=rt.device)
+    """-> (policy, reference model or None, sampler). fp32 master weights (bf16 compute comes from autocast; fp64 under
+    --dtype=float64); a frozen reference only when beta > 0. The sampler is the policy itself, or a low-precision
+    copy (or under FSDP an unsharded one) refreshed in place after every update: CUDA graphs keep the addresses of
+    its tensors."""
+    policy = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=rt.param_dtype, device=rt.device)
     policy.gradient_checkpointing = bool(cfg.grad_checkpointing)
     ref_model = None
     if cfg.beta > 0:
-        ref_model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=rt.device).eval()
+        ref_model = Transformer.from_pretrained(cfg.init_from, dtype=rt.param_dtype, device=rt.device).eval()
         ref_model.requires_grad_(False)
-    sample_dtype = {"auto": torch.bfloat16 if rt.dev_type == "cuda" else torch.float32, "float32": torch.float32,
+    sample_dtype = {"auto": torch.bfloat16 if rt.dev_type == "cuda" else rt.param_dtype, "float32": torch.float32,
                     "bfloat16": torch.bfloat16}[cfg.sample_dtype]
-    sampler = copy.deepcopy(policy).to(sample_dtype).eval() if sample_dtype != torch.float32 or cfg.fsdp else policy
+    sampler = copy.deepcopy(policy).to(sample_dtype).eval() if sample_dtype != rt.param_dtype or cfg.fsdp else policy
     sampler.requires_grad_(sampler is policy)
     return policy, ref_model, sampler
 
@@ -740,7 +741,7 @@ def main(argv=()):
     rm_info = f"; reward model {cfg.reward_model} ({scorer.model.num_params() / 1e6:.2f}M, x{scorer.weight})" \
         if scorer else ""
     rt.log(f"model: {policy.num_params() / 1e6:.2f}M params; device {rt.device}, world {rt.world}, "
-           f"{'bf16 autocast' if rt.amp_dtype else 'fp32'} training{', FSDP2-sharded' if cfg.fsdp else ''}, "
+           f"{rt.compute} training{', FSDP2-sharded' if cfg.fsdp else ''}, "
            f"{next(sampler.parameters()).dtype} rollouts; reference model: "
            f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}; rollout IS correction: {cfg.rollout_is}")
     if tools:

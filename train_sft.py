@@ -96,7 +96,7 @@ weight_decay = 0.1  # decoupled (AdamW); matrices and embeddings only, never nor
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 disables
-dtype = "auto"  # auto: bf16 autocast (fp32 master weights) on cuda, fp32 on cpu | float32 | bfloat16
+dtype = "auto"  # auto: bf16 autocast (fp32 master weights) on cuda, fp32 on cpu | float32 | bfloat16 | float64
 device = "auto"  # auto | cpu | cuda
 compile = 0  # torch.compile the model
 grad_checkpointing = 0  # recompute each block in backward: less activation memory, ~30% more compute
@@ -228,14 +228,16 @@ def load_data(cfg, tok, rt):
     return stream, eval_packs, stats
 
 
-def build_model(cfg, tok, device, resume_from):
+def build_model(cfg, tok, rt, resume_from):
     """The model to train, in fp32 master weights (bf16 compute comes from autocast, so tiny updates are not rounded
-    away): resumed, from init_from (rm: a RewardModel, from a causal LM with a fresh score head), or from scratch."""
+    away; fp64 under --dtype=float64): resumed, from init_from (rm: a RewardModel, from a causal LM with a fresh score
+    head), or from scratch."""
+    device, dtype = rt.device, rt.param_dtype
     cls = RewardModel if cfg.mode == "rm" else Transformer
     if resume_from or (cfg.init_from != "scratch" and (cls is Transformer or is_reward_model_dir(cfg.init_from))):
-        return cls.from_pretrained(resume_from or cfg.init_from, dtype=torch.float32, device=device)
+        return cls.from_pretrained(resume_from or cfg.init_from, dtype=dtype, device=device)
     if cfg.init_from != "scratch":
-        return RewardModel.from_causal_lm(cfg.init_from, dtype=torch.float32, device=device, pad_token_id=tok.pad_id)
+        return RewardModel.from_causal_lm(cfg.init_from, dtype=dtype, device=device, pad_token_id=tok.pad_id)
     mc = cfg.model_config
     over = json.load(open(mc)) if mc and os.path.isfile(mc) else json.loads(mc or "{}")
     if "model_type" in over and "hidden_size" in over and "architectures" in over:
@@ -243,7 +245,7 @@ def build_model(cfg, tok, device, resume_from):
     else:
         over.setdefault("vocab_size", -(-tok.vocab_size // 64) * 64)  # round up: faster matmuls
         mconf = ModelConfig(**over)
-    mconf.dtype = "float32"
+    mconf.dtype = str(dtype).removeprefix("torch.")
     with torch.device(device):
         model = RewardModel(mconf, pad_token_id=tok.pad_id) if cls is RewardModel else Transformer(mconf)
     return model.init_weights()
@@ -288,14 +290,14 @@ def main(argv=(), **overrides):
     packs_per_step, per_rank = cfg.batch_size * cfg.grad_accum * rt.world, cfg.batch_size * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(stream.packs_in_epoch(0)) / packs_per_step))
 
-    model = build_model(cfg, tok, rt.device, resume_from)
+    model = build_model(cfg, tok, rt, resume_from)
     if model.config.vocab_size < tok.vocab_size:
         raise SystemExit(f"model vocab {model.config.vocab_size} < tokenizer vocab {tok.vocab_size}")
     model.gradient_checkpointing = bool(cfg.grad_checkpointing)
     objective = (PairObjective if cfg.mode == "rm" else TokenObjective)(model, tok.pad_id, cfg.ce_chunk)
     rt.log(f"model: {model.num_params() / 1e6:.2f}M params, {model.config.num_hidden_layers} layers, hidden "
            f"{model.config.hidden_size}, vocab {model.config.vocab_size}; device {rt.device}, world {rt.world}, "
-           f"{'bf16 autocast' if rt.amp_dtype else 'fp32'}{', FSDP2-sharded' if cfg.fsdp else ''}")
+           f"{rt.compute}{', FSDP2-sharded' if cfg.fsdp else ''}")
     if cfg.fsdp:
         shard_model(model)  # in place, before the optimizer: it must hold the DTensor shards
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=rt.dev_type == "cuda")

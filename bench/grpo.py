@@ -13,6 +13,8 @@ shares the system torch and transformers, and point --trl_python at that interpr
     python bench/grpo.py --trl_python=/tmp/trlvenv/bin/python --smoke  # tiny version: checks the script runs
     python bench/grpo.py --lengths=lognormal                           # ours only: the update on ragged rollouts,
                                                                        # token budget vs micro_batch_size=4
+    python bench/grpo.py --budgets=0,512,8192 --steps=2 --threads=2    # ours only: the same step cut by each
+                                                                       # --micro_batch_tokens (0: one micro-batch)
 
 The workload (identical on both sides): a random Qwen2 (vocab 151936 with the real Qwen2.5 tokenizer from
 tests/fixtures/tokenizers/qwen2.5, hidden 256, 4 layers, 4/2 heads, intermediate 512, tied embeddings),
@@ -117,7 +119,7 @@ def worker_ours(a):
              f"--group_size={a.group}", f"--max_completion_len={a.tokens}", "--ignore_eos=1", "--temperature=1.0",
              "--top_p=1.0", "--top_k=0", "--beta=0.04", "--loss_agg=token", "--scale_rewards=group",
              "--ppo_epochs=1", "--minibatches=1", f"--micro_batch_size={a.micro_batch or a.prompts * a.group}",
-             "--micro_batch_tokens=0",  # rows per micro-batch, as TRL's per_device_train_batch_size
+             f"--micro_batch_tokens={a.budget}",  # 0: rows per micro-batch, as TRL's per_device_train_batch_size
              "--lr=1e-6", "--min_lr=1e-6", "--warmup_steps=0", "--weight_decay=0.0", "--beta1=0.9", "--beta2=0.99",
              "--grad_clip=1.0", "--clip_eps_low=0.2", "--clip_eps_high=0.2", "--dtype=float32", "--device=cpu",
              "--progress=0", "--sample_every=0", f"--out_dir={out_dir}", f"--seed={a.seed}",
@@ -133,7 +135,7 @@ def worker_ours(a):
     phases = {k: median([r[k] for r in timed]) for k in ("time_gen", "time_logp", "time_update")}
     print(json.dumps(dict(
         impl="ours", step_s=median([r["time_step"] for r in timed]), steps_s=[r["time_step"] for r in recs],
-        phases=phases, completion_len=median([r["completion_len"] for r in timed]),
+        phases=phases, gen_s=[r["time_gen"] for r in recs], micro_batches=median([r["micro_batches"] for r in timed]), completion_len=median([r["completion_len"] for r in timed]),
         rows=a.prompts * a.group, prompt_len=sum(prompt_lens) / len(prompt_lens),
         reward=sum(r["reward"] for r in recs) / len(recs),
         peak_mb=peak_memory_bytes("cpu") / 2**20, rss_imports_mb=rss_imports, total_s=total,
@@ -305,6 +307,35 @@ def lognormal_update(a):
     print(f"ratio: the token budget is {second / first:.2f}x as fast as micro_batch_size=4")
 
 
+def budgets(a):
+    """--budgets: ours alone on the fixed-length workload (real vocabulary), once per --micro_batch_tokens value
+    in a fresh process; each budget only cuts the update into micro-batches, so beyond the update's own cost the
+    step must not depend on it. Generation in particular runs the same rows whatever the last update's cut was."""
+    import torch
+
+    values = [int(v) for v in a.budgets.split(",")]
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="bench_grpo_") as work:
+        n_params = write_workload(a, work)
+        passed = [f"--{k}={v}" for k, v in vars(a).items()
+                  if k not in ("impl", "work", "smoke", "sides", "trl_python", "budgets", "budget")]
+        for b in values:
+            res[b] = run_worker(sys.executable, [os.path.abspath(__file__), "--impl=ours", f"--work={work}",
+                                                 f"--budget={b}"] + passed, a.threads)
+    print(f"hardware: {hardware(a.threads)}; torch {torch.__version__}")
+    print(f"workload: random Qwen2 {n_params / 1e6:.1f}M params (vocab 151936, hidden {a.hidden}, {a.layers} layers), "
+          f"{a.prompts} chat prompts x G={a.group} x exactly {a.tokens} tokens, beta 0.04, fp32; {a.warmup} warmup + "
+          f"{a.steps} timed step(s), median; each budget in a fresh process")
+    print(f"{'--micro_batch_tokens':>22}{'micro-batches':>15}{'step s':>8}{'gen s':>7}{'logp s':>8}{'update s':>10}"
+          f"{'step vs first':>15}  generation at each step (s)")
+    first = res[values[0]]["step_s"]
+    for b, r in res.items():
+        ph = r["phases"]
+        print(f"{b if b else '0 (one)':>22}{r['micro_batches']:15.0f}{r['step_s']:8.2f}{ph['time_gen']:7.2f}"
+              f"{ph['time_logp']:8.2f}{ph['time_update']:10.2f}{r['step_s'] / first:14.2f}x  "
+              f"{', '.join(f'{x:.2f}' for x in r['gen_s'])}")
+
+
 def write_workload(a, work):
     """The random checkpoint (transformers' Qwen2ForCausalLM, save_pretrained) + tokenizer files, and the prompts."""
     import torch
@@ -357,6 +388,9 @@ def main():
     p.add_argument("--prompt_len", type=int, default=40, help="lognormal: prompt length")
     p.add_argument("--micro_batch_tokens", type=int, default=0,
                    help="lognormal: the budget (0: 4 x (prompt_len + tokens), micro_batch_size=4's worst case)")
+    p.add_argument("--budgets", default="", help="ours only, the fixed workload once per --micro_batch_tokens "
+                   "in this comma list (0: one micro-batch of --micro_batch rows, default all), e.g. 0,512,8192")
+    p.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)  # internal: ours' --micro_batch_tokens
     p.add_argument("--impl", default="", help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--work", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -368,6 +402,8 @@ def main():
         return {"ours": worker_ours, "trl": worker_trl}[a.impl](a)
     if a.lengths == "lognormal":
         return lognormal_update(a)
+    if a.budgets:
+        return budgets(a)
     if not 1 <= a.prompts <= len(QUESTIONS):
         raise SystemExit(f"--prompts must be in 1..{len(QUESTIONS)}")
 
@@ -377,7 +413,8 @@ def main():
     res = {}
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as work:
         n_params = write_workload(a, work)
-        passed = [f"--{k}={v}" for k, v in vars(a).items() if k not in ("impl", "work", "smoke", "sides", "trl_python")]
+        passed = [f"--{k}={v}" for k, v in vars(a).items()
+                  if k not in ("impl", "work", "smoke", "sides", "trl_python", "budgets")]
         for side in sides:
             python = a.trl_python if side == "trl" else sys.executable
             res[side] = run_worker(python, [os.path.abspath(__file__), f"--impl={side}", f"--work={work}"] + passed,

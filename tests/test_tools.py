@@ -117,7 +117,9 @@ HOSTILE = {
     "fork bomb": ("import os\nwhile True:\n    os.fork()", "PermissionError"),
     "fork bomb below os": ("import posix\nwhile True:\n    posix.fork()", "PermissionError"),
     "memory bomb": ("x = bytearray(10 ** 12)", "MemoryError"),
-    "growing memory bomb": ("xs = []\nwhile True:\n    xs.append(' ' * 10 ** 7)", "MemoryError"),
+    # filling 1 GiB page by page costs ~0.5 s of CPU time on a quiet machine and has taken over 2 s late in the full
+    # suite on 2 cores: the CPU limit or the memory limit stops it first ("memory bomb" shows the memory limit alone)
+    "growing memory bomb": ("xs = []\nwhile True:\n    xs.append(' ' * 10 ** 7)", ("MemoryError", "timeout")),
     "subprocess": ("import subprocess\nsubprocess.run(['sh', '-c', 'echo hi'])", None),
     "ctypes": ("import ctypes\nctypes.CDLL(None).fork()", None),
 }
@@ -129,7 +131,8 @@ def test_hostile_code_is_contained_within_the_time_limit(name):
     start = time.monotonic()
     result, error = python(code, timeout=2.0)
     assert time.monotonic() - start < 2.0 + 3.0
-    assert error is not None and (reason is None or error == reason), (result, error)
+    assert error is not None and (reason is None or error in (reason if isinstance(reason, tuple) else (reason,))), \
+        (result, error)
 
 
 def test_writes_outside_its_directory_fail(tmp_path):

@@ -121,10 +121,10 @@ def test_kill_and_resume_with_tools_is_exact(tmp_path):
 
 
 def test_torchrun_two_ranks_with_tools_equal_one_process(tmp_path):
-    """lr is small: Qwen2's k_proj biases have ~0 true gradients that Adam turns into lr-sized steps from float
-    noise (see test_grpo's DDP test); at 2e-6 that noise stays below the tolerance."""
-    common = dict(max_steps=2, prompts_per_step=4, group_size=4, eval_every=0, progress=0, sample_every=0, lr=2e-6,
-                  min_lr=2e-6, warmup_steps=0)
+    """In fp64: Qwen2's k_proj biases have ~0 true gradients that AdamW turns into lr-sized steps from the rounding
+    of another summation order (see test_grpo's DDP test)."""
+    common = dict(max_steps=2, prompts_per_step=4, group_size=4, eval_every=0, progress=0, sample_every=0,
+                  warmup_steps=0, dtype="float64")
     flags = [os.path.join(ROOT, "config", "tools_tiny.py")] + [f"--{k}={v}" for k, v in common.items()]
     torchrun("train_grpo.py", flags + [f"--out_dir={tmp_path / 'ddp'}"])
     _run(str(tmp_path / "one"), **{**common, "log_rollouts": 0})
@@ -137,5 +137,5 @@ def test_torchrun_two_ranks_with_tools_equal_one_process(tmp_path):
     a = load_file(str(tmp_path / "ddp" / "ckpt" / "model.safetensors"))
     b = load_file(str(tmp_path / "one" / "ckpt" / "model.safetensors"))
     init = load_file(os.path.join(TOOL_START, "model.safetensors"))
-    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-6
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-5  # (two steps at the recipe's lr)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-10
