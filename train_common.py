@@ -4,6 +4,7 @@ and the torchrun exit, FSDP2 sharding (--fsdp=1), the optimizer and LR schedule,
 state, the run log (metrics file, its picture, the bar) and MFU's peak FLOP/s table. One function for each; each takes
 plain values (not a script's config object).
 """
+import ctypes
 import json
 import math
 import os
@@ -86,6 +87,8 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
            "float64": None}
     if dtype not in amp:
         raise SystemExit(f"--dtype={dtype}: expected auto, float32, bfloat16 or float64")
+    if dev_type == "cpu":
+        keep_freed_memory()
     if dev_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -94,6 +97,28 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
     torch.manual_seed(seed)
     return Runtime(ddp, rank, local_rank, world, torch.device(f"cuda:{local_rank}" if dev_type == "cuda" else dev_type),
                    dev_type, amp[dtype], owns_group, torch.float64 if dtype == "float64" else torch.float32)
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep the memory that PyTorch frees for the next allocation instead of handing it back to
+    the system. By default every block of 128 KiB to 32 MiB and up (a threshold it raises as it goes) is mapped from
+    the system when allocated and unmapped when freed, and the heap's free top is trimmed: each decode step's
+    [rows, vocab] logits and each log-prob chunk is then faulted in again page by page, and which blocks pay that
+    depends on what was freed last. A real-vocabulary GRPO step cut into many micro-batches generated ~3x slower
+    (bench/grpo.py --budgets). The fix holds for every allocation, where reusing buffers would cover only the ones
+    we write; the price is that the process keeps its peak RSS, as PyTorch's CUDA caching allocator does. Left alone
+    where a MALLOC_* variable or GLIBC_TUNABLES says how, and where the C library has no mallopt (macOS)."""
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, most = -1, -2, -3, 2**31 - 1
+    # a fixed threshold (an older glibc takes at most 32 MiB) and no trimming; the heap grows 512 MiB at a time
+    mapped = mallopt(M_MMAP_THRESHOLD, most) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mapped and mallopt(M_TRIM_THRESHOLD, most) and mallopt(M_TOP_PAD, 512 << 20))
 
 
 def teardown(rt):

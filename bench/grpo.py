@@ -135,7 +135,8 @@ def worker_ours(a):
     phases = {k: median([r[k] for r in timed]) for k in ("time_gen", "time_logp", "time_update")}
     print(json.dumps(dict(
         impl="ours", step_s=median([r["time_step"] for r in timed]), steps_s=[r["time_step"] for r in recs],
-        phases=phases, gen_s=[r["time_gen"] for r in recs], micro_batches=median([r["micro_batches"] for r in timed]), completion_len=median([r["completion_len"] for r in timed]),
+        phases=phases, gen_s=[r["time_gen"] for r in recs], micro_batches=median([r["micro_batches"] for r in timed]),
+        completion_len=median([r["completion_len"] for r in timed]),
         rows=a.prompts * a.group, prompt_len=sum(prompt_lens) / len(prompt_lens),
         reward=sum(r["reward"] for r in recs) / len(recs),
         peak_mb=peak_memory_bytes("cpu") / 2**20, rss_imports_mb=rss_imports, total_s=total,
@@ -265,8 +266,9 @@ def lognormal_update(a):
     import train_grpo
     from engine import Completion
     from model import ModelConfig, Transformer
-    from train_common import Runtime, make_optimizer
+    from train_common import Runtime, keep_freed_memory, make_optimizer
 
+    keep_freed_memory()  # as train_grpo's setup_runtime does on the CPU
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=151936, hidden_size=a.hidden, intermediate_size=a.inter,
