@@ -54,8 +54,9 @@ from rejection import rejection_sample, save_samples
 from reward import accuracy_reward
 from tasks import encode_problem, held_out_accuracy
 from tokenizer import Tokenizer
-from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, lr_at, make_optimizer,
-                          restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, sum_gradients, teardown)
+from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, import_wandb, lr_at, make_optimizer,
+                          restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, start_wandb, sum_gradients,
+                          teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = sequence distillation of the embedded tiny teacher into the tiny student, CPU)
@@ -109,6 +110,8 @@ resume = 0
 stop_after = 0
 seed = 1337
 progress = 1
+wandb_project = ""  # W&B project: every metrics.jsonl line also goes there, from global rank 0 ("": off)
+wandb_run = ""  # the W&B run's name ("": W&B picks one)
 CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k.startswith("_")]
 # -----------------------------------------------------------------------------
 
@@ -190,7 +193,7 @@ def run_sequence(cfg, rt):
     teacher_samples(cfg, rt, samples_path)
     shared = ("init_from", "out_dir", "epochs", "max_steps", "batch_size", "max_seq_len", "lr", "min_lr",
               "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "device", "dtype", "resume",
-              "save_every", "stop_after", "progress", "log_every")
+              "save_every", "stop_after", "progress", "log_every", "wandb_project", "wandb_run")
     rt.log(f"student: train_sft.main on {samples_path}")
     res = train_sft.main(data=samples_path, eval_every=0, eval_frac=0.0, **{k: cfg[k] for k in shared})
     return res["step"] == res["total_steps"]
@@ -292,7 +295,7 @@ def training_stream(cfg, rt, tok):
     return PackStream([items], None, 0, cfg.seed, do_pack=False), total
 
 
-def run_trainer(cfg, rt, tok, eval_problems, history):
+def run_trainer(cfg, rt, tok, eval_problems, history, wandb_run):
     """The logit / onpolicy loop: -> whether it ran to the end (False: stopped by stop_after)."""
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
     teacher = load_teacher(cfg, rt)
@@ -310,7 +313,7 @@ def run_trainer(cfg, rt, tok, eval_problems, history):
         step, stream.epoch, stream.pos = state["step"], state["data"]["epoch"], state["data"]["pos"]
         history.update(state["history"])
         rt.log(f"resumed from {resume_from} at step {step}")
-    log = RunLog(cfg.out_dir, rt, total, step, step if resume_from else None, cfg.mode, cfg.progress)
+    log = RunLog(cfg.out_dir, rt, total, step, step if resume_from else None, cfg.mode, cfg.progress, wandb_run)
     engine = Engine(student, tok, cuda_graphs=False)
     if not history["student"] and eval_problems:
         history["student"].append((0, evaluate_model(student, tok, cfg, rt, eval_problems, step=0)))
@@ -369,6 +372,10 @@ def evaluate_model(model, tok, cfg, rt, problems, step=None):
 def main(argv=()):
     cfg = configure(argv)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    # sequence mode trains with train_sft.main, which starts its own W&B run: here only the install is checked
+    if cfg.mode == "sequence" and cfg.wandb_project and rt.master:
+        import_wandb()
+    wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt) if cfg.mode != "sequence" else None
     for what, path in (("--teacher", cfg.teacher), ("--init_from", cfg.init_from)):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise SystemExit(f"{what}={path}: no config.json (expected an HF-layout checkpoint directory)")
@@ -389,7 +396,7 @@ def main(argv=()):
         if finished and eval_problems:
             after = evaluate_dir(os.path.join(cfg.out_dir, "ckpt"), cfg, rt, eval_problems)
     else:
-        finished = run_trainer(cfg, rt, student_tok, eval_problems, history)
+        finished = run_trainer(cfg, rt, student_tok, eval_problems, history, wandb_run)
         if history["student"]:
             before, after = history["student"][0][1], history["student"][-1][1]
     result = dict(teacher=teacher_acc, before=before, after=after, finished=finished, wall_s=time.time() - t0)

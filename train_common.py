@@ -317,13 +317,32 @@ def truncate_jsonl(path, resume_step=None):
         f.writelines(kept)
 
 
+def import_wandb():
+    """The wandb module, imported only for --wandb_project; a missing install stops the run in one line."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb_project needs Weights & Biases: pip install wandb") from None
+    return wandb
+
+
+def start_wandb(project, run_name, config, rt):
+    """--wandb_project=NAME: a W&B run, with the run's config, on global rank 0, to which RunLog sends every metrics
+    line; None for "" (off) and on the other ranks. Each script calls it before it loads a model, so that a missing
+    install stops the run at once."""
+    if not project or not rt.master:
+        return None
+    return import_wandb().init(project=project, name=run_name or None, config=dict(config))
+
+
 class RunLog:
     """A run's log, on rank 0: out_dir/metrics.jsonl (one JSON line per logged step), its picture out_dir/curves.svg
     (plot.py; redrawn at each record with eval metrics and at the end), a tqdm bar (progress=1) or, without one, each
-    record printed, and lines printed above the bar (say)."""
+    record printed, and lines printed above the bar (say). wandb_run (start_wandb): each line also goes to W&B, at
+    its step."""
 
-    def __init__(self, out_dir, rt, total, step=0, resume_step=None, desc="", progress=True):
-        self.path, self.rt, self.bar = os.path.join(out_dir, "metrics.jsonl"), rt, None
+    def __init__(self, out_dir, rt, total, step=0, resume_step=None, desc="", progress=True, wandb_run=None):
+        self.path, self.rt, self.bar, self.wandb_run = os.path.join(out_dir, "metrics.jsonl"), rt, None, wandb_run
         if rt.master:
             os.makedirs(out_dir, exist_ok=True)
             truncate_jsonl(self.path, resume_step)
@@ -339,6 +358,8 @@ class RunLog:
                 print(json.dumps(rec), flush=True)
             if any(k.startswith("eval_") for k in rec):
                 write_curves(self.path)
+            if self.wandb_run is not None:
+                self.wandb_run.log(rec, step=rec["step"])
 
     def say(self, line):
         self.bar.write(line) if self.bar is not None else self.rt.log(line)
@@ -354,3 +375,5 @@ class RunLog:
             self.bar.close()
         if self.rt.master and os.path.isfile(self.path):
             write_curves(self.path)
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -69,7 +69,7 @@ from tokenizer import Tokenizer
 from tools import TOOL_FORMATS, check_names, tool_use
 from train_common import (Config, RunLog, copy_full_params, truncate_jsonl, exit_if_torchrun, find_checkpoint, lr_at,
                           make_optimizer, peak_flops, restore_checkpoint, save_checkpoint, save_or_stop,
-                          setup_runtime, shard_model, sum_gradients, teardown)
+                          setup_runtime, shard_model, start_wandb, sum_gradients, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = reasoning RL of the embedded tiny model on CPU)
@@ -151,6 +151,8 @@ stop_after = 0  # >0: exit right after step k without the final save, like a cra
 seed = 1337
 skip_bad_rows = 0
 progress = 1
+wandb_project = ""  # W&B project: every metrics.jsonl line also goes there, from global rank 0 ("": off)
+wandb_run = ""  # the W&B run's name ("": W&B picks one)
 CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k.startswith("_")]
 # -----------------------------------------------------------------------------
 
@@ -706,6 +708,7 @@ def peak_mem_mb(rt):
 def main(argv=()):
     cfg = configure(argv)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt)
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
     if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
         raise SystemExit(f"--init_from={cfg.init_from}: no config.json (expected an HF-layout checkpoint directory)")
@@ -746,7 +749,7 @@ def main(argv=()):
            f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}; rollout IS correction: {cfg.rollout_is}")
     if tools:
         rt.log(f"tools: {tools.describe()}")
-    log = StepLog(cfg, rt, policy, tok, step, resume_from)
+    log = StepLog(cfg, rt, policy, tok, step, resume_from, wandb_run)
     # a reference that moves (ref_update_every) is saved with the checkpoints; state_dict holds its live tensors
     ref_state = ref_model.state_dict() if ref_model is not None and cfg.ref_update_every else None
     do_eval = bool(cfg.eval_every and (eval_problems or eval_rm_items))
@@ -803,8 +806,9 @@ class StepLog(RunLog):
     sample_every steps two completions of the step's first group; every log_rollouts steps all the step's completions
     to out_dir/rollouts.jsonl, one line each (on resume the file keeps only the steps up to the checkpoint)."""
 
-    def __init__(self, cfg, rt, policy, tok, step, resume_from):
-        super().__init__(cfg.out_dir, rt, cfg.max_steps, step, step if resume_from else None, "grpo", cfg.progress)
+    def __init__(self, cfg, rt, policy, tok, step, resume_from, wandb_run):
+        super().__init__(cfg.out_dir, rt, cfg.max_steps, step, step if resume_from else None, "grpo", cfg.progress,
+                         wandb_run)
         self.cfg, self.flops_per_token = cfg, policy.flops_per_token(cfg.max_prompt_len + cfg.max_completion_len)
         self.tok, self.rollouts_every = tok, cfg.sample_every if cfg.log_rollouts < 0 else cfg.log_rollouts
         self.rollouts_path = os.path.join(cfg.out_dir, "rollouts.jsonl")

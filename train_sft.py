@@ -69,7 +69,8 @@ from losses import bradley_terry_loss, chunked_cross_entropy
 from model import ModelConfig, RewardModel, Transformer, is_reward_model_dir
 from tokenizer import Tokenizer
 from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, lr_at, make_optimizer, peak_flops,
-                          restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, shard_model, teardown)
+                          restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, shard_model, start_wandb,
+                          teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = cold-start SFT of the embedded tiny model on CPU)
@@ -110,6 +111,8 @@ seed = 1337
 skip_bad_rows = 0  # 1: skip (and count) malformed rows instead of stopping at the first one
 stop_after = 0  # >0: exit right after step k without the final save, like a crash (resume tests)
 progress = 1  # tqdm progress bar on rank 0
+wandb_project = ""  # W&B project: every metrics.jsonl line also goes there, from global rank 0 ("": off)
+wandb_run = ""  # the W&B run's name ("": W&B picks one)
 CONFIG_KEYS = [k for k in globals() if k not in _globals_before_config and not k.startswith("_")]
 # -----------------------------------------------------------------------------
 
@@ -281,6 +284,7 @@ def main(argv=(), **overrides):
     """Train; argv: --key=value strings (and recipe files), overrides: the same as keywords (distill.py calls it so)."""
     cfg = configure(argv, overrides)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt)
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
     tok_dir = cfg.tokenizer or (resume_from or cfg.init_from)
     if tok_dir == "scratch":
@@ -310,7 +314,7 @@ def main(argv=(), **overrides):
     train_model = torch.compile(model) if cfg.compile else model
     if rt.ddp and not cfg.fsdp:  # (FSDP2 reduces the gradients itself)
         train_model = DDP(train_model, device_ids=[rt.local_rank] if rt.dev_type == "cuda" else None)
-    log = StepLog(cfg, rt, objective, total_steps, step, resume_from)
+    log = StepLog(cfg, rt, objective, total_steps, step, resume_from, wandb_run)
     eval_loss = train_loss = eval_acc = None
     train_model.train()
     while step < total_steps:
@@ -379,8 +383,9 @@ class StepLog(RunLog):
     """Every log_every steps (and at the last): a metrics line, with tokens/s over the training time since the last
     one (eval and checkpoint time left out) and on GPU MFU (also printed); the bar every step."""
 
-    def __init__(self, cfg, rt, objective, total_steps, step, resume_from):
-        super().__init__(cfg.out_dir, rt, total_steps, step, step if resume_from else None, cfg.mode, cfg.progress)
+    def __init__(self, cfg, rt, objective, total_steps, step, resume_from, wandb_run):
+        super().__init__(cfg.out_dir, rt, total_steps, step, step if resume_from else None, cfg.mode, cfg.progress,
+                         wandb_run)
         self.every, self.flops_per_token = cfg.log_every, objective.flops_per_token(cfg.max_seq_len)
         self.peak = peak_flops(torch.cuda.get_device_name(rt.device)) * rt.world if rt.dev_type == "cuda" else None
         self.post, self.time, self.tokens = {}, 0.0, 0

@@ -109,9 +109,9 @@ def write_jsonl(path, rows):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(script, args, nproc=2, timeout=300):
+def torchrun(script, args, nproc=2, timeout=300, env=None):
     """Run one of the repo's scripts under `torchrun --nproc_per_node=nproc` (gloo on the CPU, one thread per rank,
-    a free port); asserts it succeeded and returns its stdout."""
+    a free port, env added to this process's environment); asserts it succeeded and returns its stdout."""
     import os
     import socket
     import subprocess
@@ -122,8 +122,8 @@ def torchrun(script, args, nproc=2, timeout=300):
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                            f"--master_port={port}", os.path.join(REPO, script), *args],
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=timeout)
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
