@@ -101,13 +101,14 @@ def setup_runtime(device="auto", dtype="auto", seed=1337):
 
 def keep_freed_memory():
     """Have glibc's malloc keep the memory that PyTorch frees for the next allocation instead of handing it back to
-    the system. By default every block of 128 KiB to 32 MiB and up (a threshold it raises as it goes) is mapped from
-    the system when allocated and unmapped when freed, and the heap's free top is trimmed: each decode step's
+    the system. By default it maps each block above a threshold (128 KiB, raised as such blocks are freed, up to
+    32 MiB) from the system and unmaps it when it is freed, and trims the heap's free top: each decode step's
     [rows, vocab] logits and each log-prob chunk is then faulted in again page by page, and which blocks pay that
-    depends on what was freed last. A real-vocabulary GRPO step cut into many micro-batches generated ~3x slower
-    (bench/grpo.py --budgets). The fix holds for every allocation, where reusing buffers would cover only the ones
-    we write; the price is that the process keeps its peak RSS, as PyTorch's CUDA caching allocator does. Left alone
-    where a MALLOC_* variable or GLIBC_TUNABLES says how, and where the C library has no mallopt (macOS)."""
+    depends on what was freed last. A real-vocabulary GRPO step whose update was cut into many micro-batches
+    generated ~2x slower than one cut once (bench/grpo.py --budgets). A setting made once covers every allocation,
+    where buffers kept for reuse would cover only the ones we write; the price is that the process keeps its peak
+    RSS, as PyTorch's CUDA caching allocator does. Left alone where a MALLOC_* variable or GLIBC_TUNABLES says how,
+    and where the C library has no mallopt (macOS)."""
     if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         return False
     try:
