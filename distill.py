@@ -295,7 +295,7 @@ def training_stream(cfg, rt, tok):
     return PackStream([items], None, 0, cfg.seed, do_pack=False), total
 
 
-def run_trainer(cfg, rt, tok, eval_problems, history, wandb_run):
+def run_trainer(cfg, rt, tok, eval_problems, history):
     """The logit / onpolicy loop: -> whether it ran to the end (False: stopped by stop_after)."""
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
     teacher = load_teacher(cfg, rt)
@@ -313,7 +313,8 @@ def run_trainer(cfg, rt, tok, eval_problems, history, wandb_run):
         step, stream.epoch, stream.pos = state["step"], state["data"]["epoch"], state["data"]["pos"]
         history.update(state["history"])
         rt.log(f"resumed from {resume_from} at step {step}")
-    log = RunLog(cfg.out_dir, rt, total, step, step if resume_from else None, cfg.mode, cfg.progress, wandb_run)
+    log = RunLog(cfg.out_dir, rt, total, step, step if resume_from else None, cfg.mode, cfg.progress,
+                 start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt))
     engine = Engine(student, tok, cuda_graphs=False)
     if not history["student"] and eval_problems:
         history["student"].append((0, evaluate_model(student, tok, cfg, rt, eval_problems, step=0)))
@@ -372,10 +373,8 @@ def evaluate_model(model, tok, cfg, rt, problems, step=None):
 def main(argv=()):
     cfg = configure(argv)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    # sequence mode trains with train_sft.main, which starts its own W&B run: here only the install is checked
-    if cfg.mode == "sequence" and cfg.wandb_project and rt.master:
+    if cfg.wandb_project and rt.master:  # (the run itself starts with the training loop's log)
         import_wandb()
-    wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt) if cfg.mode != "sequence" else None
     for what, path in (("--teacher", cfg.teacher), ("--init_from", cfg.init_from)):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise SystemExit(f"{what}={path}: no config.json (expected an HF-layout checkpoint directory)")
@@ -396,7 +395,7 @@ def main(argv=()):
         if finished and eval_problems:
             after = evaluate_dir(os.path.join(cfg.out_dir, "ckpt"), cfg, rt, eval_problems)
     else:
-        finished = run_trainer(cfg, rt, student_tok, eval_problems, history, wandb_run)
+        finished = run_trainer(cfg, rt, student_tok, eval_problems, history)
         if history["student"]:
             before, after = history["student"][0][1], history["student"][-1][1]
     result = dict(teacher=teacher_acc, before=before, after=after, finished=finished, wall_s=time.time() - t0)

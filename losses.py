@@ -184,8 +184,8 @@ def chunked_forward_kl(hidden, weight, teacher_hidden, teacher_weight, chunk_siz
 
 def completion_logprobs(model, rows, pad_id, chunk, temperature, device):
     """Per-token log-probs of each row's completion given its prompt. rows: (prompt ids, completion ids) pairs.
-    -> [B, Tc] fp32 (0 past a row's end). The batch is right-padded and needs no attention mask: under causal
-    attention padding after a row's tokens never reaches them (a 2-D mask would take the slower masked path).
+    -> [B, Tc] in at least fp32 (0 past a row's end). The batch is right-padded and needs no attention mask: under
+    causal attention padding after a row's tokens never reaches them (a 2-D mask would take the slower masked path).
     Only completion positions go through the lm_head, in chunks: never a [B, T, vocab] tensor."""
     B = len(rows)
     T = max(len(p) + len(c) for p, c in rows)

@@ -145,7 +145,7 @@ def at_least_fp32(dtype):
 
 def rope_cos_sin(position_ids, inv_freq, dtype):
     """cos/sin [B, T, head_dim] for integer positions [B, T]; computed in fp32 then cast (as HF does), in fp64 for an
-    fp64 model."""
+    fp64 model (from the same fp32 inv_freq)."""
     freqs = position_ids[..., None].to(at_least_fp32(dtype)) * inv_freq  # [B, T, head_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -107,13 +107,15 @@ def keep_freed_memory():
     depends on what was freed last. A real-vocabulary GRPO step whose update was cut into many micro-batches
     generated ~2x slower than one cut once (bench/grpo.py --budgets). A setting made once covers every allocation,
     where buffers kept for reuse would cover only the ones we write; the price is that the process keeps its peak
-    RSS, as PyTorch's CUDA caching allocator does. Left alone where a MALLOC_* variable or GLIBC_TUNABLES says how,
-    and where the C library has no mallopt (macOS)."""
-    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+    RSS, as PyTorch's CUDA caching allocator does. Left alone where the environment sets one of these three settings
+    itself, and where the C library has no mallopt (macOS, Windows). -> whether the settings were made."""
+    names = ("mmap_threshold", "trim_threshold", "top_pad")
+    if any(f"MALLOC_{n.upper()}_" in os.environ or f"glibc.malloc.{n}" in os.environ.get("GLIBC_TUNABLES", "")
+           for n in names):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, most = -1, -2, -3, 2**31 - 1
@@ -319,7 +321,8 @@ def truncate_jsonl(path, resume_step=None):
 
 
 def import_wandb():
-    """The wandb module, imported only for --wandb_project; a missing install stops the run in one line."""
+    """The wandb module, imported only for --wandb_project; a missing install stops the run in one line. Each script
+    calls it (on rank 0) before it reads anything else, so that the run stops at once."""
     try:
         import wandb
     except ImportError:
@@ -329,8 +332,8 @@ def import_wandb():
 
 def start_wandb(project, run_name, config, rt):
     """--wandb_project=NAME: a W&B run, with the run's config, on global rank 0, to which RunLog sends every metrics
-    line; None for "" (off) and on the other ranks. Each script calls it before it loads a model, so that a missing
-    install stops the run at once."""
+    line (and which RunLog.close finishes); None for "" (off) and on the other ranks. Started once the inputs have
+    been read, so that a bad flag or file makes no run."""
     if not project or not rt.master:
         return None
     return import_wandb().init(project=project, name=run_name or None, config=dict(config))

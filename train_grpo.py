@@ -69,7 +69,7 @@ from tokenizer import Tokenizer
 from tools import TOOL_FORMATS, check_names, tool_use
 from train_common import (Config, RunLog, copy_full_params, truncate_jsonl, exit_if_torchrun, find_checkpoint, lr_at,
                           make_optimizer, peak_flops, restore_checkpoint, save_checkpoint, save_or_stop,
-                          setup_runtime, shard_model, start_wandb, sum_gradients, teardown)
+                          setup_runtime, shard_model, import_wandb, start_wandb, sum_gradients, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = reasoning RL of the embedded tiny model on CPU)
@@ -384,7 +384,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
             for idx, pad in micro_batches(shares, rt.rank, lengths, trained[:1], cfg):
                 lp, old_lp, ref_lp = micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pad_id,
                                                           stats)
-                adv = torch.tensor([rollouts[i].adv for i in idx], device=lp.device)
+                adv = torch.tensor([rollouts[i].adv for i in idx], device=lp.device, dtype=lp.dtype)
                 mask = padded([rollouts[i].loss_mask for i in idx], rt.device)
                 # rollouts drawn from another distribution than pi_old: weigh each token by pi_old / pi_sampler
                 sampler_lp = padded([rollouts[i].sample.sample_logprobs for i in idx], rt.device)
@@ -708,7 +708,8 @@ def peak_mem_mb(rt):
 def main(argv=()):
     cfg = configure(argv)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt)
+    if cfg.wandb_project and rt.master:
+        import_wandb()
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
     if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
         raise SystemExit(f"--init_from={cfg.init_from}: no config.json (expected an HF-layout checkpoint directory)")
@@ -725,7 +726,7 @@ def main(argv=()):
     scorer = None
     if cfg.reward_model:  # frozen, unsharded on every rank (it scores that rank's groups)
         scorer = RewardModelScorer(cfg.reward_model, tok, cfg.reward_model_weight, rt.device,
-                                   torch.bfloat16 if rt.dev_type == "cuda" else torch.float32, cfg.micro_batch_size)
+                                   torch.bfloat16 if rt.dev_type == "cuda" else rt.param_dtype, cfg.micro_batch_size)
     if cfg.fsdp:
         shard_model(policy)  # in place, after the sampler copy and before the optimizer (it holds the DTensor shards)
     optimizer = make_optimizer(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=rt.dev_type == "cuda")
@@ -749,7 +750,7 @@ def main(argv=()):
            f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}; rollout IS correction: {cfg.rollout_is}")
     if tools:
         rt.log(f"tools: {tools.describe()}")
-    log = StepLog(cfg, rt, policy, tok, step, resume_from, wandb_run)
+    log = StepLog(cfg, rt, policy, tok, step, resume_from, start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt))
     # a reference that moves (ref_update_every) is saved with the checkpoints; state_dict holds its live tensors
     ref_state = ref_model.state_dict() if ref_model is not None and cfg.ref_update_every else None
     do_eval = bool(cfg.eval_every and (eval_problems or eval_rm_items))

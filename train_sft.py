@@ -66,11 +66,11 @@ from configurator import parse_overrides
 from dataloader import (PackStream, collate, collate_pairs, load_examples, pack_best_fit, packed_attention_mask,
                         parse_data_spec)
 from losses import bradley_terry_loss, chunked_cross_entropy
-from model import ModelConfig, RewardModel, Transformer, is_reward_model_dir
+from model import ModelConfig, RewardModel, Transformer, at_least_fp32, is_reward_model_dir
 from tokenizer import Tokenizer
-from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, lr_at, make_optimizer, peak_flops,
-                          restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, shard_model, start_wandb,
-                          teardown)
+from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, import_wandb, lr_at, make_optimizer,
+                          peak_flops, restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, shard_model,
+                          start_wandb, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = cold-start SFT of the embedded tiny model on CPU)
@@ -143,9 +143,10 @@ def batch_loss_sum(model, lm_head, batch, chunk):
 
 
 def pair_loss_sum(model, batch):
-    """Bradley-Terry on a collate_pairs batch (losses.bradley_terry_loss; scores read in fp32): -> (summed loss, the
-    number of pairs ranked right)."""
-    chosen, rejected = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float().chunk(2)
+    """Bradley-Terry on a collate_pairs batch (losses.bradley_terry_loss; scores read in at least fp32): -> (summed
+    loss, the number of pairs ranked right)."""
+    scores = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    chosen, rejected = scores.to(at_least_fp32(scores.dtype)).chunk(2)
     return bradley_terry_loss(chosen, rejected)
 
 
@@ -251,7 +252,7 @@ def build_model(cfg, tok, rt, resume_from):
     mconf.dtype = str(dtype).removeprefix("torch.")
     with torch.device(device):
         model = RewardModel(mconf, pad_token_id=tok.pad_id) if cls is RewardModel else Transformer(mconf)
-    return model.init_weights()
+    return model.init_weights().to(dtype)
 
 
 @torch.no_grad()
@@ -284,7 +285,8 @@ def main(argv=(), **overrides):
     """Train; argv: --key=value strings (and recipe files), overrides: the same as keywords (distill.py calls it so)."""
     cfg = configure(argv, overrides)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt)
+    if cfg.wandb_project and rt.master:
+        import_wandb()
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
     tok_dir = cfg.tokenizer or (resume_from or cfg.init_from)
     if tok_dir == "scratch":
@@ -314,6 +316,7 @@ def main(argv=(), **overrides):
     train_model = torch.compile(model) if cfg.compile else model
     if rt.ddp and not cfg.fsdp:  # (FSDP2 reduces the gradients itself)
         train_model = DDP(train_model, device_ids=[rt.local_rank] if rt.dev_type == "cuda" else None)
+    wandb_run = start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt)
     log = StepLog(cfg, rt, objective, total_steps, step, resume_from, wandb_run)
     eval_loss = train_loss = eval_acc = None
     train_model.train()

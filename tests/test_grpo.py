@@ -499,8 +499,8 @@ def test_cli_end_to_end(e2e, ckpt):
 def ddp_runs(data, tmp_path_factory):
     """The same 3 steps, minibatches=2 x ppo_epochs=2 (recomputed pi_old, real clipping), under torchrun with 2 ranks
     and in one process, in fp64: two ranks sum in another order than one process, and AdamW turns that rounding
-    into steps of up to lr on a near-zero gradient (a k_proj bias entry on the slowest RoPE frequencies), ~1e-5 apart
-    in fp32 and by how much depends on the CPU's kernels; in fp64 it stays ~1e-15."""
+    into steps of up to lr on a near-zero gradient, ~1e-5 apart in fp32 and by how much depends on the CPU's kernels;
+    in fp64 it stays ~1e-15."""
     base = tmp_path_factory.mktemp("ddp")
     ck = make_tiny_checkpoint(str(base / "ckpt"), std=0.1, model_type="qwen3", attention_bias=False, qk_norm=True,
                               head_dim=16)

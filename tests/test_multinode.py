@@ -5,6 +5,7 @@ every file under out_dir is written by global rank 0 alone: an audit hook in eve
 PYTHONPATH) records each write, directory and rename under out_dir with the process's RANK and LOCAL_RANK."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from helpers import REPO, make_tiny_checkpoint
 from test_grpo import _max_diff, _run
 from test_grpo import data as grpo_data  # noqa: F401 (fixtures)
 from test_sft import ckpt, sft_data  # noqa: F401
+from test_wandb import STAND_IN
 
 WRITE_AUDIT = r'''
 import os, sys
@@ -34,9 +36,11 @@ if "RANK" in os.environ:
                 return
         elif event not in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree"):
             return
-        path = os.path.realpath(os.fsdecode(args[0]))
-        if path.startswith(_watch):
-            os.write(_log, f"{_who} {event} {path[len(_watch):]}\n".encode())
+        paths = args[:2] if event == "os.rename" else args[:1]  # a rename writes where it lands as well
+        for path in paths:
+            path = os.path.realpath(os.fsdecode(path))
+            if path.startswith(_watch):
+                os.write(_log, f"{_who} {event} {path[len(_watch):]}\n".encode())
 
     sys.addaudithook(_hook)
     os.write(_log, f"{_who} start -\n".encode())
@@ -49,36 +53,45 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def two_nodes(script, args, watch, tmp_path, timeout=300):
-    """script under two torchrun agents (2 nodes x 2 processes, c10d rendezvous on localhost, gloo); -> (the first
-    node's stdout, [(rank, local_rank, node, event, path under watch)] of every worker)."""
+def two_nodes(script, args, watch, tmp_path, timeout=300, env=None, modules=None):
+    """script under two torchrun agents (2 nodes x 2 processes, c10d rendezvous on localhost, gloo), env added to
+    the environment and modules ({name: source}) importable; -> (both agents' output, [(rank, local_rank, node,
+    event, path under watch)] of every worker). The writes that native code makes (safetensors, torch.save) are seen
+    as the directory they go into."""
     hook_dir, writes = tmp_path / "audit_hook", tmp_path / "writes"
     hook_dir.mkdir(exist_ok=True)
     writes.mkdir(exist_ok=True)
     for old in writes.iterdir():
         old.unlink()
-    (hook_dir / "sitecustomize.py").write_text(WRITE_AUDIT)
+    for name, source in {"sitecustomize": WRITE_AUDIT, **(modules or {})}.items():
+        (hook_dir / f"{name}.py").write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(hook_dir), REPO]),
-           "NANOR1_TEST_WATCH": str(watch), "NANOR1_TEST_WRITES": str(writes), "GLOO_SOCKET_IFNAME": "lo"}
+           "NANOR1_TEST_WATCH": str(watch), "NANOR1_TEST_WRITES": str(writes), "GLOO_SOCKET_IFNAME": "lo",
+           **(env or {})}
     port = _free_port()
     agents = []
     for node in (0, 1):  # node 0 hosts the rendezvous store; the ranks each node's workers get come from it
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=nanor1-test",
                f"--rdzv_conf=is_host={int(node == 0)}", "--local_addr=127.0.0.1", os.path.join(REPO, script), *args]
-        agents.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True))
+        log = open(tmp_path / f"node{node}.log", "w+")  # files, not pipes: an unread pipe could stall a worker
+        agents.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True), log))
     outs = []
     try:
-        for proc in agents:
-            outs.append(proc.communicate(timeout=timeout))
+        for proc, log in agents:
+            proc.wait(timeout=timeout)
+            log.seek(0)
+            outs.append(log.read())
     finally:
-        for proc in agents:
-            proc.kill()
-    for proc, (out, err) in zip(agents, outs):
-        assert proc.returncode == 0, out[-3000:] + err[-3000:]
+        for proc, log in agents:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the agent and its workers
+            log.close()
+    for (proc, _), out in zip(agents, outs):
+        assert proc.returncode == 0, out[-6000:]
     events = [line.split(" ", 4) for f in sorted(writes.iterdir()) for line in f.read_text().splitlines()]
-    return "".join(out for out, _ in outs), [(int(r), int(lr), int(n), e, p) for r, lr, n, e, p in events]
+    return "".join(outs), [(int(r), int(lr), int(n), e, p) for r, lr, n, e, p in events]
 
 
 def _check_writes(events):
@@ -116,6 +129,7 @@ def test_grpo_on_two_nodes_equals_one_process(grpo_data, tmp_path):  # noqa: F81
 
     _run(init, grpo_data, str(tmp_path / "one"), **{k: v for k, v in common.items() if k not in ("init_from", "data")})
     one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    assert len(one) == len(metrics)
     for a, b in zip(metrics, one):
         for k in ("reward", "completion_len", "trained_rollouts", "eval_accuracy"):
             assert (k in a) == (k in b) and a.get(k, 0) == pytest.approx(b.get(k, 0), rel=1e-6), k
@@ -125,15 +139,21 @@ def test_grpo_on_two_nodes_equals_one_process(grpo_data, tmp_path):  # noqa: F81
 
 
 def test_sft_on_two_nodes_equals_one_process(ckpt, sft_data, tmp_path):  # noqa: F811
-    """3 SFT steps of 4 examples (one per rank, or 4 in one process) with an eval and a checkpoint."""
+    """3 SFT steps of 4 examples (one per rank, or 4 in one process) with an eval, a checkpoint and W&B logging (a
+    stand-in module): global rank 0 alone logs, not the other node's LOCAL_RANK 0."""
     common = dict(init_from=ckpt, data=sft_data, max_seq_len=96, max_steps=3, lr=3e-3, warmup_steps=1, eval_frac=0.1,
                   eval_every=2, progress=0, log_every=1, save_every=2, dtype="float64")
     out = tmp_path / "runs" / "sft"
-    stdout, events = two_nodes("train_sft.py",
-                               [f"--{k}={v}" for k, v in {**common, "out_dir": out, "batch_size": 1}.items()],
-                               tmp_path / "runs", tmp_path)
+    calls = tmp_path / "wandb_calls"
+    calls.mkdir()
+    stdout, events = two_nodes("train_sft.py", [f"--{k}={v}" for k, v in {**common, "out_dir": out, "batch_size": 1,
+                                                                         "wandb_project": "nanor1"}.items()],
+                               tmp_path / "runs", tmp_path, env={"NANOR1_FAKE_WANDB": str(calls)},
+                               modules={"wandb": STAND_IN})
     assert "world 4" in stdout
     _check_writes(events)
+    assert [p.name for p in calls.iterdir()] == ["rank0.jsonl"]
+    assert [json.loads(line)["call"] for line in open(calls / "rank0.jsonl")] == ["init", "log", "log", "log", "finish"]
     assert "sft/metrics.jsonl" in {p for *_, e, p in events if e == "open"}
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
     single = train_sft.main([f"--{k}={v}" for k, v in {**common, "out_dir": str(tmp_path / "one"),

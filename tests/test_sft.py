@@ -365,8 +365,9 @@ def test_kill_and_resume_reaches_the_same_parameters(tmp_path, ckpt, sft_data, c
 
 def test_grad_accum_equals_bigger_batch(tmp_path, ckpt, sft_data):
     """In fp64: AdamW turns the rounding of another summation order into steps of up to lr."""
-    _run(ckpt, sft_data, str(tmp_path / "a"), batch_size=4, grad_accum=1, max_steps=3, eval_frac=0, dtype="float64")
-    _run(ckpt, sft_data, str(tmp_path / "b"), batch_size=1, grad_accum=4, max_steps=3, eval_frac=0, dtype="float64")
+    kw = dict(max_steps=3, eval_frac=0, dtype="float64")
+    _run(ckpt, sft_data, str(tmp_path / "a"), batch_size=4, grad_accum=1, **kw)
+    _run(ckpt, sft_data, str(tmp_path / "b"), batch_size=1, grad_accum=4, **kw)
     a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-10)

@@ -70,8 +70,7 @@ def _check(calls, out_dir, project, run, config):
     assert calls[0] == {"call": "init", "project": project, "name": run, "config": calls[0]["config"]}
     assert all(calls[0]["config"][k] == v for k, v in config.items())
     metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    logged = [c for c in calls[1:-1]]
-    assert [(c["call"], c["step"], c["data"]) for c in logged] == [("log", m["step"], m) for m in metrics]
+    assert [(c["call"], c["step"], c["data"]) for c in calls[1:-1]] == [("log", m["step"], m) for m in metrics]
     assert calls[-1] == {"call": "finish"}
 
 
