@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, causal_mask
+from model import ModelConfig, at_least_fp32, causal_mask
 
 # -----------------------------------------------------------------------------
 # the static KV cache
@@ -173,11 +173,11 @@ def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
     renormalised (the rollout importance weights need them, losses.rollout_is_weights): the same tensor as
     logprobs without filtering. Greedy (T=0) reports T=1 log-probs and sample log-probs 0 (the pick was certain).
     Sampling is by inverse CDF over the filtered probabilities: exact, and one uniform per row per token.
-    out: optional fp32 buffer of >= B rows x V for the log-softmax. The Engine reuses one across steps: on the
-    CPU a fresh [B, vocab] tensor each step is handed back to the OS by malloc and page-faulted in again
-    (~0.6 ms per step at 16 x 32k, ~10% of a small model's step).
+    out: optional buffer (fp32; fp64 for an fp64 model) of >= B rows x V for the log-softmax. The Engine reuses one
+    across steps: on the CPU a fresh [B, vocab] tensor each step is handed back to the OS by malloc and page-faulted
+    in again (~0.6 ms per step at 16 x 32k, ~10% of a small model's step).
     """
-    x = logits.float()
+    x = logits.to(at_least_fp32(logits.dtype))
     if temperature not in (0, 1):  # not x / 1.0: a full pass over [B, vocab] is ~10% of a small model's CPU step
         x = x / temperature
     logp = torch.log_softmax(x, dim=-1, out=None if out is None else out[:x.shape[0]])
@@ -328,6 +328,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.logits_dtype = at_least_fp32(self.dtype)  # sampled from in fp32 (fp64 for an fp64 model)
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
         self.static = self.cuda_graphs if static is None else bool(static) or self.cuda_graphs
@@ -375,7 +376,7 @@ class Engine:
         tok, out = torch.zeros(b, 1, dtype=torch.long, device=self.device), {}
 
         def step():  # static shapes, no host syncs: every tensor it touches lives at a fixed address
-            out["logits"] = self._step_model(tok, kv_cache=cache, logits_to_keep=1)[:, -1].float()
+            out["logits"] = self._step_model(tok, kv_cache=cache, logits_to_keep=1)[:, -1].to(self.logits_dtype)
 
         self._graphs[b] = (self._capture(step, restore), tok, out)
         return self._graphs[b]
@@ -406,7 +407,7 @@ class Engine:
             replay()
             logits = out["logits"]
         else:
-            logits = self.model(tokens[:, None], kv_cache=cache, logits_to_keep=1)[:, -1].float()
+            logits = self.model(tokens[:, None], kv_cache=cache, logits_to_keep=1)[:, -1].to(self.logits_dtype)
         if cache.static:  # the step advanced pos_t on the device; the host copy is ours to keep in step
             cache.pos += 1
         return logits
@@ -460,7 +461,7 @@ class Engine:
         live = list(range(B))  # batch row k holds output row live[k] (None: padding for a graph bucket)
         buckets = _buckets(B)
         step = 0
-        logp_buf = torch.empty(B, self.model.config.vocab_size, device=self.device)  # see sample_tokens
+        logp_buf = torch.empty(B, self.model.config.vocab_size, device=self.device, dtype=self.logits_dtype)
         sync_every = 1 if tools is not None else self.sync_every
         while step < max_new_tokens:
             n = min(sync_every, max_new_tokens - step)
@@ -521,7 +522,7 @@ class Engine:
         ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         cache = self._get_cache(P, P * num_samples, L + max_new_tokens)
-        logits = self.model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1].float()
+        logits = self.model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1].to(self.logits_dtype)
         if num_samples > 1:
             fan = torch.arange(P, device=self.device).repeat_interleave(num_samples)
             cache.select(fan)

@@ -387,7 +387,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
                 adv = torch.tensor([rollouts[i].adv for i in idx], device=lp.device, dtype=lp.dtype)
                 mask = padded([rollouts[i].loss_mask for i in idx], rt.device)
                 # rollouts drawn from another distribution than pi_old: weigh each token by pi_old / pi_sampler
-                sampler_lp = padded([rollouts[i].sample.sample_logprobs for i in idx], rt.device)
+                sampler_lp = padded([rollouts[i].sample.sample_logprobs for i in idx], rt.device, old_lp.dtype)
                 is_w, ist = rollout_is_weights(old_lp, sampler_lp, mask, cfg.rollout_is, cfg.rollout_is_cap,
                                                cfg.rollout_is_floor)
                 loss, st = grpo_loss(lp, old_lp, ref_lp, adv, mask, cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
@@ -418,10 +418,10 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     return reduce_update_stats(stats, rt)
 
 
-def padded(lists, device):
-    """Per-token lists of some rollouts (their loss_mask, logprobs, ...) -> [rollouts, longest] float32, 0 past each
+def padded(lists, device, dtype=torch.float32):
+    """Per-token lists of some rollouts (their loss_mask, logprobs, ...) -> [rollouts, longest] in dtype, 0 past each
     one's end."""
-    return pad_sequence([torch.tensor(x, dtype=torch.float32) for x in lists], batch_first=True).to(device)
+    return pad_sequence([torch.tensor(x, dtype=dtype) for x in lists], batch_first=True).to(device)
 
 
 def rank_shares(idx, lengths, world, cfg):
@@ -475,7 +475,7 @@ def logp_mismatch(lp, rollouts, idx, device):
     with one optimizer step a batch only those it trains, so a step that trains none logs 0."""
     if not lp.numel():
         return 0.0
-    sampler = padded([rollouts[i].sample.logprobs for i in idx], device)
+    sampler = padded([rollouts[i].sample.logprobs for i in idx], device, lp.dtype)
     forced = padded([rollouts[i].sample.loss_mask for i in idx], device) == 0  # a tool's (or past the end)
     return float((lp - sampler).masked_fill(forced, 0.0).abs().max())
 
