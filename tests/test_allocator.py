@@ -18,10 +18,13 @@ import torch
 from train_common import keep_freed_memory
 
 made = keep_freed_memory()
-x = torch.ones(16 << 20)  # 64 MiB: far above glibc's default mmap threshold
-del x
+for _ in range(2):  # (a block may not fit the hole of the one before, aligned: the heap settles after a few)
+    x = torch.ones(16 << 20)  # 64 MiB: far above glibc's default mmap threshold
+    del x
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.ones(16 << 20)
+for _ in range(6):
+    x = torch.ones(16 << 20)
+    del x
 print(made, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -32,9 +35,11 @@ def _run(**env):
     return out[0] == "True", int(out[1])
 
 
-def test_a_freed_block_is_reused():
+def test_freed_blocks_are_reused():
+    """Six 64 MiB blocks, each freed before the next: at most one comes fresh from the system (16,384 4-KiB pages)
+    when the others reuse the kept heap; without the setting each does (98,304 faults)."""
     made, faults = _run()
-    assert made and faults < 1000  # the block again, from the kept heap (without the setting: 16,384 4-KiB pages)
+    assert made and faults <= 16384 + 1000
 
 
 @pytest.mark.parametrize("env", [{"MALLOC_MMAP_THRESHOLD_": "131072"},
