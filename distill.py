@@ -48,6 +48,7 @@ from configurator import parse_overrides
 from dataloader import (PackStream, collate, load_examples, load_prompt_sources, packed_attention_mask, parse_data_spec,
                         read_rows)
 from engine import Engine, sample_seed
+from lora import is_adapter_dir, lora_model, tokenizer_dir
 from losses import chunked_forward_kl, completion_logprobs, reverse_kl_loss
 from model import Transformer
 from rejection import rejection_sample, save_samples
@@ -99,6 +100,11 @@ samples_per_prompt = 4  # student completions per prompt
 micro_batch_size = 64  # completions per forward/backward
 logp_chunk = 1024
 # runtime
+# LoRA (lora.py) for the student: adapters on its frozen base instead of every weight
+lora_rank = 0  # >0: train LoRA adapters of this rank (init_from may also be an adapter dir: trained further)
+lora_alpha = 32  # the adapters' scale is lora_alpha / lora_rank
+lora_targets = "all-linear"  # q,k,v,o,gate,up,down projections of every block, or a comma list of those names
+lora_base = ""  # the base of an adapter given as init_from, where its adapter_config.json names none that exists here
 teacher_device = "auto"  # auto: the student's device; or e.g. cuda:1 / cpu
 device = "auto"
 dtype = "auto"  # training compute: auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16 | float64
@@ -161,7 +167,7 @@ def teacher_samples(cfg, rt, path):
     if cfg.resume and os.path.isfile(path) and os.path.isfile(path + ".report.json"):
         rt.log(f"reusing the teacher samples in {path}")
         return [r for _, r in read_rows(path)], json.load(open(path + ".report.json"))
-    model, tok = load_teacher(cfg, rt), Tokenizer.from_pretrained(cfg.teacher)
+    model, tok = load_teacher(cfg, rt), Tokenizer.from_pretrained(tokenizer_dir(cfg.teacher))
     rows, files = [], []
     for spec_path, _ in parse_data_spec(cfg.data):
         part = [row for _, row in read_rows(spec_path)]
@@ -193,7 +199,8 @@ def run_sequence(cfg, rt):
     teacher_samples(cfg, rt, samples_path)
     shared = ("init_from", "out_dir", "epochs", "max_steps", "batch_size", "max_seq_len", "lr", "min_lr",
               "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "device", "dtype", "resume",
-              "save_every", "stop_after", "progress", "log_every", "wandb_project", "wandb_run")
+              "save_every", "stop_after", "progress", "log_every", "wandb_project", "wandb_run", "lora_rank",
+              "lora_alpha", "lora_targets", "lora_base")
     rt.log(f"student: train_sft.main on {samples_path}")
     res = train_sft.main(data=samples_path, eval_every=0, eval_frac=0.0, **{k: cfg[k] for k in shared})
     return res["step"] == res["total_steps"]
@@ -299,7 +306,12 @@ def run_trainer(cfg, rt, tok, eval_problems, history):
     """The logit / onpolicy loop: -> whether it ran to the end (False: stopped by stop_after)."""
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
     teacher = load_teacher(cfg, rt)
-    student = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=rt.param_dtype, device=rt.device)
+    init = resume_from or cfg.init_from
+    if cfg.lora_rank or is_adapter_dir(init):
+        student = lora_model(init, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base,
+                             torch.bfloat16 if rt.dev_type == "cuda" else rt.param_dtype, rt.param_dtype, rt.device)
+    else:
+        student = Transformer.from_pretrained(init, dtype=rt.param_dtype, device=rt.device)
     V = min(student.config.vocab_size, teacher.config.vocab_size)  # heads padded past the tokenizer may differ
     if V < tok.vocab_size:
         raise SystemExit(f"a head of {V} words does not cover the tokenizer's {tok.vocab_size}")
@@ -355,7 +367,7 @@ def run_trainer(cfg, rt, tok, eval_problems, history):
 
 def evaluate_dir(path, cfg, rt, problems):
     model = Transformer.from_pretrained(path, dtype=torch.float32, device=rt.device).eval()
-    return evaluate_model(model, Tokenizer.from_pretrained(path), cfg, rt, problems)
+    return evaluate_model(model, Tokenizer.from_pretrained(tokenizer_dir(path)), cfg, rt, problems)
 
 
 def evaluate_model(model, tok, cfg, rt, problems, step=None):
@@ -376,11 +388,13 @@ def main(argv=()):
     if cfg.wandb_project and rt.master:  # (the run itself starts with the training loop's log)
         import_wandb()
     for what, path in (("--teacher", cfg.teacher), ("--init_from", cfg.init_from)):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise SystemExit(f"{what}={path}: no config.json (expected an HF-layout checkpoint directory)")
-    student_tok = Tokenizer.from_pretrained(cfg.init_from)
+        if not os.path.isfile(os.path.join(path, "config.json")) and not is_adapter_dir(path):
+            raise SystemExit(f"{what}={path}: no config.json (expected an HF-layout checkpoint directory or a LoRA "
+                             "adapter's)")
+    student_tok = Tokenizer.from_pretrained(tokenizer_dir(cfg.init_from, cfg.lora_base))
     if cfg.mode != "sequence":
-        check_same_vocabulary(Tokenizer.from_pretrained(cfg.teacher), student_tok, cfg.teacher, cfg.init_from)
+        check_same_vocabulary(Tokenizer.from_pretrained(tokenizer_dir(cfg.teacher)), student_tok, cfg.teacher,
+                              cfg.init_from)
     eval_problems = [r for _, r in read_rows(cfg.eval_data)][:cfg.eval_n] if cfg.eval_data else []
     t0 = time.time()
     history = {"student": []}

@@ -26,6 +26,7 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's LoRA adapter files
 
 # -----------------------------------------------------------------------------
 # config
@@ -333,10 +334,13 @@ class Transformer(nn.Module):
     # ---- HF checkpoint I/O ----------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
+    def from_pretrained(cls, path, dtype=None, device=None, lora_base=None):
         """Load an HF-layout Qwen2/Qwen3 checkpoint dir (config.json + model.safetensors or a sharded index).
         Built on the meta device, then each tensor is read straight to `device` in `dtype` (no double memory).
-        dtype=None keeps the checkpoint's stored dtype."""
+        dtype=None keeps the checkpoint's stored dtype. A LoRA adapter dir (PEFT's adapter_config.json +
+        adapter_model.safetensors) gives its base (lora_base, else the one it names) with the adapter merged in."""
+        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            return merged_adapter(cls, path, dtype, device, lora_base)
         config = load_config(path)
         for f, keys in _weight_files(path).items():
             if "score.weight" in keys:
@@ -604,6 +608,63 @@ def _write_checkpoint(path, module, state_dict, config, max_shard_size, skip=())
         with open(os.path.join(tmp, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     swap_in_dir(tmp, path)
+
+
+def read_adapter(path, lora_base=None):
+    """A PEFT LoRA adapter dir -> (its adapter_config.json as a dict, the base checkpoint dir: lora_base or the
+    config's base_model_name_or_path, {module name: (A [r, in], B [out, r])} in the base's naming)."""
+    from safetensors.torch import load_file
+
+    conf_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
+    with open(conf_path) as f:
+        conf = json.load(f)
+    for key, want in (("peft_type", "LORA"), ("use_rslora", False), ("use_dora", False)):
+        if conf.get(key, want) != want:
+            raise ValueError(f"{conf_path}: {key} is {conf[key]!r}; nanoR1 reads plain LoRA ({key} {want!r})")
+    base = lora_base or conf.get("base_model_name_or_path")
+    if not base or not os.path.isfile(os.path.join(base, CONFIG_NAME)):
+        raise FileNotFoundError(f"{conf_path}: its base model {base!r} is not a checkpoint dir here (no "
+                                f"{CONFIG_NAME}); name the base with --lora_base=DIR")
+    pairs = {}
+    for key, t in load_file(weights_path).items():
+        name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if not key.startswith("base_model.model.") or part not in ("A.weight", "B.weight"):
+            raise KeyError(f"{weights_path}: unexpected tensor {key} (expected base_model.model.<module>.lora_A.weight"
+                           " or .lora_B.weight)")
+        pairs.setdefault(name, [None, None])[part == "B.weight"] = t
+    missing = sorted(n for n, ab in pairs.items() if None in ab)
+    if missing:
+        raise KeyError(f"{weights_path}: {missing[0]} has only one of lora_A and lora_B")
+    return conf, base, {n: tuple(ab) for n, ab in pairs.items()}
+
+
+def merged_adapter(cls, path, dtype, device, lora_base=None):
+    """The base of the adapter at path with W += (lora_alpha / r) B A merged into each adapted linear (in fp32 or
+    wider, rounded once to the weight's dtype)."""
+    conf, base, pairs = read_adapter(path, lora_base)
+    model = cls.from_pretrained(base, dtype, device)
+    scale = conf["lora_alpha"] / conf["r"]
+    with torch.no_grad():
+        for name, (a, b) in pairs.items():
+            w = check_adapter_shapes(model, name, a, b, os.path.join(path, ADAPTER_WEIGHTS)).weight
+            acc = at_least_fp32(w.dtype)
+            w.copy_((w.to(acc) + scale * (b.to(w.device, acc) @ a.to(w.device, acc))).to(w.dtype))
+    return model
+
+
+def check_adapter_shapes(model, name, a, b, where):
+    """-> the nn.Linear `name` of model that the pair (A, B) adapts; errors name the key and both shapes."""
+    try:
+        lin = model.get_submodule(name)
+    except AttributeError:
+        raise KeyError(f"{where}: base_model.model.{name}: no such layer in the base model") from None
+    lin = getattr(lin, "base_layer", lin)  # (a model with adapters of its own)
+    r = a.shape[0]
+    for part, got, want in (("A", a.shape, (r, lin.in_features)), ("B", b.shape, (lin.out_features, r))):
+        if tuple(got) != want:
+            raise ValueError(f"{where}: base_model.model.{name}.lora_{part}.weight has shape {list(got)}, the base's "
+                             f"layer needs {list(want)}")
+    return lin
 
 
 def is_reward_model_dir(path):

@@ -27,6 +27,7 @@ import torch
 from configurator import parse_overrides
 from data.jsonl import write_jsonl
 from engine import Engine
+from lora import is_adapter_dir, tokenizer_dir
 from model import Transformer
 from rejection import rejection_sample, save_samples
 from reward import is_equiv
@@ -88,16 +89,16 @@ def main(argv):
     if not cfg["init_from"]:
         cfg["init_from"] = next((d for d in (TINY_GRPO, TINY_SFT) if os.path.isfile(os.path.join(d, "config.json"))),
                                 TINY_BASE)
-    if not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):
+    if not os.path.isfile(os.path.join(cfg["init_from"], "config.json")) and not is_adapter_dir(cfg["init_from"]):
         if not argv:  # bare `python sample.py` before the tiny model exists
             print(f"no checkpoint at {cfg['init_from']}/ yet (train one with train_sft.py).\nusage:{USAGE}")
             return 0
-        raise SystemExit(f"{cfg['init_from']}: no config.json (expected a checkpoint directory)")
+        raise SystemExit(f"{cfg['init_from']}: no config.json (expected a checkpoint directory or a LoRA adapter's)")
     rt = setup_runtime(cfg["device"], "auto", cfg["seed"])  # torchrun: one process per device
     dtype = {"auto": torch.bfloat16 if rt.dev_type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
     model = Transformer.from_pretrained(cfg["init_from"], dtype=dtype, device=rt.device).eval()
-    tok = Tokenizer.from_pretrained(cfg["init_from"])
+    tok = Tokenizer.from_pretrained(tokenizer_dir(cfg["init_from"]))
     engine = Engine(model, tok, cuda_graphs=bool(cfg["cuda_graphs"]) and rt.dev_type == "cuda",
                     compile=bool(cfg["compile"]))
     try:

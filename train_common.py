@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lora import save_adapter
 from model import swap_in_dir
 from plot import write_curves
 
@@ -219,7 +220,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def save_checkpoint(rt, path, model, optimizer, tok_dir, fsdp=False, **trainer_state):
-    """model (HF layout) + tokenizer files + trainer_state.pt (the optimizer, every rank's RNG state and the caller's
+    """model (HF layout; a LoRA model's adapters alone, in PEFT's layout) + tokenizer files + trainer_state.pt (the optimizer, every rank's RNG state and the caller's
     trainer_state: step, data position, ...), written by rank 0 and swapped in as one directory, so a crash at any
     moment leaves either the previous checkpoint or this one, never a mix. Every rank calls it: it gathers."""
     rngs = [rng_state()] * rt.world  # every rank's, in rank order: rank r resumes with entry r
@@ -237,7 +238,10 @@ def save_checkpoint(rt, path, model, optimizer, tok_dir, fsdp=False, **trainer_s
     if rt.master:
         staging = path + ".staging"
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging, state_dict=weights)
+        if getattr(model, "lora", None):
+            save_adapter(staging, weights if weights is not None else model.state_dict(), model.lora)
+        else:
+            model.save_pretrained(staging, state_dict=weights)
         for name in TOKENIZER_FILES:
             src = os.path.join(tok_dir, name)
             if os.path.isfile(src):

@@ -61,6 +61,7 @@ from dataloader import PackStream, load_prompt_sources
 from engine import Completion, Engine, sample_seed
 from losses import (LOSS_AGGS, ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss,
                     loss_normalizer, overlong_penalty, rollout_is_weights)
+from lora import adapters_off, is_adapter_dir, lora_model, tokenizer_dir
 from model import Transformer
 from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
 from tasks import (PROMPT_TEMPLATES, RewardModelScorer, count_rechecks, held_out_rm_score, maj_at_k, pass_at_1,
@@ -137,12 +138,17 @@ tools_in_prompt = 1  # chat format: the prompts list the tools' JSON schemas in 
 # its tools in SFT without them)
 sample_every = 40  # print a few completions every this many steps (0: never)
 log_rollouts = -1  # append every completion of every N-th step to out_dir/rollouts.jsonl (-1: N = sample_every; 0: never)
+# LoRA (lora.py): adapters on a frozen base; the reference (beta > 0) is the base, the adapters switched off
+lora_rank = 0  # >0: train LoRA adapters of this rank instead of every weight (init_from may also be an adapter dir)
+lora_alpha = 32  # the adapters' scale is lora_alpha / lora_rank
+lora_targets = "all-linear"  # q,k,v,o,gate,up,down projections of every block, or a comma list of those names
+lora_base = ""  # the base of an adapter given as init_from, where its adapter_config.json names none that exists here
 logp_chunk = 1024  # positions per chunk of the training log-probs (peak logits memory = logp_chunk x vocab)
 grad_checkpointing = 0
 fsdp = 0  # 1 (torchrun): FSDP2 shards the policy's parameters, gradients and AdamW state over the ranks
 sample_dtype = "auto"  # rollout weights: auto (bf16 copy of the policy on cuda, the policy itself on cpu) | float32
 cuda_graphs = 1
-dtype = "auto"  # training compute: auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16 | float64 (tests)
+dtype = "auto"  # training compute: auto (bf16 autocast on cuda, fp32 on cpu) | float32 | bfloat16 | float64
 device = "auto"
 out_dir = "out/grpo"
 save_every = 0  # 0: only at the end
@@ -511,7 +517,7 @@ def micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pa
         t0 = time.time()
         missing = [i for i in idx if i not in ref]
         if missing:
-            with torch.no_grad(), rt.autocast():
+            with torch.no_grad(), rt.autocast(), adapters_off(ref_model):
                 r = batch_logprobs(ref_model, rollouts, missing, cfg, rt, pad_id)
             ref.update({i: r[b, :len(rollouts[i].sample.tokens)] for b, i in enumerate(missing)})
         ref_lp = pad_sequence([ref[i] for i in idx], batch_first=True)
@@ -593,7 +599,17 @@ def load_models(cfg, rt, resume_from):
     """-> (policy, reference model or None, sampler). fp32 master weights (bf16 compute comes from autocast; fp64 under
     --dtype=float64); a frozen reference only when beta > 0. The sampler is the policy itself, or a low-precision
     copy (or under FSDP an unsharded one) refreshed in place after every update: CUDA graphs keep the addresses of
-    its tensors."""
+    its tensors. With LoRA all three are one model: a frozen base in the compute dtype under fp32 adapters, the
+    reference being it with its adapters switched off (lora.adapters_off)."""
+    if cfg.lora_rank or is_adapter_dir(resume_from or cfg.init_from):
+        if cfg.fsdp or cfg.ref_update_every:
+            raise SystemExit(f"--{'fsdp' if cfg.fsdp else 'ref_update_every'} with LoRA: not supported (the "
+                             "reference of a LoRA policy is its base, the adapters switched off)")
+        policy = lora_model(resume_from or cfg.init_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
+                            cfg.lora_base, torch.bfloat16 if rt.dev_type == "cuda" else rt.param_dtype,
+                            rt.param_dtype, rt.device)
+        policy.gradient_checkpointing = bool(cfg.grad_checkpointing)
+        return policy, policy if cfg.beta > 0 else None, policy
     policy = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=rt.param_dtype, device=rt.device)
     policy.gradient_checkpointing = bool(cfg.grad_checkpointing)
     ref_model = None
@@ -605,6 +621,14 @@ def load_models(cfg, rt, resume_from):
     sampler = copy.deepcopy(policy).to(sample_dtype).eval() if sample_dtype != rt.param_dtype or cfg.fsdp else policy
     sampler.requires_grad_(sampler is policy)
     return policy, ref_model, sampler
+
+
+def reference_kind(policy, ref_model):
+    if ref_model is None:
+        return "none (beta=0)"
+    if ref_model is policy:
+        return f"the base (LoRA r={policy.lora['r']} adapters switched off)"
+    return "yes"
 
 
 def evaluate(engine, problems, rm_items, scorer, history, at_step, cfg, rt, sampling):
@@ -711,9 +735,10 @@ def main(argv=()):
     if cfg.wandb_project and rt.master:
         import_wandb()
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
-    if not os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-        raise SystemExit(f"--init_from={cfg.init_from}: no config.json (expected an HF-layout checkpoint directory)")
-    tok_dir = resume_from or cfg.init_from
+    if not os.path.isfile(os.path.join(cfg.init_from, "config.json")) and not is_adapter_dir(cfg.init_from):
+        raise SystemExit(f"--init_from={cfg.init_from}: no config.json (expected an HF-layout checkpoint directory "
+                         "or a LoRA adapter's)")
+    tok_dir = tokenizer_dir(resume_from or cfg.init_from, cfg.lora_base)
     tok = Tokenizer.from_pretrained(tok_dir)
     reward_fn = combine_rewards(cfg.rewards)
     try:
@@ -747,7 +772,7 @@ def main(argv=()):
     rt.log(f"model: {policy.num_params() / 1e6:.2f}M params; device {rt.device}, world {rt.world}, "
            f"{rt.compute} training{', FSDP2-sharded' if cfg.fsdp else ''}, "
            f"{next(sampler.parameters()).dtype} rollouts; reference model: "
-           f"{'yes' if ref_model is not None else 'none (beta=0)'}{rm_info}; rollout IS correction: {cfg.rollout_is}")
+           f"{reference_kind(policy, ref_model)}{rm_info}; rollout IS correction: {cfg.rollout_is}")
     if tools:
         rt.log(f"tools: {tools.describe()}")
     log = StepLog(cfg, rt, policy, tok, step, resume_from, start_wandb(cfg.wandb_project, cfg.wandb_run, cfg, rt))

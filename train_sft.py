@@ -65,6 +65,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import parse_overrides
 from dataloader import (PackStream, collate, collate_pairs, load_examples, pack_best_fit, packed_attention_mask,
                         parse_data_spec)
+from lora import is_adapter_dir, lora_model, tokenizer_dir
 from losses import bradley_terry_loss, chunked_cross_entropy
 from model import ModelConfig, RewardModel, Transformer, at_least_fp32, is_reward_model_dir
 from tokenizer import Tokenizer
@@ -100,6 +101,11 @@ grad_clip = 1.0  # 0 disables
 dtype = "auto"  # auto: bf16 autocast (fp32 master weights) on cuda, fp32 on cpu | float32 | bfloat16 | float64
 device = "auto"  # auto | cpu | cuda
 compile = 0  # torch.compile the model
+# LoRA (lora.py): adapters on a frozen base instead of every weight
+lora_rank = 0  # >0: train LoRA adapters of this rank (init_from may also be an adapter dir: trained further)
+lora_alpha = 32  # the adapters' scale is lora_alpha / lora_rank
+lora_targets = "all-linear"  # q,k,v,o,gate,up,down projections of every block, or a comma list of those names
+lora_base = ""  # the base of an adapter given as init_from, where its adapter_config.json names none that exists here
 grad_checkpointing = 0  # recompute each block in backward: less activation memory, ~30% more compute
 fsdp = 0  # 1 (torchrun): FSDP2 shards parameters, gradients and AdamW state over the ranks instead of DDP replicas
 ce_chunk = 1024  # positions per chunk of the fused cross-entropy (peak logits memory = ce_chunk x vocab)
@@ -237,6 +243,12 @@ def build_model(cfg, tok, rt, resume_from):
     away; fp64 under --dtype=float64): resumed, from init_from (rm: a RewardModel, from a causal LM with a fresh score
     head), or from scratch."""
     device, dtype = rt.device, rt.param_dtype
+    if cfg.lora_rank or (cfg.init_from != "scratch" and is_adapter_dir(resume_from or cfg.init_from)):
+        if cfg.mode == "rm" or cfg.init_from == "scratch" or cfg.fsdp:
+            raise SystemExit("LoRA trains a causal LM from a checkpoint, without FSDP (not --mode=rm, "
+                             "--init_from=scratch or --fsdp=1)")
+        return lora_model(resume_from or cfg.init_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base,
+                          torch.bfloat16 if device.type == "cuda" else dtype, dtype, device)
     cls = RewardModel if cfg.mode == "rm" else Transformer
     if resume_from or (cfg.init_from != "scratch" and (cls is Transformer or is_reward_model_dir(cfg.init_from))):
         return cls.from_pretrained(resume_from or cfg.init_from, dtype=dtype, device=device)
@@ -288,7 +300,7 @@ def main(argv=(), **overrides):
     if cfg.wandb_project and rt.master:
         import_wandb()
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
-    tok_dir = cfg.tokenizer or (resume_from or cfg.init_from)
+    tok_dir = cfg.tokenizer or tokenizer_dir(resume_from or cfg.init_from, cfg.lora_base)
     if tok_dir == "scratch":
         raise SystemExit("--init_from=scratch needs --tokenizer=DIR")
     tok = Tokenizer.from_pretrained(tok_dir)
