@@ -515,7 +515,8 @@ def micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pa
     ref_lp = None
     if ref_model is not None:
         t0 = time.time()
-        missing = [i for i in idx if i not in ref]
+        # a LoRA policy sharded by FSDP is its own reference: every rank runs every pass, whatever it has cached
+        missing = idx if cfg.fsdp and ref_model is policy else [i for i in idx if i not in ref]
         if missing:
             with torch.no_grad(), rt.autocast(), adapters_off(ref_model):
                 r = batch_logprobs(ref_model, rollouts, missing, cfg, rt, pad_id)
@@ -602,14 +603,15 @@ def load_models(cfg, rt, resume_from):
     its tensors. With LoRA all three are one model: a frozen base in the compute dtype under fp32 adapters, the
     reference being it with its adapters switched off (lora.adapters_off)."""
     if cfg.lora_rank or is_adapter_dir(resume_from or cfg.init_from):
-        if cfg.fsdp or cfg.ref_update_every:
-            raise SystemExit(f"--{'fsdp' if cfg.fsdp else 'ref_update_every'} with LoRA: not supported (the "
-                             "reference of a LoRA policy is its base, the adapters switched off)")
+        if cfg.ref_update_every:
+            raise SystemExit("--ref_update_every with LoRA: not supported (the reference of a LoRA policy is its "
+                             "base, the adapters switched off)")
         policy = lora_model(resume_from or cfg.init_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                             cfg.lora_base, torch.bfloat16 if rt.dev_type == "cuda" else rt.param_dtype,
                             rt.param_dtype, rt.device)
         policy.gradient_checkpointing = bool(cfg.grad_checkpointing)
-        return policy, policy if cfg.beta > 0 else None, policy
+        sampler = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.fsdp else policy  # (unsharded)
+        return policy, policy if cfg.beta > 0 else None, sampler
     policy = Transformer.from_pretrained(resume_from or cfg.init_from, dtype=rt.param_dtype, device=rt.device)
     policy.gradient_checkpointing = bool(cfg.grad_checkpointing)
     ref_model = None

@@ -244,9 +244,8 @@ def build_model(cfg, tok, rt, resume_from):
     head), or from scratch."""
     device, dtype = rt.device, rt.param_dtype
     if cfg.lora_rank or (cfg.init_from != "scratch" and is_adapter_dir(resume_from or cfg.init_from)):
-        if cfg.mode == "rm" or cfg.init_from == "scratch" or cfg.fsdp:
-            raise SystemExit("LoRA trains a causal LM from a checkpoint, without FSDP (not --mode=rm, "
-                             "--init_from=scratch or --fsdp=1)")
+        if cfg.mode == "rm" or cfg.init_from == "scratch":
+            raise SystemExit("LoRA trains a causal LM from a checkpoint (not --mode=rm or --init_from=scratch)")
         return lora_model(resume_from or cfg.init_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base,
                           torch.bfloat16 if device.type == "cuda" else dtype, dtype, device)
     cls = RewardModel if cfg.mode == "rm" else Transformer

@@ -192,6 +192,49 @@ def test_sft_then_grpo_through_an_adapter(ckpt, sft_data, grpo_data, tmp_path): 
         run_grpo(sft_ck, grpo_data, str(tmp_path / "moving"), ref_update_every=2, beta=0.04)
 
 
+def test_fsdp_with_lora_equals_ddp(grpo_data, sft_data, tmp_path):  # noqa: F811
+    """GRPO (the reference is the sharded policy with its adapters off: every rank runs each of its passes, token
+    budget 1 so the ranks' counts differ; killed after step 1 and resumed) and SFT, --fsdp=1 against DDP, in fp64."""
+    init = make_tiny_checkpoint(str(tmp_path / "init"), std=0.1, model_type="qwen3", attention_bias=False,
+                                qk_norm=True, head_dim=16)
+    grpo = dict(init_from=init, data=grpo_data[0], eval_every=0, max_steps=2, group_size=3, prompts_per_step=3,
+                max_completion_len=16, progress=0, sample_every=0, warmup_steps=1, lr=1e-2, rewards="language:1",
+                lora_rank=4, beta=0.04, dtype="float64", micro_batch_tokens=1, save_every=1)
+    sft = dict(init_from=init, data=sft_data, max_seq_len=96, max_steps=3, lr=1e-2, warmup_steps=1, pack=0,
+               batch_size=2, grad_accum=2, eval_frac=0.1, eval_every=2, progress=0, lora_rank=4, dtype="float64")
+    for script, common, extra in (("train_grpo.py", grpo, dict(stop_after=1)), ("train_sft.py", sft, {})):
+        args = [f"--{k}={v}" for k, v in common.items()]
+        torchrun(script, args + [f"--out_dir={tmp_path / script / 'ddp'}"])
+        fsdp = args + ["--fsdp=1", f"--out_dir={tmp_path / script / 'fsdp'}"]
+        out = torchrun(script, fsdp + [f"--{k}={v}" for k, v in extra.items()])
+        if extra:
+            assert "resumed from" in torchrun(script, fsdp + ["--resume=1"])
+        assert "FSDP2-sharded" in out
+        a, b = (load_file(str(tmp_path / script / d / "ckpt" / "adapter_model.safetensors")) for d in ("ddp", "fsdp"))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-10, script
+        assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_merge_lora_writes_a_plain_checkpoint(base, tmp_path):
+    """merge_lora.py: the adapter merged into its base, a checkpoint transformers loads with the adapted logits."""
+    import merge_lora
+
+    path, _ = base
+    ours = add_lora(Transformer.from_pretrained(path, dtype=torch.float32), 4, 16)
+    ours.lora["base"] = path
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    save_adapter(str(tmp_path / "adapter"), ours.state_dict(), ours.lora)
+    merge_lora.main([str(tmp_path / "adapter"), str(tmp_path / "merged")])
+    files = os.listdir(tmp_path / "merged")
+    assert {"config.json", "model.safetensors"} <= set(files) and not any(f.startswith("adapter_") for f in files)
+    with torch.no_grad():
+        torch.testing.assert_close(_fresh_hf(str(tmp_path / "merged"))(IDS).logits, ours.eval()(IDS), rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_distill_with_a_lora_student(tmp_path):
     args = [f"--data={os.path.join(os.path.dirname(train_sft.__file__), 'data/tiny/train.jsonl')}", "--n_prompts=16",
             "--eval_data=", "--max_steps=2", "--batch_size=2", "--progress=0", "--mode=logit", "--lora_rank=4",
