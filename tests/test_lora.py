@@ -244,6 +244,21 @@ def test_distill_with_a_lora_student(tmp_path):
     assert conf["r"] == 4 and conf["base_model_name_or_path"] == "data/tiny/student"
 
 
+def test_the_7b_lora_recipe_runs_two_steps_of_its_shape_on_a_tiny_model(grpo_ckpt, grpo_data, tmp_path):  # noqa
+    """config/r1zero_qwen2.5_7b_lora_math.py as it is (rank 16 on all linear layers, R1-Zero's template and rewards,
+    beta with the base as reference, gradient checkpointing, a token budget) but for the model, data and sizes."""
+    recipe = os.path.join(os.path.dirname(train_grpo.__file__), "config", "r1zero_qwen2.5_7b_lora_math.py")
+    cfg = train_grpo.configure([recipe])
+    assert (cfg.lora_rank, cfg.lora_targets, cfg.grad_checkpointing, cfg.beta > 0) == (16, "all-linear", 1, True)
+    small = dict(init_from=grpo_ckpt, data=grpo_data[0], eval_data=grpo_data[1], eval_n=4, eval_every=2, max_steps=2,
+                 prompts_per_step=2, max_prompt_len=480, max_completion_len=16, micro_batch_tokens=12 * 496,
+                 out_dir=tmp_path / "run", progress=0, sample_every=0, save_every=0)
+    result = train_grpo.main([recipe] + [f"--{k}={v}" for k, v in small.items()])
+    assert result["step"] == 2
+    conf = json.load(open(tmp_path / "run" / "ckpt" / "adapter_config.json"))
+    assert conf["r"] == 16 and conf["target_modules"] == list(LORA_TARGETS)
+
+
 def test_lora_flags_are_in_every_trainer():
     for module in (train_grpo, train_sft, distill):
         cfg = module.configure(["--lora_rank=16", "--lora_alpha=32", "--lora_targets=q_proj,v_proj", "--lora_base=x"])
