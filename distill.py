@@ -309,7 +309,7 @@ def run_trainer(cfg, rt, tok, eval_problems, history):
     init = resume_from or cfg.init_from
     if cfg.lora_rank or is_adapter_dir(init):
         student = lora_model(init, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base,
-                             torch.bfloat16 if rt.dev_type == "cuda" else rt.param_dtype, rt.param_dtype, rt.device)
+                             rt.amp_dtype or rt.param_dtype, rt.param_dtype, rt.device)
     else:
         student = Transformer.from_pretrained(init, dtype=rt.param_dtype, device=rt.device)
     V = min(student.config.vocab_size, teacher.config.vocab_size)  # heads padded past the tokenizer may differ
@@ -367,7 +367,7 @@ def run_trainer(cfg, rt, tok, eval_problems, history):
 
 def evaluate_dir(path, cfg, rt, problems):
     model = Transformer.from_pretrained(path, dtype=torch.float32, device=rt.device).eval()
-    return evaluate_model(model, Tokenizer.from_pretrained(tokenizer_dir(path)), cfg, rt, problems)
+    return evaluate_model(model, Tokenizer.from_pretrained(tokenizer_dir(path, cfg.lora_base)), cfg, rt, problems)
 
 
 def evaluate_model(model, tok, cfg, rt, problems, step=None):

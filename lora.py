@@ -2,10 +2,11 @@
 LoRA (Hu et al., arXiv 2106.09685, eq. 3): a frozen linear W0 gains a low-rank update, h = W0 x + (alpha / r) B A x,
 with A [r, in] and B [out, r] the only weights trained. B starts at zero, so step 0 is the base model exactly.
 
-The adapters stay unmerged: the Engine samples through the same modules the trainer trains, on the one copy of the
-base, so the sampler never runs stale weights and a low-precision base is never merged into and out of. The frozen
-base is kept in the compute dtype (bf16 on a GPU, no fp32 master copy), the adapters and their AdamW state in fp32.
-The reference model for the KL term is the policy with its adapters switched off (adapters_off), not a second model.
+The adapters stay unmerged: the Engine samples through the same modules the trainer trains, on the same copy of the base
+(under FSDP an unsharded copy of both, refreshed after each update), so the sampler never runs stale weights and a
+low-precision base is never merged into and out of. The frozen base is kept in the compute dtype (bf16 on a GPU, no fp32
+master copy), the adapters and their AdamW state in fp32. The reference model for the KL term is the policy with its
+adapters switched off (adapters_off), not a second model.
 
 Adapters are read and written in PEFT's format (adapter_config.json + adapter_model.safetensors, keys
 base_model.model.<module>.lora_A.weight / .lora_B.weight), which PeftModel.from_pretrained and vLLM's LoRARequest
@@ -41,7 +42,9 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if not self.enabled:
             return y
-        return y + (self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale).to(y.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # (the Engine: a bf16 base's x meets fp32 adapters)
+            x = x.to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(x)) * self.scale).to(y.dtype)
 
 
 def parse_targets(targets):
@@ -119,7 +122,7 @@ def lora_model(init_from, rank, alpha, targets, lora_base, dtype, adapter_dtype,
                        f"{len(layers)}: {sorted(set(pairs) ^ set(layers))[:4]}")
     with torch.no_grad():
         for name, (a, b) in pairs.items():
-            check_adapter_shapes(model, name, a, b, os.path.join(init_from, ADAPTER_WEIGHTS))
+            check_adapter_shapes(model, name, a, b, os.path.join(init_from, ADAPTER_WEIGHTS), conf["r"])
             layers[name].lora_A.weight.copy_(a)
             layers[name].lora_B.weight.copy_(b)
     return model

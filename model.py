@@ -618,8 +618,9 @@ def read_adapter(path, lora_base=None):
     conf_path, weights_path = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
     with open(conf_path) as f:
         conf = json.load(f)
-    for key, want in (("peft_type", "LORA"), ("use_rslora", False), ("use_dora", False)):
-        if conf.get(key, want) != want:
+    for key, want in (("peft_type", "LORA"), ("use_rslora", False), ("use_dora", False), ("rank_pattern", {}),
+                      ("alpha_pattern", {})):
+        if (conf.get(key) or want) != want:
             raise ValueError(f"{conf_path}: {key} is {conf[key]!r}; nanoR1 reads plain LoRA ({key} {want!r})")
     base = lora_base or conf.get("base_model_name_or_path")
     if not base or not os.path.isfile(os.path.join(base, CONFIG_NAME)):
@@ -646,20 +647,21 @@ def merged_adapter(cls, path, dtype, device, lora_base=None):
     scale = conf["lora_alpha"] / conf["r"]
     with torch.no_grad():
         for name, (a, b) in pairs.items():
-            w = check_adapter_shapes(model, name, a, b, os.path.join(path, ADAPTER_WEIGHTS)).weight
+            w = check_adapter_shapes(model, name, a, b, os.path.join(path, ADAPTER_WEIGHTS), conf["r"]).weight
             acc = at_least_fp32(w.dtype)
             w.copy_((w.to(acc) + scale * (b.to(w.device, acc) @ a.to(w.device, acc))).to(w.dtype))
     return model
 
 
-def check_adapter_shapes(model, name, a, b, where):
-    """-> the nn.Linear `name` of model that the pair (A, B) adapts; errors name the key and both shapes."""
+def check_adapter_shapes(model, name, a, b, where, rank=None):
+    """-> the nn.Linear `name` of model that the pair (A, B) of rank `rank` (None: A's) adapts; errors name the key
+    and both shapes."""
     try:
         lin = model.get_submodule(name)
     except AttributeError:
         raise KeyError(f"{where}: base_model.model.{name}: no such layer in the base model") from None
     lin = getattr(lin, "base_layer", lin)  # (a model with adapters of its own)
-    r = a.shape[0]
+    r = rank or a.shape[0]
     for part, got, want in (("A", a.shape, (r, lin.in_features)), ("B", b.shape, (lin.out_features, r))):
         if tuple(got) != want:
             raise ValueError(f"{where}: base_model.model.{name}.lora_{part}.weight has shape {list(got)}, the base's "

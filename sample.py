@@ -72,6 +72,7 @@ CONFIG = dict(
     max_tool_output_tokens=256,  # a longer result is cut, with a marker that says so
     tool_timeout=5.0,  # seconds per call
     tools_in_prompt=1,  # chat format: the prompts list the tools' JSON schemas (0: a model that learned them in SFT)
+    lora_base="",  # an adapter dir as init_from: its base, where its adapter_config.json names none that exists here
     device="auto",
     dtype="auto",  # float32 | bfloat16 | auto (bf16 on CUDA)
     cuda_graphs=1,
@@ -87,7 +88,8 @@ def main(argv):
     if cfg["tool_format"] not in ("auto",) + TOOL_FORMATS:
         raise SystemExit(f"--tool_format={cfg['tool_format']}: expected one of auto, {', '.join(TOOL_FORMATS)}")
     if not cfg["init_from"]:
-        cfg["init_from"] = next((d for d in (TINY_GRPO, TINY_SFT) if os.path.isfile(os.path.join(d, "config.json"))),
+        cfg["init_from"] = next((d for d in (TINY_GRPO, TINY_SFT)
+                                 if os.path.isfile(os.path.join(d, "config.json")) or is_adapter_dir(d)),
                                 TINY_BASE)
     if not os.path.isfile(os.path.join(cfg["init_from"], "config.json")) and not is_adapter_dir(cfg["init_from"]):
         if not argv:  # bare `python sample.py` before the tiny model exists
@@ -97,8 +99,9 @@ def main(argv):
     rt = setup_runtime(cfg["device"], "auto", cfg["seed"])  # torchrun: one process per device
     dtype = {"auto": torch.bfloat16 if rt.dev_type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
-    model = Transformer.from_pretrained(cfg["init_from"], dtype=dtype, device=rt.device).eval()
-    tok = Tokenizer.from_pretrained(tokenizer_dir(cfg["init_from"]))
+    model = Transformer.from_pretrained(cfg["init_from"], dtype=dtype, device=rt.device,
+                                        lora_base=cfg["lora_base"] or None).eval()
+    tok = Tokenizer.from_pretrained(tokenizer_dir(cfg["init_from"], cfg["lora_base"]))
     engine = Engine(model, tok, cuda_graphs=bool(cfg["cuda_graphs"]) and rt.dev_type == "cuda",
                     compile=bool(cfg["compile"]))
     try:

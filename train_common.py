@@ -220,9 +220,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def save_checkpoint(rt, path, model, optimizer, tok_dir, fsdp=False, **trainer_state):
-    """model (HF layout; a LoRA model's adapters alone, in PEFT's layout) + tokenizer files + trainer_state.pt (the optimizer, every rank's RNG state and the caller's
-    trainer_state: step, data position, ...), written by rank 0 and swapped in as one directory, so a crash at any
-    moment leaves either the previous checkpoint or this one, never a mix. Every rank calls it: it gathers."""
+    """model (HF layout; a LoRA model's adapters alone, in PEFT's layout) + tokenizer files + trainer_state.pt (the
+    optimizer, every rank's RNG state and the caller's trainer_state: step, data position, ...), written by rank 0
+    and swapped in as one directory, so a crash at any moment leaves either the previous checkpoint or this one, never
+    a mix. Every rank calls it: it gathers."""
     rngs = [rng_state()] * rt.world  # every rank's, in rank order: rank r resumes with entry r
     if rt.ddp:
         dist.all_gather_object(rngs, rng_state())

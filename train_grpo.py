@@ -41,7 +41,8 @@ a minibatch runs padding passes on one of them with zero weight (the zero-advant
 counts come apart). Rollouts sample from a separate unsharded copy of the policy (also in fp32 on the CPU), refreshed
 after each update by all-gathering the shards into it: the Engine (KV cache, CUDA graphs, prepacked CPU weights)
 needs plain tensors at fixed addresses, which an FSDP module only has transiently. A reference model (beta > 0) is
-used for inference only and stays unsharded. Checkpoints are gathered onto rank 0: the same HF-layout files.
+used for inference only and stays unsharded (a LoRA policy's reference is the sharded policy, its adapters off).
+Checkpoints are gathered onto rank 0: the same HF-layout files.
 """
 import copy
 import json
@@ -138,7 +139,8 @@ tools_in_prompt = 1  # chat format: the prompts list the tools' JSON schemas in 
 # its tools in SFT without them)
 sample_every = 40  # print a few completions every this many steps (0: never)
 log_rollouts = -1  # append every completion of every N-th step to out_dir/rollouts.jsonl (-1: N = sample_every; 0: never)
-# LoRA (lora.py): adapters on a frozen base; the reference (beta > 0) is the base, the adapters switched off
+# LoRA (lora.py): adapters on a frozen base; the reference (beta > 0) is the base, the adapters switched off (also
+# when init_from is an SFT adapter: then the reference is the model before that SFT, as in TRL with PEFT)
 lora_rank = 0  # >0: train LoRA adapters of this rank instead of every weight (init_from may also be an adapter dir)
 lora_alpha = 32  # the adapters' scale is lora_alpha / lora_rank
 lora_targets = "all-linear"  # q,k,v,o,gate,up,down projections of every block, or a comma list of those names
@@ -600,15 +602,14 @@ def load_models(cfg, rt, resume_from):
     """-> (policy, reference model or None, sampler). fp32 master weights (bf16 compute comes from autocast; fp64 under
     --dtype=float64); a frozen reference only when beta > 0. The sampler is the policy itself, or a low-precision
     copy (or under FSDP an unsharded one) refreshed in place after every update: CUDA graphs keep the addresses of
-    its tensors. With LoRA all three are one model: a frozen base in the compute dtype under fp32 adapters, the
-    reference being it with its adapters switched off (lora.adapters_off)."""
+    its tensors. With LoRA the policy is a frozen base in the compute dtype under fp32 adapters, its own reference
+    with the adapters switched off (lora.adapters_off) and, but under FSDP, its own sampler."""
     if cfg.lora_rank or is_adapter_dir(resume_from or cfg.init_from):
         if cfg.ref_update_every:
             raise SystemExit("--ref_update_every with LoRA: not supported (the reference of a LoRA policy is its "
                              "base, the adapters switched off)")
         policy = lora_model(resume_from or cfg.init_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                            cfg.lora_base, torch.bfloat16 if rt.dev_type == "cuda" else rt.param_dtype,
-                            rt.param_dtype, rt.device)
+                            cfg.lora_base, rt.amp_dtype or rt.param_dtype, rt.param_dtype, rt.device)
         policy.gradient_checkpointing = bool(cfg.grad_checkpointing)
         sampler = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.fsdp else policy  # (unsharded)
         return policy, policy if cfg.beta > 0 else None, sampler

@@ -247,7 +247,7 @@ def build_model(cfg, tok, rt, resume_from):
         if cfg.mode == "rm" or cfg.init_from == "scratch":
             raise SystemExit("LoRA trains a causal LM from a checkpoint (not --mode=rm or --init_from=scratch)")
         return lora_model(resume_from or cfg.init_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base,
-                          torch.bfloat16 if device.type == "cuda" else dtype, dtype, device)
+                          rt.amp_dtype or dtype, dtype, device)
     cls = RewardModel if cfg.mode == "rm" else Transformer
     if resume_from or (cfg.init_from != "scratch" and (cls is Transformer or is_reward_model_dir(cfg.init_from))):
         return cls.from_pretrained(resume_from or cfg.init_from, dtype=dtype, device=device)

@@ -123,6 +123,10 @@ def test_bad_targets_and_shapes_are_named(base, tmp_path):
     with pytest.raises(ValueError, match=r"model.layers.1.self_attn.q_proj.lora_B.weight has shape \[7, 4\], "
                                          r"the base's layer needs \[64, 4\]"):
         Transformer.from_pretrained(str(tmp_path / "bad"))
+    conf_path = tmp_path / "bad" / "adapter_config.json"  # per-layer ranks: another scale per layer, not read
+    json.dump({**json.load(open(conf_path)), "rank_pattern": {"q_proj": 8}}, open(conf_path, "w"))
+    with pytest.raises(ValueError, match="rank_pattern is {'q_proj': 8}; nanoR1 reads plain LoRA"):
+        Transformer.from_pretrained(str(tmp_path / "bad"))
 
 
 def _grpo_lora(ckpt_dir, grpo_data, out, **kw):  # noqa: F811
