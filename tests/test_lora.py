@@ -73,15 +73,21 @@ def test_a_new_adapter_starts_as_the_base_with_peft_s_init(base):
     assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound and a.std() > 0.5 * bound / 3 ** 0.5
 
 
-def test_our_adapter_loads_in_peft_and_peft_s_in_ours(base, tmp_path):
-    path, _ = base
-    ours = add_lora(Transformer.from_pretrained(path, dtype=torch.float32), 4, 16, "q_proj,v_proj,down_proj")
-    ours.lora["base"] = path
+def _random_adapter(base_dir, out, targets="all-linear"):
+    """Our rank-4 adapter with random A and B on the checkpoint base_dir, saved to out; -> the model."""
+    ours = add_lora(Transformer.from_pretrained(base_dir, dtype=torch.float32), 4, 16, targets)
+    ours.lora["base"] = base_dir
     with torch.no_grad():
         for p in ours.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.05)
-    save_adapter(str(tmp_path / "ours"), ours.state_dict(), ours.lora)
+    save_adapter(str(out), ours.state_dict(), ours.lora)
+    return ours
+
+
+def test_our_adapter_loads_in_peft_and_peft_s_in_ours(base, tmp_path):
+    path, _ = base
+    ours = _random_adapter(path, tmp_path / "ours", "q_proj,v_proj,down_proj")
     loaded = peft.PeftModel.from_pretrained(_fresh_hf(path), str(tmp_path / "ours")).eval()
     with torch.no_grad():
         want = ours.eval()(IDS)
@@ -224,13 +230,7 @@ def test_merge_lora_writes_a_plain_checkpoint(base, tmp_path):
     import merge_lora
 
     path, _ = base
-    ours = add_lora(Transformer.from_pretrained(path, dtype=torch.float32), 4, 16)
-    ours.lora["base"] = path
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
-    save_adapter(str(tmp_path / "adapter"), ours.state_dict(), ours.lora)
+    ours = _random_adapter(path, tmp_path / "adapter")
     merge_lora.main([str(tmp_path / "adapter"), str(tmp_path / "merged")])
     files = os.listdir(tmp_path / "merged")
     assert {"config.json", "model.safetensors"} <= set(files) and not any(f.startswith("adapter_") for f in files)
