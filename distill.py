@@ -48,9 +48,9 @@ from configurator import parse_overrides
 from dataloader import (PackStream, collate, load_examples, load_prompt_sources, packed_attention_mask, parse_data_spec,
                         read_rows)
 from engine import Engine, sample_seed
-from lora import is_adapter_dir, lora_model, tokenizer_dir
+from lora import lora_model, tokenizer_dir
 from losses import chunked_forward_kl, completion_logprobs, reverse_kl_loss
-from model import Transformer
+from model import Transformer, is_adapter_dir, is_checkpoint_dir
 from rejection import rejection_sample, save_samples
 from reward import accuracy_reward
 from tasks import encode_problem, held_out_accuracy
@@ -388,7 +388,7 @@ def main(argv=()):
     if cfg.wandb_project and rt.master:  # (the run itself starts with the training loop's log)
         import_wandb()
     for what, path in (("--teacher", cfg.teacher), ("--init_from", cfg.init_from)):
-        if not os.path.isfile(os.path.join(path, "config.json")) and not is_adapter_dir(path):
+        if not is_checkpoint_dir(path):
             raise SystemExit(f"{what}={path}: no config.json (expected an HF-layout checkpoint directory or a LoRA "
                              "adapter's)")
     student_tok = Tokenizer.from_pretrained(tokenizer_dir(cfg.init_from, cfg.lora_base))

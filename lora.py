@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn as nn
 
-from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Transformer, check_adapter_shapes, read_adapter
+from model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Transformer, check_adapter_shapes, is_adapter_dir, read_adapter
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # "all-linear"
 
@@ -69,10 +69,6 @@ def add_lora(model, rank, alpha, targets="all-linear", dtype=torch.float32):
                     setattr(parent, name, LoRALinear(child, rank, alpha, dtype))
     model.lora = {"r": rank, "lora_alpha": alpha, "target_modules": list(names)}
     return model
-
-
-def is_adapter_dir(path):
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
 
 
 def tokenizer_dir(path, lora_base=""):

@@ -339,7 +339,7 @@ class Transformer(nn.Module):
         Built on the meta device, then each tensor is read straight to `device` in `dtype` (no double memory).
         dtype=None keeps the checkpoint's stored dtype. A LoRA adapter dir (PEFT's adapter_config.json +
         adapter_model.safetensors) gives its base (lora_base, else the one it names) with the adapter merged in."""
-        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        if is_adapter_dir(path):
             return merged_adapter(cls, path, dtype, device, lora_base)
         config = load_config(path)
         for f, keys in _weight_files(path).items():
@@ -608,6 +608,15 @@ def _write_checkpoint(path, module, state_dict, config, max_shard_size, skip=())
         with open(os.path.join(tmp, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     swap_in_dir(tmp, path)
+
+
+def is_adapter_dir(path):
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def is_checkpoint_dir(path):
+    """What from_pretrained loads: an HF-layout checkpoint dir, or a LoRA adapter dir (merged into its base)."""
+    return os.path.isfile(os.path.join(path, CONFIG_NAME)) or is_adapter_dir(path)
 
 
 def read_adapter(path, lora_base=None):

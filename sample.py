@@ -27,8 +27,8 @@ import torch
 from configurator import parse_overrides
 from data.jsonl import write_jsonl
 from engine import Engine
-from lora import is_adapter_dir, tokenizer_dir
-from model import Transformer
+from lora import tokenizer_dir
+from model import Transformer, is_checkpoint_dir
 from rejection import rejection_sample, save_samples
 from reward import is_equiv
 from tasks import PROMPT_TEMPLATES, encode_problem, load_problems, maj_at_k, pass_at_1, pass_at_k, score_problems
@@ -88,10 +88,8 @@ def main(argv):
     if cfg["tool_format"] not in ("auto",) + TOOL_FORMATS:
         raise SystemExit(f"--tool_format={cfg['tool_format']}: expected one of auto, {', '.join(TOOL_FORMATS)}")
     if not cfg["init_from"]:
-        cfg["init_from"] = next((d for d in (TINY_GRPO, TINY_SFT)
-                                 if os.path.isfile(os.path.join(d, "config.json")) or is_adapter_dir(d)),
-                                TINY_BASE)
-    if not os.path.isfile(os.path.join(cfg["init_from"], "config.json")) and not is_adapter_dir(cfg["init_from"]):
+        cfg["init_from"] = next((d for d in (TINY_GRPO, TINY_SFT) if is_checkpoint_dir(d)), TINY_BASE)
+    if not is_checkpoint_dir(cfg["init_from"]):
         if not argv:  # bare `python sample.py` before the tiny model exists
             print(f"no checkpoint at {cfg['init_from']}/ yet (train one with train_sft.py).\nusage:{USAGE}")
             return 0

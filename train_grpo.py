@@ -62,8 +62,8 @@ from dataloader import PackStream, load_prompt_sources
 from engine import Completion, Engine, sample_seed
 from losses import (LOSS_AGGS, ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss,
                     loss_normalizer, overlong_penalty, rollout_is_weights)
-from lora import adapters_off, is_adapter_dir, lora_model, tokenizer_dir
-from model import Transformer
+from lora import adapters_off, lora_model, tokenizer_dir
+from model import Transformer, is_adapter_dir, is_checkpoint_dir
 from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
 from tasks import (PROMPT_TEMPLATES, RewardModelScorer, count_rechecks, held_out_rm_score, maj_at_k, pass_at_1,
                    pass_at_k, sample_problems, score_problems)
@@ -738,7 +738,7 @@ def main(argv=()):
     if cfg.wandb_project and rt.master:
         import_wandb()
     ckpt_path, resume_from = find_checkpoint(cfg.out_dir, cfg.resume, rt.log)
-    if not os.path.isfile(os.path.join(cfg.init_from, "config.json")) and not is_adapter_dir(cfg.init_from):
+    if not is_checkpoint_dir(cfg.init_from):
         raise SystemExit(f"--init_from={cfg.init_from}: no config.json (expected an HF-layout checkpoint directory "
                          "or a LoRA adapter's)")
     tok_dir = tokenizer_dir(resume_from or cfg.init_from, cfg.lora_base)

@@ -65,9 +65,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import parse_overrides
 from dataloader import (PackStream, collate, collate_pairs, load_examples, pack_best_fit, packed_attention_mask,
                         parse_data_spec)
-from lora import is_adapter_dir, lora_model, tokenizer_dir
+from lora import lora_model, tokenizer_dir
 from losses import bradley_terry_loss, chunked_cross_entropy
-from model import ModelConfig, RewardModel, Transformer, at_least_fp32, is_reward_model_dir
+from model import ModelConfig, RewardModel, Transformer, at_least_fp32, is_adapter_dir, is_reward_model_dir
 from tokenizer import Tokenizer
 from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, import_wandb, lr_at, make_optimizer,
                           peak_flops, restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, shard_model,
