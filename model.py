@@ -281,10 +281,15 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once by .parameters()
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward+backward): 6N for matmuls plus attention scores (PaLM appendix B)."""
+        """Training FLOPs per token (forward+backward), PaLM (arXiv 2204.02311) appendix B: per matmul weight 2 in
+        the forward and 2 for its input's gradient, and 2 more for its own gradient only if it trains. So 6N when
+        every weight trains; 4N + 6N_adapters for a frozen LoRA base. Plus the attention scores. An untied
+        embedding is a lookup, not a matmul."""
         c = self.config
-        n = self.num_params() - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
-        return 6 * n + 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        matmul = [p for name, p in self.named_parameters()
+                  if c.tie_word_embeddings or not name.startswith("model.embed_tokens.")]
+        n, trained = sum(p.numel() for p in matmul), sum(p.numel() for p in matmul if p.requires_grad)
+        return 4 * n + 2 * trained + 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, kv_cache=None,
                 logits_to_keep=0, return_hidden=False):

@@ -267,3 +267,14 @@ def test_lora_flags_are_in_every_trainer():
     for module in (train_grpo, train_sft, distill):
         cfg = module.configure(["--lora_rank=16", "--lora_alpha=32", "--lora_targets=q_proj,v_proj", "--lora_base=x"])
         assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base) == (16, 32, "q_proj,v_proj", "x")
+
+
+def test_mfu_counts_no_weight_gradient_for_the_frozen_base(base):
+    """6 FLOPs per trained weight a token, 4 per frozen one (forward + the input's gradient): LoRA is not 6N."""
+    path, _ = base
+    model = Transformer.from_pretrained(path, dtype=torch.float32)
+    attention = model.flops_per_token(64) - 6 * model.num_params()
+    lora = add_lora(model, 4, 32)
+    n_adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert 0 < n_adapters < lora.num_params() / 10
+    assert lora.flops_per_token(64) == 4 * lora.num_params() + 2 * n_adapters + attention
