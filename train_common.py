@@ -231,7 +231,9 @@ def save_checkpoint(rt, path, model, optimizer, tok_dir, fsdp=False, **trainer_s
         # not depend on the world size
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # a LoRA model's frozen base never changes and is not saved: gather the adapters alone
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                ignore_frozen_params=bool(getattr(model, "lora", None)))
         weights, opt_state = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optimizer,
                                                                                                  options=full)
     else:

@@ -221,7 +221,7 @@ def test_fsdp_with_lora_equals_ddp(grpo_data, sft_data, tmp_path):  # noqa: F811
             assert "resumed from" in torchrun(script, fsdp + ["--resume=1"])
         assert "FSDP2-sharded" in out
         a, b = (load_file(str(tmp_path / script / d / "ckpt" / "adapter_model.safetensors")) for d in ("ddp", "fsdp"))
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-10, script
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-10, script
         assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
 
 
