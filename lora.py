@@ -44,7 +44,8 @@ class LoRALinear(nn.Module):
             return y
         if not torch.is_autocast_enabled(x.device.type):  # (the Engine: a bf16 base's x meets fp32 adapters)
             x = x.to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(x)) * self.scale).to(y.dtype)
+        # in place: the base's output is not saved for its backward, and one [tokens, out] tensor per layer fewer
+        return y.add_(self.lora_B(self.lora_A(x)), alpha=self.scale)
 
 
 def parse_targets(targets):

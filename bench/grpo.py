@@ -66,6 +66,7 @@ QUESTIONS = [  # (prompt, answer): short math questions; the answer column is ca
     ("How many prime numbers are less than 20?", "8"),
 ]
 SMOKE = dict(hidden=64, inter=128, layers=2, heads=4, kv_heads=2, prompts=2, group=2, tokens=8, steps=1)
+PRESETS = {"qwen2.5-0.5b": dict(hidden=896, inter=4864, layers=24, heads=14, kv_heads=2)}  # its config.json's shape
 
 
 def rss_mb():
@@ -123,7 +124,8 @@ def worker_ours(a):
              "--lr=1e-6", "--min_lr=1e-6", "--warmup_steps=0", "--weight_decay=0.0", "--beta1=0.9", "--beta2=0.99",
              "--grad_clip=1.0", "--clip_eps_low=0.2", "--clip_eps_high=0.2", "--dtype=float32", "--device=cpu",
              "--progress=0", "--sample_every=0", f"--out_dir={out_dir}", f"--seed={a.seed}",
-             f"--rollout_is={a.rollout_is}",
+             f"--rollout_is={a.rollout_is}", f"--lora_rank={a.lora_rank}", f"--lora_alpha={a.lora_alpha}",
+             "--lora_targets=all-linear",
              # run one step more than needed and stop after n_steps: the end-of-run checkpoint save is skipped
              f"--max_steps={n_steps + 1}", f"--stop_after={n_steps}"]
     t0 = time.time()
@@ -140,7 +142,7 @@ def worker_ours(a):
         rows=a.prompts * a.group, prompt_len=sum(prompt_lens) / len(prompt_lens),
         reward=sum(r["reward"] for r in recs) / len(recs),
         peak_mb=peak_memory_bytes("cpu") / 2**20, rss_imports_mb=rss_imports, total_s=total,
-        threads=torch.get_num_threads(), version="nanoR1")))
+        threads=torch.get_num_threads(), version="nanoR1", lora_rank=a.lora_rank)))
 
 
 def worker_trl(a):
@@ -180,8 +182,16 @@ def worker_trl(a):
         model_init_kwargs={"dtype": "float32"}, logging_strategy="no", save_strategy="no", report_to="none",
         disable_tqdm=True, log_completions=False, dataloader_num_workers=0)
     tok = AutoTokenizer.from_pretrained(os.path.join(a.work, "ckpt"))
+    peft_config = None
+    if a.lora_rank:  # the same adapters as ours: all seven linear layers of each block, alpha / r, no dropout
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=0.0, bias="none",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"], task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=os.path.join(a.work, "ckpt"), reward_funcs=language_reward, args=args,
-                          train_dataset=train, processing_class=tok)
+                          train_dataset=train, processing_class=tok, peft_config=peft_config)
+    # with PEFT there is no reference model: the reference log-probs are the policy's with its adapters disabled
+    assert (trainer.ref_model is None) == bool(a.lora_rank)
     assert args.steps_per_generation * trainer.num_iterations == args.gradient_accumulation_steps  # one generation/step
 
     # ---- phase timers on the trainer instance (each wrapper adds its wall time to the current step's bucket)
@@ -216,11 +226,11 @@ def worker_trl(a):
     trainer._generate = timed("gen", trainer._generate)
     trainer._calculate_rewards = timed("reward", calculate_rewards)
     # called with grad for the policy's training forward, under no_grad for the reference (and for pi_old, which
-    # this setup never needs: one generation per optimizer step)
+    # this setup never needs: one generation per optimizer step; under PEFT the reference is the model itself)
     trainer._get_per_token_logps_and_entropies = timed(
         None, trainer._get_per_token_logps_and_entropies,
         classify=lambda model, *args, **kwargs: "policy_fwd" if torch.is_grad_enabled() else
-        ("ref_logp" if model is trainer.ref_model else "old_logp"))
+        ("ref_logp" if model is trainer.ref_model or a.lora_rank else "old_logp"))
     trainer.accelerator.backward = timed("backward", trainer.accelerator.backward)
 
     steps = []
@@ -247,7 +257,8 @@ def worker_trl(a):
         phases=phases, completion_len=sum(gen_lens) / max(len(gen_lens), 1), rows=len(gen_lens) // n_steps,
         prompt_len=sum(prompt_lens) / max(len(prompt_lens), 1), reward=sum(rewards) / max(len(rewards), 1),
         peak_mb=peak_memory_bytes("cpu") / 2**20, rss_imports_mb=rss_imports, total_s=total,
-        threads=torch.get_num_threads(), version=f"trl {trl.__version__}, transformers {transformers.__version__}")))
+        threads=torch.get_num_threads(), version=f"trl {trl.__version__}, transformers {transformers.__version__}"
+        + (f", peft {__import__('peft').__version__}" if a.lora_rank else ""), lora_rank=a.lora_rank)))
 
 
 # -----------------------------------------------------------------------------
@@ -368,6 +379,11 @@ def main():
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each side (default all)")
     p.add_argument("--smoke", action="store_true", help=f"tiny workload to check the script runs: {SMOKE}")
+    p.add_argument("--preset", default="", choices=("", *PRESETS), help="a real model's shape (random weights), "
+                   "over --hidden/--inter/--layers/--heads/--kv_heads")
+    p.add_argument("--lora_rank", type=int, default=0, help="LoRA rank on all linear layers, both sides (TRL: PEFT's "
+                   "LoraConfig); 0: full fine-tuning. The side 'full' runs ours without LoRA for the ratio")
+    p.add_argument("--lora_alpha", type=float, default=32)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--inter", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
@@ -382,7 +398,8 @@ def main():
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--rollout_is", default="auto", help="ours: train_grpo --rollout_is (token_truncate: the cost of "
                    "the rollout importance-sampling correction; auto is none on this fp32 workload)")
-    p.add_argument("--sides", default="ours,trl", help="which sides to run (for debugging)")
+    p.add_argument("--sides", default="ours,trl", help="which sides to run, of ours, trl and full (ours with "
+                   "--lora_rank=0, against ours with LoRA)")
     p.add_argument("--lengths", default="fixed", choices=("fixed", "lognormal"),
                    help="lognormal: the update alone on ragged rollouts, token budget vs micro_batch_size=4 (ours)")
     p.add_argument("--median_len", type=int, default=200, help="lognormal: median completion length")
@@ -396,9 +413,8 @@ def main():
     p.add_argument("--impl", default="", help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--work", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.smoke:
-        for k, v in SMOKE.items():
-            setattr(a, k, v)
+    for k, v in {**PRESETS.get(a.preset, {}), **(SMOKE if a.smoke else {})}.items():
+        setattr(a, k, v)
     a.tokens = a.tokens or (768 if a.lengths == "lognormal" else 64)
     if a.impl:
         return {"ours": worker_ours, "trl": worker_trl}[a.impl](a)
@@ -412,33 +428,39 @@ def main():
     import torch
 
     sides = [s for s in a.sides.split(",") if s]
+    if "full" in sides and not a.lora_rank:
+        raise SystemExit("the side 'full' is ours without LoRA, to compare with --lora_rank=R: set --lora_rank")
     res = {}
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as work:
         n_params = write_workload(a, work)
         passed = [f"--{k}={v}" for k, v in vars(a).items()
-                  if k not in ("impl", "work", "smoke", "sides", "trl_python", "budgets")]
+                  if k not in ("impl", "work", "smoke", "sides", "trl_python", "budgets", "preset")]
         for side in sides:
             python = a.trl_python if side == "trl" else sys.executable
-            res[side] = run_worker(python, [os.path.abspath(__file__), f"--impl={side}", f"--work={work}"] + passed,
-                                   a.threads)
+            impl = ["--impl=ours", "--lora_rank=0"] if side == "full" else [f"--impl={side}"]
+            res[side] = run_worker(python, [os.path.abspath(__file__), f"--work={work}"] + passed + impl, a.threads)
 
     print(f"hardware: {hardware(a.threads)}; torch {torch.__version__}; "
           + "; ".join(f"{s}: {r['version']} ({r['threads']} threads)" for s, r in res.items()))
-    print(f"workload{' (--smoke)' if a.smoke else ''}: random Qwen2 {n_params / 1e6:.1f}M params (vocab 151936, "
-          f"hidden {a.hidden}, {a.layers} layers, heads {a.heads}/{a.kv_heads}, inter {a.inter}, tied), "
-          f"Qwen2.5 tokenizer + chat template; {a.prompts} prompts x G={a.group} x {a.tokens} tokens, T=1, beta 0.04, "
-          f"token-level loss, fp32; {a.warmup} warmup + {a.steps} timed step(s), median")
-    names = {"ours": "nanoR1 train_grpo", "trl": "TRL GRPOTrainer"}
+    lora = f"LoRA r={a.lora_rank} alpha={a.lora_alpha:g} on all linear layers" if a.lora_rank else "full fine-tuning"
+    print(f"workload{' (--smoke)' if a.smoke else ''}: random Qwen2 {n_params / 1e6:.1f}M params "
+          f"({a.preset + ' shape: ' if a.preset else ''}vocab 151936, hidden {a.hidden}, {a.layers} layers, heads "
+          f"{a.heads}/{a.kv_heads}, inter {a.inter}, tied), Qwen2.5 tokenizer + chat template; {a.prompts} prompts x "
+          f"G={a.group} x {a.tokens} tokens, T=1, beta 0.04, token-level loss, fp32, {lora}; {a.warmup} warmup + "
+          f"{a.steps} timed step(s), median")
+    names = {"ours": f"nanoR1 LoRA r{a.lora_rank}" if a.lora_rank else "nanoR1 train_grpo", "full": "nanoR1 full FT",
+             "trl": f"TRL+PEFT r{a.lora_rank}" if a.lora_rank else "TRL GRPOTrainer"}
     print(f"{'':20}{'s/step':>9}{'peak RSS MB':>13}{'peak-imports MB':>17}{'rows':>6}{'prompt len':>11}"
           f"{'compl len':>10}{'reward':>8}  all steps (s)")
     for s, r in res.items():
         print(f"{names[s]:20}{r['step_s']:9.2f}{r['peak_mb']:13.0f}{r['peak_mb'] - r['rss_imports_mb']:17.0f}"
               f"{r['rows']:6d}{r['prompt_len']:11.1f}{r['completion_len']:10.1f}{r['reward']:8.3f}  "
               f"{', '.join(f'{x:.2f}' for x in r['steps_s'])}")
-    if "ours" in res:
-        ph = res["ours"]["phases"]
-        print(f"ours split (s):  gen+reward {ph['time_gen']:.2f} | ref logp {ph['time_logp']:.2f} | "
-              f"update (policy fwd+bwd+optim) {ph['time_update']:.2f}")
+    for side in ("ours", "full"):
+        if side in res:
+            ph = res[side]["phases"]
+            print(f"{side + ' split (s):':17}gen+reward {ph['time_gen']:.2f} | ref logp {ph['time_logp']:.2f} | "
+                  f"update (policy fwd+bwd+optim) {ph['time_update']:.2f}")
     if "trl" in res:
         ph = res["trl"]["phases"]
         line = (f"TRL split (s):   gen {ph['gen']:.2f} + reward {ph['reward']:.2f} | ref logp {ph['ref_logp']:.2f} | "
@@ -447,6 +469,11 @@ def main():
         if ph["old_logp"]:
             line += f" | old logp {ph['old_logp']:.2f} (unexpected)"
         print(line)
+    if "ours" in res and "full" in res:
+        o, f = res["ours"], res["full"]
+        print(f"ratios: LoRA / full fine-tuning, step time {o['step_s'] / f['step_s']:.2f}x (target <= 0.85), "
+              f"peak memory {o['peak_mb'] / f['peak_mb']:.2f}x (target <= 0.5), "
+              f"peak over imports {(o['peak_mb'] - o['rss_imports_mb']) / (f['peak_mb'] - f['rss_imports_mb']):.2f}x")
     if "ours" in res and "trl" in res:
         o, t = res["ours"], res["trl"]
         print(f"ratios: ours speedup (trl s/step / ours s/step) {t['step_s'] / o['step_s']:.2f}x (target >= 3), "
