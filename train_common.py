@@ -107,9 +107,13 @@ def keep_freed_memory():
     [rows, vocab] logits and each log-prob chunk is then faulted in again page by page, and which blocks pay that
     depends on what was freed last. A real-vocabulary GRPO step whose update was cut into many micro-batches
     generated ~2x slower than one cut once (bench/grpo.py --budgets). A setting made once covers every allocation,
-    where buffers kept for reuse would cover only the ones we write; the price is that the process keeps its peak
-    RSS, as PyTorch's CUDA caching allocator does. Left alone where the environment sets one of these three settings
-    itself, and where the C library has no mallopt (macOS, Windows). -> whether the settings were made."""
+    where buffers kept for reuse would cover only the ones we write. Blocks of 256 MiB and more (a big micro-batch's
+    activations, the update's [chunk, vocab] buffer) still come from the system and go back to it: they are few and
+    each serves a lot of compute, while kept in the heap their holes fragment it (a threshold of 2 GiB raised the
+    peak RSS of bench/grpo.py's LoRA step from 2.0 to 3.0 GB, and was no faster). The price is that the process keeps
+    the peak of its smaller blocks, as PyTorch's CUDA caching allocator does. Left alone where the environment sets
+    one of these three settings itself, and where the C library has no mallopt (macOS, Windows). -> whether the
+    settings were made."""
     names = ("mmap_threshold", "trim_threshold", "top_pad")
     if any(f"MALLOC_{n.upper()}_" in os.environ or f"glibc.malloc.{n}" in os.environ.get("GLIBC_TUNABLES", "")
            for n in names):
@@ -119,10 +123,10 @@ def keep_freed_memory():
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, most = -1, -2, -3, 2**31 - 1
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
     # a fixed threshold (an older glibc takes at most 32 MiB) and no trimming; the heap grows 512 MiB at a time
-    mapped = mallopt(M_MMAP_THRESHOLD, most) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    return bool(mapped and mallopt(M_TRIM_THRESHOLD, most) and mallopt(M_TOP_PAD, 512 << 20))
+    mapped = mallopt(M_MMAP_THRESHOLD, 256 << 20) or mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mapped and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) and mallopt(M_TOP_PAD, 512 << 20))
 
 
 def teardown(rt):

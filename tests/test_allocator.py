@@ -29,10 +29,26 @@ print(made, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _run(**env):
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, check=True,
+BIG = """
+from train_common import keep_freed_memory
+import torch
+
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+
+made = keep_freed_memory()
+before = rss_mib()
+x = torch.ones(128 << 20)  # 512 MiB: at or above the threshold, so mapped for itself
+during = rss_mib()
+del x
+print(made, during - before, rss_mib() - before)
+"""
+
+
+def _run(script=SCRIPT, **env):
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": REPO, **env}).stdout.split()
-    return out[0] == "True", int(out[1])
+    return out[0] == "True", *map(int, out[1:])
 
 
 def test_freed_blocks_are_reused():
@@ -46,3 +62,10 @@ def test_freed_blocks_are_reused():
                                  {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}])
 def test_the_environments_own_setting_wins(env):
     assert not _run(**env)[0]
+
+
+def test_big_blocks_go_back_to_the_system():
+    """A 512 MiB block (a micro-batch's activations, the update's [chunk, vocab] buffer) is unmapped when freed: kept in
+    the heap, such blocks leave holes that the next, differently sized ones do not fit, and the peak RSS grows."""
+    made, during, after = _run(BIG)
+    assert made and during >= 500 and after < 16
