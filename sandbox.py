@@ -23,14 +23,17 @@ the harness reports test results from inside the process the code runs in, so co
 Runs are reproducible: a fixed hash seed, `random` (and numpy's) seeded, and the limit that stops a busy loop is CPU
 time, which does not depend on the machine's load (the wall-clock limit, for code that sleeps, does).
 """
+import atexit
 import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 
 MAX_OUTPUT = 64 * 1024  # bytes of stdout + stderr that come back
@@ -63,9 +66,11 @@ def isolate(payload):
         if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0 and scratch and all(
                 libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"size=1m") == 0 for d in scratch):
             done.append("private " + " ".join(scratch))
-    elif os.getuid() != 0 and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
+    elif os.getuid() != 0 and hasattr(libc, "unshare") and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
         done.append("network namespace")
+    spent = int(sum(os.times()[:2]))  # CPU seconds of the warm start: not the code's to pay for
     for key, value in payload["limits"].items():
+        value = [v + spent for v in value] if key == "RLIMIT_CPU" else value
         resource.setrlimit(getattr(resource, key), tuple(value) if isinstance(value, list) else (value, value))
     if os.getuid() == 0:
         os.setgroups([]); os.setgid(payload["gid"]); os.setuid(payload["uid"])
@@ -92,7 +97,12 @@ def guard(work):
 
 
 def main(write=os.write, dumps=json.dumps, exit=os._exit):
-    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    for name in sys.argv[2].split(","):  # the warm part, done before the call arrives
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))  # waits for the call
     nonce, result_fd, program = payload["nonce"], os.dup(1), not payload["tests"]
     try:
         null = os.open(os.devnull, os.O_RDWR)
@@ -165,54 +175,136 @@ class Run:
     isolation: tuple = ()  # the kernel layers that held: "network namespace", "private /tmp", "user nobody"
 
 
-def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
-    """Run `code` (then each of `tests`, Python statements) in the sandbox; returns within about `timeout` s."""
+class Interpreter:
+    """One sandbox interpreter, started ahead of its call: a fresh Python that has imported PRELOAD and waits on
+    stdin for the one call it will run, in an empty working directory of its own. Runs one call, then is killed."""
+
+    def __init__(self, uid, gid):
+        self.root = tempfile.mkdtemp(prefix="nanor1-")  # holds the two files below; the child only sees work/
+        work = os.path.join(self.root, "work")
+        os.mkdir(work)
+        if os.getuid() == 0:
+            os.chown(work, uid, gid)
+        self.result = open(os.path.join(self.root, "result"), "w+b")
+        self.output = open(os.path.join(self.root, "output"), "w+b")
+        try:  # -s -P and an environment of our own, as -I would give, but with a fixed hash seed (-I ignores it)
+            self.proc = subprocess.Popen(
+                [sys.executable or "python3", "-s", "-P", "-c", _HARNESS, SANDBOX_MARKER, ",".join(PRELOAD)],
+                stdin=subprocess.PIPE, stdout=self.result, stderr=self.output, cwd=work,
+                env={"PATH": os.defpath, "PYTHONHASHSEED": "0"}, start_new_session=True, close_fds=True)
+        except OSError as e:
+            self.close()
+            raise SandboxError(f"python sandbox: cannot start {sys.executable or 'python3'}: {e}") from None
+
+    def run(self, payload, wall_limit):
+        """Hand the call over and wait for it. -> (timed out?, the harness's result lines, the output bytes)."""
+        timed_out = False
+        try:
+            self.proc.communicate(payload, timeout=wall_limit)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            self.kill()
+        self.result.seek(0)
+        self.output.seek(0)
+        return timed_out, self.result.read(1 << 16).decode("utf-8", "replace").splitlines(), \
+            self.output.read(MAX_OUTPUT + 1)
+
+    def kill(self):
+        if getattr(self, "proc", None) is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the child and anything it started
+        except OSError:
+            pass
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def close(self):
+        self.kill()
+        self.result.close()
+        self.output.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class WarmPool:
+    """Interpreters started ahead of need: taking one starts its replacement at once (a Popen: the new interpreter
+    starts while the call runs), so a call pays for no interpreter start unless more calls run at once than spares
+    were warmed (warm(n)). Every interpreter serves exactly one call, so nothing passes from one call to the next."""
+
+    def __init__(self):
+        self.lock, self.spares, self.wanted, self.pid = threading.Lock(), [], 1, os.getpid()
+        atexit.register(self.stop)
+
+    def warm(self, n):
+        """Keep at least n interpreters ready (one per call that may run at once)."""
+        with self.lock:
+            self.wanted = max(self.wanted, n)
+        self.refill()
+
+    def take(self, uid, gid):
+        with self.lock:
+            if os.getpid() != self.pid:  # a forked child: its parent's interpreters are not its own
+                self.spares, self.pid = [], os.getpid()
+            while self.spares:
+                spare = self.spares.pop(0)
+                if spare.proc.poll() is None:
+                    break
+                spare.close()  # died while waiting (killed from outside): never hand it a call
+            else:
+                spare = None
+        self.refill(uid, gid)
+        return spare or Interpreter(uid, gid)
+
+    def refill(self, uid=None, gid=None):
+        if uid is None:
+            uid, gid = nobody()
+        with self.lock:
+            while os.getpid() == self.pid and len(self.spares) < self.wanted:
+                self.spares.append(Interpreter(uid, gid))
+
+    def stop(self):
+        """Kill the interpreters waiting (at exit, and in tests that look for leftover processes)."""
+        with self.lock:
+            spares, self.spares = (self.spares, []) if os.getpid() == self.pid else ([], [])
+        for spare in spares:
+            spare.close()
+
+
+def nobody():
     try:
         import pwd
 
-        uid, gid = pwd.getpwnam("nobody")[2:4]
+        return pwd.getpwnam("nobody")[2:4]
     except (ImportError, KeyError):
-        uid = gid = 65534
+        return 65534, 65534
+
+
+POOL = WarmPool()
+
+
+def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
+    """Run `code` (then each of `tests`, Python statements) in the sandbox; returns within about `timeout` s."""
+    uid, gid = nobody()
     nonce = secrets.token_hex(16)
     # CPU seconds stop a busy loop whatever the load (SIGXCPU at the soft limit); the wall clock, with room for the
     # interpreter's start, stops code that sleeps
     limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": [math.ceil(timeout), math.ceil(timeout) + 1],
               "RLIMIT_FSIZE": 1 << 20, "RLIMIT_NPROC": 0, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
-    preload = PRELOAD + [m for m in PRELOAD_IF_USED if m in code]
+    preload = [m for m in PRELOAD_IF_USED if m in code]  # (PRELOAD is imported before the call arrives)
     payload = json.dumps({"code": code, "tests": list(tests), "nonce": nonce, "limits": limits, "uid": uid,
                           "gid": gid, "preload": preload}).encode()
-    with tempfile.TemporaryDirectory(prefix="nanor1-", ignore_cleanup_errors=True) as root:
-        work = os.path.join(root, "work")  # the child's cwd; `root`, which holds the two files below, stays private
-        os.mkdir(work)
-        if os.getuid() == 0:
-            os.chown(work, uid, gid)
-        with open(os.path.join(root, "result"), "w+b") as result, open(os.path.join(root, "output"), "w+b") as out:
-            # -s -P and an environment of our own, as -I would give, but with a fixed hash seed (-I ignores it)
-            proc = subprocess.Popen([sys.executable or "python3", "-s", "-P", "-c", _HARNESS, SANDBOX_MARKER],
-                                    stdin=subprocess.PIPE, stdout=result, stderr=out, cwd=work,
-                                    env={"PATH": os.defpath, "PYTHONHASHSEED": "0"}, start_new_session=True,
-                                    close_fds=True)
-            timed_out = False
-            try:
-                proc.communicate(payload, timeout=timeout + WALL_GRACE)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started
-                except OSError:
-                    pass
-                proc.kill()
-                proc.wait(timeout=10)
-            result.seek(0)
-            lines = result.read(1 << 16).decode("utf-8", "replace").splitlines()
-            out.seek(0)
-            output = out.read(MAX_OUTPUT + 1)
+    interpreter = POOL.take(uid, gid)
+    try:
+        timed_out, lines, output = interpreter.run(payload, timeout + WALL_GRACE)
+        returncode = interpreter.proc.returncode
+    finally:
+        interpreter.close()
     reports = [line[len(nonce):] for line in lines if line.startswith(nonce)]
     if reports and reports[0] != "ready":  # a broken sandbox must be loud, not a silent failure of the code
         raise SandboxError(f"python sandbox setup failed: {json.loads(reports[0]).get('setup_error')}")
     report = next((r for r in map(_json_or_none, reports[:0:-1]) if isinstance(r, dict) and "passed" in r), {})
-    out_of_time = timed_out or proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not report
+    out_of_time = timed_out or returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not report
     error = "timeout" if out_of_time else report.get("error", "crashed") if report else "crashed"
     return Run(output[:MAX_OUTPUT], len(output) > MAX_OUTPUT, error, int(report.get("passed", 0)),
                tuple(report.get("isolation", ())))

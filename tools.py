@@ -8,8 +8,10 @@ A tool is one function registered with @tool; everything else calls it through c
         ...
     result, error = call_tool("calculator", {"expression": "2*(3+4)"}, timeout=5)   # ("14", None)
 
-A bad call never raises: malformed arguments, an unknown tool, an exception, a timeout, output that is not UTF-8
-all come back as (text the model reads, a short reason), and the reason is what the metrics count.
+A bad call never raises: malformed arguments, an unknown tool, the code's own exception, a timeout, output that is not
+UTF-8 all come back as (text the model reads, a short reason), and the reason is what the metrics count. What is not
+the model's doing stops the run instead: a sandbox that cannot start, or a bug in a tool (any exception but ToolError);
+the model must never train on the text of a broken harness.
 A tool's text is tokenized as the chat template's rendering is: a special token's string in it (`<|im_end|>`) becomes
 that token, as it does in transformers' apply_chat_template.
 
@@ -27,7 +29,7 @@ import re
 from dataclasses import dataclass
 
 from reward import evaluate_arithmetic
-from sandbox import isolation, run_python
+from sandbox import POOL, isolation, run_python
 
 TOOL_FORMATS = ("chat", "code")
 
@@ -86,8 +88,15 @@ def call_tool(name, arguments, timeout=5.0):
         return str(TOOLS[name].fn(**arguments, timeout=timeout)), None
     except ToolError as e:
         return (str(e) if e.verbatim else f"Error: {e}"), e.reason
-    except Exception as e:  # a bug in a tool must not end the run either
-        return f"Error: {type(e).__name__}: {e}", "tool exception"
+    except Exception as e:  # the harness, not the model: never a result to train on
+        raise RuntimeError(f"tool {name} failed on {json.dumps(arguments)[:200]}: {type(e).__name__}: {e}") from e
+
+
+def rank_cores():
+    """The cores this rank may use: those it may run on (all the machine's where the OS does not say, as on
+    macOS), shared among the torchrun ranks of its node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
 
 
 # -----------------------------------------------------------------------------
@@ -188,6 +197,8 @@ class ToolUse:
         self.schemas = schemas(names) if format == "chat" and in_prompt else None  # the prompt's system turn lists
         # the tokens after which a call may be complete: the turn's end (chat), any with a backtick (code)
         self.closers = {tok.token_to_id("<|im_end|>")} if format == "chat" else tok.ids_containing("`")
+        if "python" in names:  # interpreters ready before the first call: as many as calls may run at once
+            POOL.warm(rank_cores())
 
     def describe(self):
         """One line for a run's log: the tools, the format, the limits, and what isolates the python tool."""
@@ -244,9 +255,8 @@ class ToolUse:
             else:
                 todo.append(call)
         answer = lambda c: call_tool(c.name, c.arguments, self.timeout)  # noqa: E731
-        if len(todo) > 1:  # a call per core this rank may use (torchrun ranks on one node share its cores)
-            cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            with concurrent.futures.ThreadPoolExecutor(min(len(todo), max(cores, 1))) as pool:
+        if len(todo) > 1:  # a call per core this rank may use
+            with concurrent.futures.ThreadPoolExecutor(min(len(todo), rank_cores())) as pool:
                 answers = list(pool.map(answer, todo))
         else:
             answers = [answer(c) for c in todo]

@@ -6,6 +6,7 @@ so every row makes max_new_tokens either way (tool output counts towards them).
 
     python bench/tool_calls.py --threads=2
     python bench/tool_calls.py --batch=64 --max_new_tokens=256
+    python bench/tool_calls.py --latency=40     # one print(1+1) through call_tool: warm interpreters vs a fresh one
 
 Which rows call is decided from their own text (a row calls once its text since the last result reaches --every
 characters, if the CRC of those characters is even), since a random model writes no real calls; the calls, their
@@ -33,7 +34,12 @@ def main():
     p.add_argument("--every", type=int, default=60, help="characters a calling row writes between calls")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest is kept")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--latency", type=int, default=0, help="instead: time this many print(1+1) calls through call_tool, "
+                   "from the warm pool and from a fresh interpreter each (the pool off), alternating")
+    p.add_argument("--pause", type=float, default=0.1, help="latency: seconds between calls (a few decode steps)")
     args = p.parse_args()
+    if args.latency:
+        return latency(args)
 
     import torch
 
@@ -101,6 +107,35 @@ def main():
               f"({1e3 * sum(waits) / len(waits):.0f} ms a step, slowest call of each); decoding the rest "
               f"{with_tool['tokens'] / decoding:.0f} tokens/s")
     print(f"ratio (python tool / no tools): {results['python tool']['tok_s'] / results['no tools']['tok_s']:.2f}x")
+
+
+def latency(args):
+    """The wall time of one call_tool("python", print(1+1)): a warm interpreter from sandbox.POOL against a fresh one
+    started for the call (the pool emptied and off, as every call ran before the pool), alternating call by call."""
+    import statistics
+
+    import sandbox
+    from tools import call_tool
+
+    times = {"warm": [], "fresh": []}
+    sandbox.POOL.warm(1)
+    for i in range(2 * args.latency + 2):
+        kind = ("warm", "fresh")[i % 2]
+        if kind == "fresh":
+            sandbox.POOL.wanted = 0
+            sandbox.POOL.stop()
+        time.sleep(args.pause)  # the model decodes between calls; the pool refills meanwhile
+        t0 = time.perf_counter()
+        assert call_tool("python", {"code": "print(1+1)"}) == ("2", None)
+        if i >= 2:  # the first of each: warmup
+            times[kind].append(time.perf_counter() - t0)
+        sandbox.POOL.warm(1)
+    print(f"hardware: {hardware(args.threads)}; {args.latency} calls of each, {args.pause * 1e3:.0f} ms apart")
+    for kind, ts in times.items():
+        ts = sorted(ts)
+        print(f"{kind:6s} median {1e3 * statistics.median(ts):6.1f} ms | p90 {1e3 * ts[int(0.9 * len(ts))]:6.1f} ms | "
+              f"min {1e3 * ts[0]:6.1f} ms")
+    print(f"ratio (fresh / warm, median): {statistics.median(times['fresh']) / statistics.median(times['warm']):.1f}x")
 
 
 if __name__ == "__main__":

@@ -139,14 +139,15 @@ def corrupt_safetensors(path, fn):
 
 
 def sandbox_processes():
-    """Live processes started by sandbox.run_python (the marker is in their argv)."""
-    from sandbox import SANDBOX_MARKER
+    """Live processes started by sandbox.run_python (the marker is in their argv), but the warm interpreters that
+    wait in sandbox.POOL for a call of their own."""
+    from sandbox import POOL, SANDBOX_MARKER
 
-    found = []
+    found, waiting = [], {spare.proc.pid for spare in POOL.spares}
     for pid in os.listdir("/proc"):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if SANDBOX_MARKER.encode() in f.read():
+                if SANDBOX_MARKER.encode() in f.read() and int(pid) not in waiting:
                     found.append(int(pid))
         except (OSError, ValueError):
             pass

@@ -53,13 +53,14 @@ def test_adding_a_tool_is_one_function():
     @tool("Reverse a string.", text="the string")
     def reverse(text, timeout=None):
         if not text:
-            raise ValueError("boom")  # a tool's own bug: an error result, not a crash
+            raise ValueError("boom")  # a tool's own bug: it stops the run, never a text the model trains on
         return text[::-1]
 
     try:
         assert schemas(["reverse"])[0]["function"]["parameters"]["required"] == ["text"]
         assert call_tool("reverse", {"text": "abc"}) == ("cba", None)
-        assert call_tool("reverse", {"text": ""}) == ("Error: ValueError: boom", "tool exception")
+        with pytest.raises(RuntimeError, match='tool reverse failed on {"text": ""}: ValueError: boom'):
+            call_tool("reverse", {"text": ""})
     finally:
         del TOOLS["reverse"]
     with pytest.raises(ValueError, match="unknown tool.*registered: calculator, python"):
@@ -77,11 +78,16 @@ def test_the_calls_of_one_step_run_at_once(monkeypatch):
         barrier.wait()
         return f"met {name}"
 
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two cores to run on, whatever runs the test
     try:
-        calls = [Call("meet", {"name": "a"}), Call("meet", {"name": "b"})]
-        ToolUse(Tokenizer.from_pretrained(TINY_TOK), ["meet"], format="chat").run(calls, [0, 0])
-        assert [(c.result, c.error) for c in calls] == [("met a", None), ("met b", None)]
+        for affinity in (True, False):  # False: macOS, where os.sched_getaffinity does not exist
+            if affinity:
+                monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # two cores, whatever runs the test
+            else:
+                monkeypatch.delattr(os, "sched_getaffinity")
+                monkeypatch.setattr(os, "cpu_count", lambda: 2)
+            calls = [Call("meet", {"name": "a"}), Call("meet", {"name": "b"})]
+            ToolUse(Tokenizer.from_pretrained(TINY_TOK), ["meet"], format="chat").run(calls, [0, 0])
+            assert [(c.result, c.error) for c in calls] == [("met a", None), ("met b", None)]
     finally:
         del TOOLS["meet"]
 
