@@ -15,6 +15,10 @@ shares the system torch and transformers, and point --trl_python at that interpr
                                                                        # token budget vs micro_batch_size=4
     python bench/grpo.py --budgets=0,512,8192 --steps=2 --threads=2    # ours only: the same step cut by each
                                                                        # --micro_batch_tokens (0: one micro-batch)
+    python bench/grpo.py --preset=qwen2.5-0.5b --lora_rank=16 --sides=ours,full,trl \
+        --trl_python=/tmp/trlvenv/bin/python --prompts=4 --group=4 --micro_batch=4 --threads=2
+                                          # LoRA r=16 on all linear layers, Qwen2.5-0.5B's shape: ours against
+                                          # ours with full fine-tuning (side 'full') and TRL + PEFT (~15 min)
 
 The workload (identical on both sides): a random Qwen2 (vocab 151936 with the real Qwen2.5 tokenizer from
 tests/fixtures/tokenizers/qwen2.5, hidden 256, 4 layers, 4/2 heads, intermediate 512, tied embeddings),
@@ -25,8 +29,10 @@ max_completion_length=64), temperature 1, beta = 0.04 with a frozen reference mo
 rollout batch (ours ppo_epochs=1 minibatches=1; TRL num_iterations=1, and per_device_train_batch_size x
 gradient_accumulation_steps = the step's 64 completions, one generation per optimizer step), token-level
 loss aggregation (ours --loss_agg=token, TRL loss_type="dapo"), AdamW lr 1e-6 constant, betas (0.9, 0.99),
-no weight decay, grad clip 1.0, fp32 (TRL bf16 and gradient checkpointing off). The reward on both sides is
-reward.language_consistency_reward of the completion text (ours --rewards=language:1): cheap, and it varies
+no weight decay, grad clip 1.0, fp32 (TRL bf16 and gradient checkpointing off). With --lora_rank=R both sides train
+LoRA adapters of rank R (alpha --lora_alpha, no dropout) on the seven linear layers of every block (TRL: PEFT's
+LoraConfig), and the reference is the policy with its adapters off (no second model) on both. The reward on both
+sides is reward.language_consistency_reward of the completion text (ours --rewards=language:1): cheap, and it varies
 across random completions, so advantages are not zero.
 
 Each side runs in its own fresh subprocess (TRL's with --trl_python), with --threads torch threads (default:
