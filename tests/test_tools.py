@@ -254,3 +254,25 @@ def test_the_code_format_takes_the_python_tool_alone(qwen):
     assert tools.tool_use(qwen, "calculator", "auto", "chat").format == "chat"
     with pytest.raises(ValueError, match="must be > 0"):
         ToolUse(qwen, ["python"], format="code", timeout=0)
+
+
+def test_calls_run_in_warm_interpreters_one_call_each():
+    """A call runs in an interpreter started before it (sandbox.POOL), which is then discarded: the next call gets
+    another, and nothing one call leaves in its interpreter reaches the next."""
+    import sandbox
+    sandbox.POOL.warm(1)
+    waiting = sandbox.POOL.spares[0].proc.pid
+    assert python("import os, math\nmath.left_behind = 1\nprint(os.getpid())") == (str(waiting), None)
+    result, error = python("import os, math\nprint(os.getpid(), hasattr(math, 'left_behind'))")
+    pid, left_behind = result.split()
+    assert error is None and int(pid) != waiting and left_behind == "False"
+    assert waiting not in [spare.proc.pid for spare in sandbox.POOL.spares] and sandbox.POOL.spares
+
+
+def test_a_broken_sandbox_stops_the_run(monkeypatch):
+    """What is not the model's doing must not become a tool result it trains on."""
+    import sandbox
+    sandbox.POOL.stop()
+    monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/python3")
+    with pytest.raises(RuntimeError, match="tool python failed .*cannot start /nonexistent/python3"):
+        python("print(1)")
