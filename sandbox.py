@@ -44,7 +44,7 @@ PRELOAD = ("math cmath collections itertools functools heapq bisect re string ty
 PRELOAD_IF_USED = ("numpy", "sympy")  # slower to import: only when the code names them (and installed)
 
 _HARNESS = r'''
-import json, os, resource, sys
+import json, math, os, resource, sys
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, MS_REC, MS_PRIVATE = 0x20000, 0x10000000, 0x40000000, 0x4000, 0x40000
 BLOCKED = ("socket.", "subprocess.", "ctypes.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.system",
            "os.kill", "os.killpg", "pty.", "gc.get_", "sqlite3.")
@@ -68,7 +68,7 @@ def isolate(payload):
             done.append("private " + " ".join(scratch))
     elif os.getuid() != 0 and hasattr(libc, "unshare") and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
         done.append("network namespace")
-    spent = int(sum(os.times()[:2]))  # CPU seconds of the warm start: not the code's to pay for
+    spent = math.ceil(sum(os.times()[:2]))  # CPU seconds before the code: the warm start and the call's imports
     for key, value in payload["limits"].items():
         value = [v + spent for v in value] if key == "RLIMIT_CPU" else value
         resource.setrlimit(getattr(resource, key), tuple(value) if isinstance(value, list) else (value, value))
@@ -180,14 +180,15 @@ class Interpreter:
     stdin for the one call it will run, in an empty working directory of its own. Runs one call, then is killed."""
 
     def __init__(self, uid, gid):
+        self.proc, self.result, self.output = None, None, None
         self.root = tempfile.mkdtemp(prefix="nanor1-")  # holds the two files below; the child only sees work/
-        work = os.path.join(self.root, "work")
-        os.mkdir(work)
-        if os.getuid() == 0:
-            os.chown(work, uid, gid)
-        self.result = open(os.path.join(self.root, "result"), "w+b")
-        self.output = open(os.path.join(self.root, "output"), "w+b")
         try:  # -s -P and an environment of our own, as -I would give, but with a fixed hash seed (-I ignores it)
+            work = os.path.join(self.root, "work")
+            os.mkdir(work)
+            if os.getuid() == 0:
+                os.chown(work, uid, gid)
+            self.result = open(os.path.join(self.root, "result"), "w+b")
+            self.output = open(os.path.join(self.root, "output"), "w+b")
             self.proc = subprocess.Popen(
                 [sys.executable or "python3", "-s", "-P", "-c", _HARNESS, SANDBOX_MARKER, ",".join(PRELOAD)],
                 stdin=subprocess.PIPE, stdout=self.result, stderr=self.output, cwd=work,
@@ -211,7 +212,7 @@ class Interpreter:
             self.output.read(MAX_OUTPUT + 1)
 
     def kill(self):
-        if getattr(self, "proc", None) is None:
+        if self.proc is None or self.proc.returncode is not None:  # once: after the wait its pid may be reused
             return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the child and anything it started
@@ -220,10 +221,20 @@ class Interpreter:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
+    def broken(self):
+        """A SandboxError if the interpreter ended by itself before any call reached it (a Python that cannot run the
+        harness exits at once), else None."""
+        if self.proc.poll() is None or self.proc.returncode < 0:  # still waiting, or killed from outside
+            return None
+        self.output.seek(0)
+        return SandboxError(f"python sandbox: {sys.executable or 'python3'} exited with status {self.proc.returncode} "
+                            f"before its call: {self.output.read(2000).decode('utf-8', 'replace').strip()}")
+
     def close(self):
         self.kill()
-        self.result.close()
-        self.output.close()
+        for f in (self.result, self.output):
+            if f is not None:
+                f.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -235,6 +246,20 @@ class WarmPool:
     def __init__(self):
         self.lock, self.spares, self.wanted, self.pid = threading.Lock(), [], 1, os.getpid()
         atexit.register(self.stop)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.forget)
+
+    def forget(self):
+        """In a forked child: the interpreters are the parent's. Drop them without killing them, closing this
+        process's copies of their stdin (else a spare would never see its call end) and a lock another thread may
+        have held at the fork."""
+        for spare in self.spares:
+            for f in (spare.proc.stdin, spare.result, spare.output):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        self.lock, self.spares, self.pid = threading.Lock(), [], os.getpid()
 
     def warm(self, n):
         """Keep at least n interpreters ready (one per call that may run at once)."""
@@ -243,30 +268,35 @@ class WarmPool:
         self.refill()
 
     def take(self, uid, gid):
+        spare = None
         with self.lock:
-            if os.getpid() != self.pid:  # a forked child: its parent's interpreters are not its own
-                self.spares, self.pid = [], os.getpid()
-            while self.spares:
-                spare = self.spares.pop(0)
-                if spare.proc.poll() is None:
-                    break
-                spare.close()  # died while waiting (killed from outside): never hand it a call
-            else:
-                spare = None
-        self.refill(uid, gid)
-        return spare or Interpreter(uid, gid)
+            while self.spares and spare is None:
+                spare, error = self.spares.pop(0), None
+                if spare.proc.poll() is not None:  # ended while waiting: never hand it a call
+                    error = spare.broken()
+                    spare.close()
+                    spare = None
+                if error is not None:
+                    raise error
+        try:
+            self.refill(uid, gid)
+            return spare or Interpreter(uid, gid)
+        except BaseException:
+            if spare is not None:
+                spare.close()
+            raise
 
     def refill(self, uid=None, gid=None):
         if uid is None:
             uid, gid = nobody()
         with self.lock:
-            while os.getpid() == self.pid and len(self.spares) < self.wanted:
+            while len(self.spares) < self.wanted:
                 self.spares.append(Interpreter(uid, gid))
 
     def stop(self):
         """Kill the interpreters waiting (at exit, and in tests that look for leftover processes)."""
         with self.lock:
-            spares, self.spares = (self.spares, []) if os.getpid() == self.pid else ([], [])
+            spares, self.spares = (self.spares, []) if os.getpid() == self.pid else ([], [])  # (a child's: forgotten)
         for spare in spares:
             spare.close()
 
@@ -303,6 +333,9 @@ def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
     reports = [line[len(nonce):] for line in lines if line.startswith(nonce)]
     if reports and reports[0] != "ready":  # a broken sandbox must be loud, not a silent failure of the code
         raise SandboxError(f"python sandbox setup failed: {json.loads(reports[0]).get('setup_error')}")
+    if not reports and not timed_out and returncode is not None and returncode > 0:  # ended before the code ran
+        raise SandboxError(f"python sandbox: the interpreter exited with status {returncode} before running the "
+                           f"code: {output[:2000].decode('utf-8', 'replace').strip()}")
     report = next((r for r in map(_json_or_none, reports[:0:-1]) if isinstance(r, dict) and "passed" in r), {})
     out_of_time = timed_out or returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not report
     error = "timeout" if out_of_time else report.get("error", "crashed") if report else "crashed"

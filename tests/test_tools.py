@@ -276,3 +276,40 @@ def test_a_broken_sandbox_stops_the_run(monkeypatch):
     monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/python3")
     with pytest.raises(RuntimeError, match="tool python failed .*cannot start /nonexistent/python3"):
         python("print(1)")
+
+
+def test_an_interpreter_that_cannot_run_the_harness_stops_the_run(monkeypatch):
+    import sandbox
+    sandbox.POOL.stop()
+    monkeypatch.setattr(sandbox, "_HARNESS", "raise SystemExit('no harness here')")
+    with pytest.raises(RuntimeError, match="tool python failed .*exited with status 1 before .*no harness here"):
+        python("print(1)")
+    sandbox.POOL.stop()
+
+
+def test_a_forked_child_does_not_hold_the_pools_interpreters():
+    """A process forked while interpreters wait (a DataLoader worker, a fork-started pool) keeps nothing of the pool:
+    while it lives, the parent's calls still end (its copy of a spare's stdin would keep the call from ending), and
+    the child's own call gets an interpreter of its own."""
+    import sandbox
+    sandbox.POOL.warm(2)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one call of its own, then wait until the parent is done
+        try:
+            os.close(read)
+            answer = python("print(5)")
+            sandbox.POOL.stop()  # the child's own spares (its parent's are not its to stop)
+            os.write(write, b"ok" if answer == ("5", None) else b"no")
+            time.sleep(10)
+        finally:
+            os._exit(0)
+    try:
+        os.close(write)
+        assert os.read(read, 2) == b"ok"
+        t0 = time.time()
+        assert python("print(1)", timeout=3.0) == ("1", None) and time.time() - t0 < 2.0
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(read)
