@@ -278,3 +278,30 @@ def test_mfu_counts_no_weight_gradient_for_the_frozen_base(base):
     n_adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert 0 < n_adapters < lora.num_params() / 10
     assert lora.flops_per_token(64) == 4 * lora.num_params() + 2 * n_adapters + attention
+
+
+def test_the_graph_path_samples_the_adapters_as_updated_in_place(base, monkeypatch):
+    """CUDA graphs hold the addresses of the tensors they read; the optimizer updates the adapters in place, so the
+    captured decode step samples the current adapters. On the CPU: the graph path's logic (capture replaced by a rerun
+    on the same static buffers, as tests/test_sample.py does) against the plain path, after each of two updates."""
+    from engine import Engine
+
+    monkeypatch.setattr(Engine, "_capture", lambda self, step, restore: (step(), restore(), step)[-1])
+    path, _ = base
+    torch.manual_seed(0)
+    model = add_lora(Transformer.from_pretrained(path, dtype=torch.float32), 4, 16)
+    prompts, kw = [[1, 5, 17], [42, 99, 7, 3]], dict(num_samples=2, max_new_tokens=8, seed=3, ignore_eos=True)
+    graphs, before = Engine(model, cuda_graphs=True), None
+    assert graphs.static
+    for _ in range(2):
+        with torch.no_grad():  # an optimizer step: in place, the addresses kept
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.5 * torch.randn_like(p))
+        out, ref = graphs.generate(prompts, **kw), Engine(model).generate(prompts, **kw)
+        rows = [(c.tokens, c.logprobs) for g in out for c in g]
+        assert [c.tokens for g in ref for c in g] == [t for t, _ in rows]
+        for (_, lp), c in zip(rows, (c for g in ref for c in g)):
+            assert lp == pytest.approx(c.logprobs, abs=1e-5)
+        assert rows != before  # the update changed what is sampled
+        before = rows
