@@ -213,15 +213,20 @@ def sample_tokens(logits, u=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0
 @dataclass
 class Completion:
     tokens: list  # generated ids, including the stop token that ended it (GRPO trains on emitting it), tool output too
-    text: str  # decoded; the stop token's text is left out, a stop *string* is kept (text ends with it)
+    text: str  # what the model wrote (the tokens it sampled) decoded, what rewards score: never a tool's output. The
+    # stop token's text is left out, a stop *string* is kept (text ends with it)
     logprobs: list  # per token: log softmax(logits / T) of the sampled token (see sample_tokens); 0 on forced tokens
     finish_reason: str  # "stop" (stop token or stop string) or "length" (hit max_new_tokens)
     seed: int = 0  # this row's seed: generate([prompt], seed=this) reproduces the completion
     sample_logprobs: list = field(default_factory=list)  # per token: under the filtered distribution it came from
     loss_mask: list = field(default_factory=list)  # per token: 1 sampled by the model, 0 forced (tool output, glue)
     tool_calls: list = field(default_factory=list)  # per call: {name, arguments, result, error} (tools.Call.record)
-    model_text: str = None  # the text of the tokens the model sampled alone, what rewards score (a tool's output is
-    # never taken for the model's answer); the same as text when no tool wrote anything
+    transcript: str = None  # every token decoded: the model's turns and what tools answered between them, as the chat
+    # template renders the conversation; text itself when no tool wrote anything
+
+    def __post_init__(self):
+        if self.transcript is None:
+            self.transcript = self.text
 
 
 @dataclass
@@ -553,8 +558,9 @@ class Engine:
                 continue
             segment = self.tokenizer.decode(row.tokens[row.segment:])
             calls = tools.calls(segment)
-            if calls and len(row.tokens) >= max_new_tokens:  # no room left for an answer: recorded, never run
+            if calls and len(row.tokens) >= max_new_tokens:  # no room left for an answer: recorded, never run,
                 row.tool_calls += [dict(c.record(), error=c.error or "no tokens left for the result") for c in calls]
+                row.finish = "length"  # and cut by the budget, not ended by the model (--overlong=mask sees it)
             elif calls:
                 pending.append((row, segment, calls))
         if not pending:
@@ -570,19 +576,20 @@ class Engine:
             row.finish = "" if forced else "length"
 
     def _finish(self, row, stop_strs):
-        text = model_text = None
+        text = transcript = None
         if self.tokenizer is not None:
             ids = row.tokens[:-1] if row.finish == "stop" and not row.by_string else row.tokens
-            text = self.tokenizer.decode(ids)
+            transcript = self.tokenizer.decode(ids)
             if row.by_string:  # cut right after the earliest-ending stop string the model wrote
-                text = _cut_after_stop(text, stop_strs, len(self.tokenizer.decode(row.tokens[:row.segment])))
-            model_text = text
+                last_span = len(self.tokenizer.decode(row.tokens[:row.segment]))  # where the model wrote last
+                transcript = _cut_after_stop(transcript, stop_strs, last_span)
+            text = transcript
             if 0 in row.loss_mask:  # the sampled spans only (a stop string can only be in the last one)
-                model_text = self.tokenizer.decode([t for t, m in zip(ids, row.loss_mask) if m])
+                text = self.tokenizer.decode([t for t, m in zip(ids, row.loss_mask) if m])
                 if row.by_string:
-                    model_text = _cut_after_stop(model_text, stop_strs)
+                    text = _cut_after_stop(text, stop_strs)
         return Completion(row.tokens, text, row.logprobs, row.finish or "length", row.seed, row.sample_logprobs,
-                          row.loss_mask, row.tool_calls, model_text)
+                          row.loss_mask, row.tool_calls, transcript)
 
 
 def _cut_after_stop(text, stop_strs, start=0):

@@ -84,7 +84,7 @@ def _select(i, row, samples, prefix, max_per_prompt, prefer, seed, limits):
     """One problem's K samples -> (reason per sample, None for the kept ones; [(sample index, rewards)] kept)."""
     reasons, rewards, good, seen = [], [], [], set()
     for j, c in enumerate(samples):
-        text = prefix + c.text
+        text = prefix + c.transcript
         reason, r = check_sample(text, c.finish_reason, len(c.tokens), row, **limits)
         if reason is None and text in seen:
             reason = "duplicate"
@@ -135,7 +135,7 @@ def rejection_sample(engine, tok, rows, num_samples=4, sampling=None, seed=0, te
             raise ValueError(f"engine returned {len(samples)} samples for problem {i}, expected {K}")
         prefix = think_prefix(tok, prompts[i])
         reasons, kept = _select(i, rows[i], samples, prefix, max_per_prompt, prefer, seed, limits)
-        return reasons, [(j, prefix + samples[j].text, len(samples[j].tokens), r) for j, r in kept]
+        return reasons, [(j, prefix + samples[j].transcript, len(samples[j].tokens), r) for j, r in kept]
 
     prompts = [encode_problem(tok, row, template) for row in rows]
     results = sample_problems(engine, prompts, K, sampling, judge, seed, batch_size, rank, world, "reject", progress)

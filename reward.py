@@ -610,9 +610,16 @@ def format_reward(completion: str, mode: str = "strict", think_in_prompt: bool =
     answer_tag: the R1-Zero template, <think>...</think> <answer>...</answer> and nothing after.
     think_in_prompt=True: the prompt already ends with "<think>\\n" (R1-Distill chat
     template), so the completion starts inside the think block; a "<think>" is
-    implied in front of it (a second one written by the model is a format error)."""
+    implied in front of it (a second one written by the model is a format error).
+    A multi-turn tool-use completion (what the model wrote, its turns ended by
+    <|im_end|>: Completion.text) is judged turn by turn, as the chat template
+    renders each assistant turn (a Qwen3 turn thinks, then calls or answers): 1.0
+    only if every turn is well formed."""
     if mode not in ("strict", "soft", "answer_tag"):
         raise ValueError(f"format_reward mode must be 'strict', 'soft' or 'answer_tag', got {mode!r}")
+    if "<|im_end|>" in completion.removesuffix("<|im_end|>"):  # (a kept stop string ends the last turn)
+        turns = completion.removesuffix("<|im_end|>").split("<|im_end|>")
+        return min(format_reward(turn, mode, think_in_prompt) for turn in turns)
     try:
         text = ("<think>" + completion) if think_in_prompt else completion.lstrip()
         if mode == "soft":

@@ -143,7 +143,7 @@ def run_prompt(engine, tok, cfg, sampling):
     print(tok.decode(ids), end="", flush=True)
     if cfg["num_samples"] > 1:
         for j, c in enumerate(engine.generate([ids], num_samples=cfg["num_samples"], seed=cfg["seed"], **sampling)[0]):
-            print(f"\n--- sample {j} (finish_reason={c.finish_reason} tokens={len(c.tokens)})\n{c.text}")
+            print(f"\n--- sample {j} (finish_reason={c.finish_reason} tokens={len(c.tokens)})\n{c.transcript}")
         return
     got, shown = [], [0]
 
@@ -155,7 +155,7 @@ def run_prompt(engine, tok, cfg, sampling):
             shown[0] = len(text)
 
     c = engine.generate([ids], seed=cfg["seed"], on_tokens=on_tokens, **sampling)[0][0]
-    print(c.text[shown[0]:] if len(c.text) > shown[0] else "")
+    print(c.transcript[shown[0]:] if len(c.transcript) > shown[0] else "")
     print(f"\n--- finish_reason={c.finish_reason} tokens={len(c.tokens)}")
 
 

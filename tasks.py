@@ -113,17 +113,17 @@ def sample_problems(engine, prompts, num_samples, sampling, judge, seed=0, batch
 def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, batch_size=32, rank=0, world=1,
                    progress=True, format_mode="strict"):
     """sample_problems, each sample scored with reward.accuracy_reward against its problem's `answer`, with its
-    format_reward(format_mode) and count_rechecks (all on Completion.model_text: a tool's output is not the model's
+    format_reward(format_mode) and count_rechecks (all on Completion.text: a tool's output is not the model's
     answer); each record also keeps the completion's text, tokens, loss_mask (0 on tokens a tool wrote) and
     tool_calls. -> (per problem a list of sample dicts, generated tokens over all ranks)."""
     def judge(i, samples):
         gold, rows = str(problems[i]["answer"]), []
-        for j, c in enumerate(samples):  # scored on what the model wrote (model_text: no tool's output)
-            reward = float(accuracy_reward(c.model_text, gold))
-            rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.model_text)),
+        for j, c in enumerate(samples):  # scored on what the model wrote (text: no tool's output)
+            reward = float(accuracy_reward(c.text, gold))
+            rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)),
                              reward=reward, correct=reward >= 1.0, finish_reason=c.finish_reason,
-                             num_tokens=len(c.tokens), format=format_reward(c.model_text, format_mode),
-                             rechecks=count_rechecks(c.model_text), completion=c.text, tokens=c.tokens,
+                             num_tokens=len(c.tokens), format=format_reward(c.text, format_mode),
+                             rechecks=count_rechecks(c.text), completion=c.transcript, tokens=c.tokens,
                              loss_mask=c.loss_mask, tool_calls=c.tool_calls))
         return rows
 

@@ -116,9 +116,9 @@ ref_update_every = 0  # >0: reset the reference to the policy every this many st
 dynamic_sampling = 0  # 1 (DAPO): drop groups whose rewards are all equal, sample more prompts to refill the batch
 max_sampling_rounds = 4  # dynamic sampling: at most this many generation rounds per step (then train on what is kept)
 overlong = "none"  # none | mask (truncated completions leave the loss) | soft (DAPO's length penalty on the reward)
-overlong_buffer = 32  # soft: the last this many tokens before max_completion_len are penalised linearly
+overlong_buffer = 32  # soft: the model's own tokens past max_completion_len - this are penalised linearly (cut: -1)
 max_prompt_len = 256  # longer prompts are skipped and counted
-max_completion_len = 128
+max_completion_len = 128  # every token after the prompt, a tool's output included (the model's own: completion_len)
 temperature = 1.0
 top_p = 1.0
 top_k = 0
@@ -243,20 +243,21 @@ def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, samplin
     by the reward model (parts {"rm": score}). tasks.sample_problems splits the items over the ranks (k % world) and
     gathers the groups; the seeds are engine.sample_seed's. -> (the groups in draw order, each a list of Rollouts,
     generated tokens over all ranks)."""
-    def judge(k, group):  # every reward reads what the model wrote (model_text), never a tool's output
+    def judge(k, group):  # every reward reads what the model wrote (text), never a tool's output (transcript)
         row = items[k]["row"]
-        rm_scores = scorer([(row, c.model_text) for c in group]) if scorer is not None and not rule_scored(row) \
+        rm_scores = scorer([(row, c.text) for c in group]) if scorer is not None and not rule_scored(row) \
             else None
         rollouts = []
         for j, c in enumerate(group):
             if rm_scores is not None:
                 total, parts = scorer.weight * rm_scores[j], {"rm": rm_scores[j]}
             else:
-                total, parts = reward_fn(c.model_text, row)
+                total, parts = reward_fn(c.text, row)
             if cfg.overlong == "soft":
-                parts["overlong"] = overlong_penalty(len(c.tokens), cfg.max_completion_len, cfg.overlong_buffer)
+                parts["overlong"] = overlong_penalty(overlong_length(c, cfg), cfg.max_completion_len,
+                                                     cfg.overlong_buffer)
                 total += parts["overlong"]
-            acc = accuracy_reward(c.model_text, row["answer"]) if "accuracy" not in parts and "answer" in row \
+            acc = accuracy_reward(c.text, row["answer"]) if "accuracy" not in parts and "answer" in row \
                 else parts.get("accuracy")
             rollouts.append(Rollout(first_draw + k, items[k], c, total, parts, acc))
         return rollouts
@@ -305,10 +306,23 @@ def rollout_batch(groups, cfg):
     return rollouts, rollout_metrics(groups, rollouts, rewards, bool(cfg.tools))
 
 
+def model_tokens(completion):
+    """The tokens the model wrote itself (sampled; loss_mask 1): what completion_len and the overlong penalty count.
+    A tool's output and the template's glue around it are tool_tokens. Both count against max_completion_len, which
+    bounds the whole sequence (its KV cache, its update)."""
+    return sum(completion.loss_mask)
+
+
+def overlong_length(completion, cfg):
+    """The length DAPO's soft overlong penalty charges: what the model wrote, not a tool's output; a completion the
+    budget cut (finish_reason "length") did not finish, and is charged the whole budget (-1), as in DAPO."""
+    return cfg.max_completion_len if completion.finish_reason == "length" else model_tokens(completion)
+
+
 def rollout_metrics(groups, rollouts, rewards, with_tools):
     if not rollouts:
         return {"reward": 0.0}
-    lens = [len(r.sample.tokens) for r in rollouts]
+    lens = [model_tokens(r.sample) for r in rollouts]
     rec = {"reward": float(rewards.mean())}  # the mean total, over every sample
     # each component is the mean over the samples it scored (rule parts over the samples of rule-scored rows, rm
     # over those of RM-scored ones), so mixing the two sources does not dilute either
@@ -318,7 +332,7 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
     accs = [r.accuracy for r in rollouts if r.accuracy is not None]
     if accs:
         rec["accuracy"] = sum(accs) / len(accs)
-    rechecked = [count_rechecks(r.sample.model_text) > 0 for r in rollouts]
+    rechecked = [count_rechecks(r.sample.text) > 0 for r in rollouts]
     rec["recheck_frac"] = sum(rechecked) / len(rollouts)  # completions that go back over a step ("Wait, ...")
     for name, keep in (("accuracy_recheck", True), ("accuracy_no_recheck", False)):
         vals = [r.accuracy for r, c in zip(rollouts, rechecked) if c == keep and r.accuracy is not None]
@@ -333,6 +347,7 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
                # entropy (exact in expectation with top_p = 1, top_k = 0), free from the sampler
                entropy=-sum(sampled) / max(len(sampled), 1))
     if with_tools:
+        rec["tool_tokens"] = sum(len(r.sample.tokens) - model_tokens(r.sample) for r in rollouts) / len(rollouts)
         rec.update(tool_metrics([vars(r.sample) for r in rollouts]))
         for name, used in (("reward_tool", True), ("reward_no_tool", False)):  # completions that called a tool or not
             vals = [r.reward for r in rollouts if bool(r.sample.tool_calls) == used]
@@ -644,7 +659,7 @@ def evaluate(engine, problems, rm_items, scorer, history, at_step, cfg, rt, samp
                                    rt.world, progress=False, format_mode=fmt)
         greedy = [r[0] for r in greedy]
         out.update(eval_accuracy=sum(s["correct"] for s in greedy) / len(greedy),
-                   eval_completion_len=sum(s["num_tokens"] for s in greedy) / len(greedy),
+                   eval_completion_len=sum(sum(s["loss_mask"]) for s in greedy) / len(greedy),  # the model's own
                    eval_format=sum(s["format"] for s in greedy) / len(greedy),
                    eval_recheck_frac=sum(s["rechecks"] > 0 for s in greedy) / len(greedy))
         if sampling.get("tools"):
@@ -864,7 +879,7 @@ class StepLog(RunLog):
             item = rollouts[0].item
             self.say(f"--- step {step} samples for {item['where']} (answer {item['row'].get('answer')!r}):")
             for r in rollouts[:2]:
-                self.say(f"[reward {r.reward:.2f}] {r.sample.text!r}")
+                self.say(f"[reward {r.reward:.2f}] {r.sample.transcript!r}")
         if self.rollouts_every and step % self.rollouts_every == 0 and rt.master:
             self.log_rollouts(step, rollouts)
 
@@ -872,7 +887,7 @@ class StepLog(RunLog):
         with open(self.rollouts_path, "a", encoding="utf-8") as f:
             for r in rollouts:
                 line = dict(step=step, draw=r.draw, where=r.item["where"], prompt=self.tok.decode(r.item["ids"]),
-                            completion=r.sample.text, answer=r.item["row"].get("answer"), reward=r.reward,
+                            completion=r.sample.transcript, answer=r.item["row"].get("answer"), reward=r.reward,
                             parts=r.parts, advantage=r.adv, finish_reason=r.sample.finish_reason,
                             num_tokens=len(r.sample.tokens))
                 if self.cfg.tools:  # each call as the model wrote it, and the result it read

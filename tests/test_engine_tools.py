@@ -10,6 +10,7 @@ from engine import Engine
 from helpers import ScriptedLM, make_tiny_checkpoint
 from losses import completion_logprobs
 from model import Transformer
+from reward import format_reward
 from tokenizer import Tokenizer
 from tools import Call, ToolUse, schemas
 
@@ -79,6 +80,14 @@ def test_tool_rollout_is_the_template_rendering_token_for_token(family):
     assert [(c["name"], c["result"], c["error"]) for c in out.tool_calls] == \
         [(c["function"]["name"], r, None) for c, r in zip([c for m in conversation for c in m.get("tool_calls", [])],
                                                            results)]
+    # the format metric judges each assistant turn: Qwen3's three turns each think, then call or answer (Qwen2.5's
+    # do not think: no <think> in any turn)
+    assert format_reward(out.text, "strict") == (1.0 if family == "qwen3" else 0.0)
+    if family == "qwen3":
+        turns = out.text.split("<|im_end|>")
+        assert len(turns) == 3 and format_reward(out.text, "soft") == 1.0
+        unclosed = "<|im_end|>".join([turns[0], turns[1].replace("</think>", ""), turns[2]])
+        assert format_reward(unclosed, "strict") == 0.0 and format_reward(unclosed, "soft") == 0.0
 
 
 def test_code_format_answers_a_fenced_block_with_an_output_block():
@@ -90,21 +99,21 @@ def test_code_format_answers_a_fenced_block_with_an_output_block():
     engine = Engine(scripted(tok, prompt, target), tok)
     out = engine.generate([prompt], max_new_tokens=64, temperature=0.0,
                           tools=ToolUse(tok, ["python"], format="code"))[0][0]
-    assert out.tokens == target and out.text == wrote + "```output\n42\n```\n" + then
+    assert out.tokens == target and out.transcript == wrote + "```output\n42\n```\n" + then
     n = len(tok.encode(wrote))
     assert out.loss_mask == [1] * n + [0] * len(forced) + [1] * (len(target) - n - len(forced))
     assert out.tool_calls == [dict(name="python", arguments={"code": "print(6*7)\n"}, result="42", error=None)]
-    assert out.model_text == wrote + then  # what rewards score: the tool's "42" is not the model's
+    assert out.text == wrote + then  # what rewards score: the tool's "42" is not the model's
 
 
 def test_rewards_never_read_a_tools_output():
-    """A row cut off right after a tool's answer: its text ends with the answer, its model_text does not have it."""
+    """A row cut off right after a tool's answer: its transcript ends with the answer, its text does not have it."""
     tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, "qwen2.5"))
     prompt = tok.encode("Q:")
     wrote = tok.encode("```python\nprint(6*7)\n```\n")
     out = Engine(scripted(tok, prompt, wrote + [0] * 20), tok).generate(
         [prompt], max_new_tokens=len(wrote) + 6, temperature=0.0, tools=ToolUse(tok, ["python"], format="code"))[0][0]
-    assert out.finish_reason == "length" and "42" in out.text and "42" not in out.model_text
+    assert out.finish_reason == "length" and "42" in out.transcript and "42" not in out.text
 
 
 def test_a_call_left_open_at_the_token_limit_is_recorded():
@@ -146,6 +155,20 @@ class EchoTools:
 def tiny(tmp_path_factory):
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", seed=3)
     return Transformer.from_pretrained(path), Tokenizer.from_pretrained(path)
+
+
+def test_a_call_completed_on_the_last_token_of_the_budget_is_cut_not_stopped():
+    """The chat format's call ends the turn with <|im_end|>, a stop token; on the budget's last token there is no room
+    for the answer, so the row was cut by the budget: finish_reason "length", for --overlong=mask to see."""
+    tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, "qwen2.5"))
+    prompt = tok.encode("Q:")
+    target = tok.encode('<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>') + \
+        [tok.token_to_id("<|im_end|>")]
+    out = Engine(scripted(tok, prompt, target), tok).generate(
+        [prompt], max_new_tokens=len(target), temperature=0.0, tools=ToolUse(tok, ["calculator"]))[0][0]
+    assert out.tokens == target and out.finish_reason == "length" and out.loss_mask == [1] * len(target)
+    assert [(c["name"], c["result"], c["error"]) for c in out.tool_calls] == \
+        [("calculator", None, "no tokens left for the result")]
 
 
 def test_forced_tokens_enter_the_cache_and_rollouts_do_not_depend_on_the_batch(tiny):
@@ -224,4 +247,4 @@ def test_every_bad_call_is_an_error_result_the_model_reads():
     assert errors == ["bad expression", "malformed call", "unknown tool", "timeout", "output is not UTF-8",
                       "ZeroDivisionError", "unclosed call", "too many calls"]
     assert all(c["result"].startswith("Error") or "Error" in c["result"] for c in out.tool_calls)
-    assert out.text.count("<tool_response>") == 8  # the model read every one
+    assert out.transcript.count("<tool_response>") == 8  # the model read every one

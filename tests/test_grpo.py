@@ -403,6 +403,21 @@ def test_overlong_penalty():
     assert losses.overlong_penalty(20, 16, 4) == -1.0
 
 
+def test_tool_tokens_count_against_the_budget_but_not_in_completion_len_nor_the_overlong_penalty():
+    """max_completion_len bounds every token; completion_len and DAPO's soft penalty count the model's own (a tool's
+    output is not the model's length), and a row the budget cut is charged the whole budget, as in DAPO."""
+    cfg = train_grpo.configure(["--max_completion_len=16", "--overlong=soft", "--overlong_buffer=4", "--tools=python"])
+    mask = [1] * 8 + [0] * 6 + [1] * 1  # 9 of the model's tokens, 6 of a tool's: 15 in all
+    finished = Completion(list(range(15)), "", [0.0] * 15, "stop", 0, [0.0] * 15, mask)
+    cut = Completion(list(range(16)), "", [0.0] * 16, "length", 0, [0.0] * 16, mask + [1])
+    assert train_grpo.model_tokens(finished) == 9 and train_grpo.overlong_length(finished, cfg) == 9  # no penalty
+    assert losses.overlong_penalty(train_grpo.overlong_length(cut, cfg), 16, 4) == -1.0
+    rollouts = [train_grpo.Rollout(0, {}, c, 0.0, {}, None) for c in (finished, cut)]
+    rec = train_grpo.rollout_metrics([rollouts], rollouts, torch.zeros(2, dtype=torch.float64), True)
+    assert rec["completion_len"] == 9.5 and rec["completion_len_max"] == 10 and rec["tool_tokens"] == 6
+    assert rec["truncated_frac"] == 0.5
+
+
 # -----------------------------------------------------------------------------
 # the CLI on a tiny random model
 
