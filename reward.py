@@ -612,14 +612,20 @@ def format_reward(completion: str, mode: str = "strict", think_in_prompt: bool =
     template), so the completion starts inside the think block; a "<think>" is
     implied in front of it (a second one written by the model is a format error).
     A multi-turn tool-use completion (what the model wrote, its turns ended by
-    <|im_end|>: Completion.text) is judged turn by turn, as the chat template
-    renders each assistant turn (a Qwen3 turn thinks, then calls or answers): 1.0
-    only if every turn is well formed."""
+    <|im_end|>: Completion.text) is well formed either way a chat template renders
+    it: one think block around its calls, closed in the last turn (a template with
+    no reasoning of its own, as the tiny world's), or every turn thinking on its
+    own, then calling or answering (Qwen3's template renders a <think> per turn)."""
     if mode not in ("strict", "soft", "answer_tag"):
         raise ValueError(f"format_reward mode must be 'strict', 'soft' or 'answer_tag', got {mode!r}")
-    if "<|im_end|>" in completion.removesuffix("<|im_end|>"):  # (a kept stop string ends the last turn)
-        turns = completion.removesuffix("<|im_end|>").split("<|im_end|>")
-        return min(format_reward(turn, mode, think_in_prompt) for turn in turns)
+    one_block = _format_reward(completion, mode, think_in_prompt)
+    turns = completion.removesuffix("<|im_end|>").split("<|im_end|>")  # (a kept stop string ends the last turn)
+    if len(turns) == 1 or one_block:
+        return one_block
+    return min(_format_reward(turn, mode, think_in_prompt) for turn in turns)
+
+
+def _format_reward(completion, mode, think_in_prompt):
     try:
         text = ("<think>" + completion) if think_in_prompt else completion.lstrip()
         if mode == "soft":

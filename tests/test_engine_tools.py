@@ -87,7 +87,10 @@ def test_tool_rollout_is_the_template_rendering_token_for_token(family):
         turns = out.text.split("<|im_end|>")
         assert len(turns) == 3 and format_reward(out.text, "soft") == 1.0
         unclosed = "<|im_end|>".join([turns[0], turns[1].replace("</think>", ""), turns[2]])
-        assert format_reward(unclosed, "strict") == 0.0 and format_reward(unclosed, "soft") == 0.0
+        assert format_reward(unclosed, "strict") == 0.0 and format_reward(unclosed, "soft") == 1.0  # (one pair)
+    # one think block around the calls, closed in the last turn (the tiny world's traces): well formed too
+    spanning = '<think>\n7+19=26<tool_call>\n{"name": "calculator"}\n</tool_call><|im_end|>26-18=8\n</think>\n8'
+    assert format_reward(spanning, "strict") == 1.0
 
 
 def test_code_format_answers_a_fenced_block_with_an_output_block():
