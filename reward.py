@@ -619,8 +619,10 @@ def format_reward(completion: str, mode: str = "strict", think_in_prompt: bool =
     if mode not in ("strict", "soft", "answer_tag"):
         raise ValueError(f"format_reward mode must be 'strict', 'soft' or 'answer_tag', got {mode!r}")
     one_block = _format_reward(completion, mode, think_in_prompt)
+    if one_block or not isinstance(completion, str):
+        return one_block
     turns = completion.removesuffix("<|im_end|>").split("<|im_end|>")  # (a kept stop string ends the last turn)
-    if len(turns) == 1 or one_block:
+    if len(turns) == 1:
         return one_block
     return min(_format_reward(turn, mode, think_in_prompt) for turn in turns)
 
