@@ -220,7 +220,7 @@ class Rollout:
     """One completion of one prompt, the same record from the Engine to the loss and to rollouts.jsonl."""
     draw: int  # the prompt's index in the step's draw (the group's)
     item: dict  # the prompt: {"row": its JSONL row, "ids": its token ids, "where": "file:line"}
-    sample: Completion  # what the Engine wrote: tokens, text, logprobs, sample_logprobs, loss_mask, tool_calls, ...
+    completion: Completion  # what the Engine wrote: tokens, text, logprobs, sample_logprobs, loss_mask, tool_calls
     reward: float  # the weighted total (reward.RewardFn, or the reward model's score x its weight)
     parts: dict  # each reward component, unweighted
     accuracy: float | None  # accuracy_reward when the row has an answer, else None
@@ -230,12 +230,12 @@ class Rollout:
     @property
     def length(self):
         """Its row in the update's batches: prompt and completion tokens."""
-        return len(self.item["ids"]) + len(self.sample.tokens)
+        return len(self.item["ids"]) + len(self.completion.tokens)
 
     @property
     def loss_mask(self):
         """Per token, 1 where the loss counts it: the tokens the model sampled (not a tool's), if it is in the loss."""
-        return self.sample.loss_mask if self.in_loss else [0] * len(self.sample.tokens)
+        return self.completion.loss_mask if self.in_loss else [0] * len(self.completion.tokens)
 
 
 def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, sampling, scorer=None):
@@ -267,7 +267,7 @@ def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, samplin
     first_seed = sample_seed(cfg.seed, step, first_draw, 0, cfg.group_size)
     groups = sample_problems(engine, [it["ids"] for it in items], cfg.group_size, sampling, judge, first_seed,
                              batch_size=len(items), rank=rt.rank, world=rt.world)
-    return groups, sum(len(r.sample.tokens) for g in groups for r in g)
+    return groups, sum(len(r.completion.tokens) for g in groups for r in g)
 
 
 def collect_rollouts(engine, stream, step, cfg, rt, reward_fn, sampling, scorer=None):
@@ -302,7 +302,7 @@ def rollout_batch(groups, cfg):
     adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards) if rollouts else rewards
     for r, a in zip(rollouts, adv.tolist()):
         r.adv = a
-        r.in_loss = not (r.sample.finish_reason == "length" and cfg.overlong == "mask")  # DAPO overlong filtering
+        r.in_loss = not (r.completion.finish_reason == "length" and cfg.overlong == "mask")  # DAPO overlong filtering
     return rollouts, rollout_metrics(groups, rollouts, rewards, bool(cfg.tools))
 
 
@@ -322,7 +322,7 @@ def overlong_length(completion, cfg):
 def rollout_metrics(groups, rollouts, rewards, with_tools):
     if not rollouts:
         return {"reward": 0.0}
-    lens = [model_tokens(r.sample) for r in rollouts]
+    lens = [model_tokens(r.completion) for r in rollouts]
     rec = {"reward": float(rewards.mean())}  # the mean total, over every sample
     # each component is the mean over the samples it scored (rule parts over the samples of rule-scored rows, rm
     # over those of RM-scored ones), so mixing the two sources does not dilute either
@@ -332,25 +332,26 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
     accs = [r.accuracy for r in rollouts if r.accuracy is not None]
     if accs:
         rec["accuracy"] = sum(accs) / len(accs)
-    rechecked = [count_rechecks(r.sample.text) > 0 for r in rollouts]
+    rechecked = [count_rechecks(r.completion.text) > 0 for r in rollouts]
     rec["recheck_frac"] = sum(rechecked) / len(rollouts)  # completions that go back over a step ("Wait, ...")
     for name, keep in (("accuracy_recheck", True), ("accuracy_no_recheck", False)):
         vals = [r.accuracy for r, c in zip(rollouts, rechecked) if c == keep and r.accuracy is not None]
         if vals:
             rec[name] = sum(vals) / len(vals)
     n_flat = sum(max(r.reward for r in g) == min(r.reward for r in g) for g in groups)
-    sampled = [lp for r in rollouts for lp, m in zip(r.sample.logprobs, r.sample.loss_mask) if m]
+    sampled = [lp for r in rollouts for lp, m in zip(r.completion.logprobs, r.completion.loss_mask) if m]
     rec.update(completion_len=sum(lens) / len(lens), completion_len_max=max(lens),
-               truncated_frac=sum(r.sample.finish_reason == "length" for r in rollouts) / len(rollouts),
+               truncated_frac=sum(r.completion.finish_reason == "length" for r in rollouts) / len(rollouts),
                zero_std_frac=n_flat / len(groups),
                # the mean surprisal of the sampled tokens: a Monte-Carlo estimate of the sampling policy's per-token
                # entropy (exact in expectation with top_p = 1, top_k = 0), free from the sampler
                entropy=-sum(sampled) / max(len(sampled), 1))
     if with_tools:
-        rec["tool_tokens"] = sum(len(r.sample.tokens) - model_tokens(r.sample) for r in rollouts) / len(rollouts)
-        rec.update(tool_metrics([vars(r.sample) for r in rollouts]))
+        forced = [len(r.completion.tokens) - model_tokens(r.completion) for r in rollouts]  # tool output and glue
+        rec["tool_tokens"] = sum(forced) / len(rollouts)
+        rec.update(tool_metrics([vars(r.completion) for r in rollouts]))
         for name, used in (("reward_tool", True), ("reward_no_tool", False)):  # completions that called a tool or not
-            vals = [r.reward for r in rollouts if bool(r.sample.tool_calls) == used]
+            vals = [r.reward for r in rollouts if bool(r.completion.tool_calls) == used]
             if vals:
                 rec[name] = sum(vals) / len(vals)
     return rec
@@ -410,7 +411,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
                 adv = torch.tensor([rollouts[i].adv for i in idx], device=lp.device, dtype=lp.dtype)
                 mask = padded([rollouts[i].loss_mask for i in idx], rt.device)
                 # rollouts drawn from another distribution than pi_old: weigh each token by pi_old / pi_sampler
-                sampler_lp = padded([rollouts[i].sample.sample_logprobs for i in idx], rt.device, old_lp.dtype)
+                sampler_lp = padded([rollouts[i].completion.sample_logprobs for i in idx], rt.device, old_lp.dtype)
                 is_w, ist = rollout_is_weights(old_lp, sampler_lp, mask, cfg.rollout_is, cfg.rollout_is_cap,
                                                cfg.rollout_is_floor)
                 loss, st = grpo_loss(lp, old_lp, ref_lp, adv, mask, cfg.clip_eps_low, cfg.clip_eps_high, cfg.beta,
@@ -488,7 +489,7 @@ def micro_batches(shares, rank, lengths, fill, cfg):
 
 
 def batch_logprobs(model, rollouts, idx, cfg, rt, pad_id):
-    return completion_logprobs(model, [(rollouts[i].item["ids"], rollouts[i].sample.tokens) for i in idx], pad_id,
+    return completion_logprobs(model, [(rollouts[i].item["ids"], rollouts[i].completion.tokens) for i in idx], pad_id,
                                cfg.logp_chunk, cfg.temperature, rt.device)
 
 
@@ -498,9 +499,11 @@ def logp_mismatch(lp, rollouts, idx, device):
     with one optimizer step a batch only those it trains, so a step that trains none logs 0."""
     if not lp.numel():
         return 0.0
-    sampler = padded([rollouts[i].sample.logprobs for i in idx], device, lp.dtype)
-    forced = padded([rollouts[i].sample.loss_mask for i in idx], device) == 0  # a tool's (or past the end)
-    return float((lp - sampler).masked_fill(forced, 0.0).abs().max())
+    # the Engine's log-probs of the same tokens under the same unfiltered distribution (not sample_logprobs, which
+    # are under the top-p/top-k-filtered one the token was drawn from)
+    engine_lp = padded([rollouts[i].completion.logprobs for i in idx], device, lp.dtype)
+    forced = padded([rollouts[i].completion.loss_mask for i in idx], device) == 0  # a tool's (or past the end)
+    return float((lp - engine_lp).masked_fill(forced, 0.0).abs().max())
 
 
 @torch.no_grad()
@@ -514,7 +517,7 @@ def old_logprobs(policy, rollouts, lengths, cfg, rt, pad_id, stats):
             lp = batch_logprobs(policy, rollouts, idx, cfg, rt, pad_id)
             if not pad:
                 stats["logp_mismatch"] = max(stats["logp_mismatch"], logp_mismatch(lp, rollouts, idx, rt.device))
-                old.update({i: lp[b, :len(rollouts[i].sample.tokens)].cpu() for b, i in enumerate(idx)})
+                old.update({i: lp[b, :len(rollouts[i].completion.tokens)].cpu() for b, i in enumerate(idx)})
     if cfg.fsdp:  # FSDP2 keeps the root's parameters gathered after a forward, for the backward that follows a
         policy.reshard()  # training one: after no-grad passes free them (.parameters() are shards again)
     if rt.ddp:
@@ -537,7 +540,7 @@ def micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pa
         if missing:
             with torch.no_grad(), rt.autocast(), adapters_off(ref_model):
                 r = batch_logprobs(ref_model, rollouts, missing, cfg, rt, pad_id)
-            ref.update({i: r[b, :len(rollouts[i].sample.tokens)] for b, i in enumerate(missing)})
+            ref.update({i: r[b, :len(rollouts[i].completion.tokens)] for b, i in enumerate(missing)})
         ref_lp = pad_sequence([ref[i] for i in idx], batch_first=True)
         stats["time_logp"] += time.time() - t0
     if old is not None:
@@ -879,7 +882,7 @@ class StepLog(RunLog):
             item = rollouts[0].item
             self.say(f"--- step {step} samples for {item['where']} (answer {item['row'].get('answer')!r}):")
             for r in rollouts[:2]:
-                self.say(f"[reward {r.reward:.2f}] {r.sample.transcript!r}")
+                self.say(f"[reward {r.reward:.2f}] {r.completion.transcript!r}")
         if self.rollouts_every and step % self.rollouts_every == 0 and rt.master:
             self.log_rollouts(step, rollouts)
 
@@ -887,11 +890,11 @@ class StepLog(RunLog):
         with open(self.rollouts_path, "a", encoding="utf-8") as f:
             for r in rollouts:
                 line = dict(step=step, draw=r.draw, where=r.item["where"], prompt=self.tok.decode(r.item["ids"]),
-                            completion=r.sample.transcript, answer=r.item["row"].get("answer"), reward=r.reward,
-                            parts=r.parts, advantage=r.adv, finish_reason=r.sample.finish_reason,
-                            num_tokens=len(r.sample.tokens))
+                            completion=r.completion.transcript, answer=r.item["row"].get("answer"), reward=r.reward,
+                            parts=r.parts, advantage=r.adv, finish_reason=r.completion.finish_reason,
+                            num_tokens=len(r.completion.tokens))
                 if self.cfg.tools:  # each call as the model wrote it, and the result it read
-                    line.update(tool_calls=r.sample.tool_calls, tool_tokens=r.sample.loss_mask.count(0))
+                    line.update(tool_calls=r.completion.tool_calls, tool_tokens=r.completion.loss_mask.count(0))
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 

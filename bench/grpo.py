@@ -305,9 +305,9 @@ def lognormal_update(a):
         rollouts = []
         for k, length in enumerate(lens):
             tokens = rng.integers(10, 151000, int(length)).tolist()
-            sample = Completion(tokens, "", [0.0] * len(tokens), "stop", 0, [0.0] * len(tokens), [1] * len(tokens))
+            completion = Completion(tokens, "", [0.0] * len(tokens), "stop", 0, [0.0] * len(tokens), [1] * len(tokens))
             item = {"ids": rng.integers(10, 151000, a.prompt_len).tolist(), "row": {}, "where": "bench"}
-            rollouts.append(train_grpo.Rollout(k // a.group, item, sample, 0.0, {}, None, float(rng.normal())))
+            rollouts.append(train_grpo.Rollout(k // a.group, item, completion, 0.0, {}, None, float(rng.normal())))
         for name, cfg in (configs.items() if step % 2 else reversed(list(configs.items()))):
             t0 = time.perf_counter()
             st = train_grpo.policy_update(model, None, opt, rollouts, cfg, rt, 0, step)

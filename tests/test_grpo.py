@@ -583,9 +583,10 @@ def _tiny_model(seed=0):
 def _rollout(tokens, adv=0.0, logprobs=None, loss_mask=None, in_loss=True, prompt=(5, 6, 7)):
     """A scored rollout as policy_update takes it (train_grpo.Rollout around an engine.Completion)."""
     n = len(tokens)
-    sample = Completion(list(tokens), "", logprobs or [0.0] * n, "stop", 0, logprobs or [0.0] * n,
+    completion = Completion(list(tokens), "", logprobs or [0.0] * n, "stop", 0, logprobs or [0.0] * n,
                         loss_mask or [1] * n, [])
-    return train_grpo.Rollout(0, {"ids": list(prompt), "row": {}, "where": "test"}, sample, 0.0, {}, None, adv, in_loss)
+    item = {"ids": list(prompt), "row": {}, "where": "test"}
+    return train_grpo.Rollout(0, item, completion, 0.0, {}, None, adv, in_loss)
 
 
 def test_ddp_path_with_a_flat_minibatch_equals_one_process(tmp_path):

@@ -88,14 +88,14 @@ def test_mixed_rule_and_reward_model_rows(setup, tmp_path, monkeypatch):
             for s in g:
                 if not by_rm:  # the rule rewards, as without a reward model
                     assert set(s.parts) == {"accuracy", "language"}
-                    total, _ = reward.combine_rewards("accuracy:1,language:1")(s.sample.text, row)
+                    total, _ = reward.combine_rewards("accuracy:1,language:1")(s.completion.text, row)
                     assert s.reward == total
                     rule_samples.append(s)
                     continue
                 assert set(s.parts) == {"rm"} and s.accuracy is None
                 # the RM reads what train_sft --mode=rm trains it on: the conversation with the completion as the
                 # closed assistant turn (ChatML: ... <|im_end|>\n)
-                messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": s.sample.text}]
+                messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": s.completion.text}]
                 ids = torch.tensor([tok.encode_chat_with_mask(messages)[0]])
                 assert ids[0, -2] == im_end
                 with torch.no_grad():
