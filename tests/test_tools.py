@@ -313,3 +313,18 @@ def test_a_forked_child_does_not_hold_the_pools_interpreters():
         os.kill(pid, 9)
         os.waitpid(pid, 0)
         os.close(read)
+
+
+def test_a_torchrun_exit_leaves_no_interpreter_nor_directory(tmp_path):
+    """train_common.exit_if_torchrun leaves by os._exit, which runs no atexit handler: it stops the pool itself."""
+    import subprocess
+    import sys
+    script = ("import os, tempfile, sandbox, train_common\n"
+              "sandbox.POOL.warm(2)\n"
+              "print(' '.join(s.root for s in sandbox.POOL.spares), flush=True)\n"
+              "train_common.exit_if_torchrun(0)\n")
+    env = {**os.environ, "RANK": "0", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    roots = out.stdout.split()
+    assert out.returncode == 0 and len(roots) == 2, out.stderr[-2000:]
+    assert not any(os.path.exists(r) for r in roots) and sandbox_processes() == []
