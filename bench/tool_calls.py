@@ -7,6 +7,7 @@ so every row makes max_new_tokens either way (tool output counts towards them).
     python bench/tool_calls.py --threads=2
     python bench/tool_calls.py --batch=64 --max_new_tokens=256
     python bench/tool_calls.py --latency=40     # one print(1+1) through call_tool: warm interpreters vs a fresh one
+    python bench/tool_calls.py --tool_ms=300 --call_frac=0.25 --repeats=1   # a slow tool: does the batch stall?
 
 Which rows call is decided from their own text (a row calls once its text since the last result reaches --every
 characters, if the CRC of those characters is even), since a random model writes no real calls; the calls, their
@@ -32,6 +33,10 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--every", type=int, default=60, help="characters a calling row writes between calls")
+    p.add_argument("--call_frac", type=float, default=0.5, help="about this share of the calls a rule allows are made")
+    p.add_argument("--tool_ms", type=int, default=0, help="each call sleeps this long in the sandbox (0: it sums "
+                   "squares, a few ms); with it the report compares the wall time with a batch that stalls for each "
+                   "step's calls and with one where no row waits for another's")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest is kept")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--latency", type=int, default=0, help="instead: time this many print(1+1) calls through call_tool, "
@@ -59,9 +64,11 @@ def main():
             return True
 
         def calls(self, segment):
-            if len(segment) < args.every or zlib.crc32(segment[:args.every].encode()) % 2:
+            if len(segment) < args.every or zlib.crc32(segment[:args.every].encode()) % round(1 / args.call_frac):
                 return []
-            return [Call("python", {"code": "print(sum(i * i for i in range(10000)))"})]
+            code = f"import time\ntime.sleep({args.tool_ms / 1e3})" if args.tool_ms else \
+                "print(sum(i * i for i in range(10000)))"
+            return [Call("python", {"code": code})]
 
         def run(self, calls, made_before):  # timed: the batch waits here, for the slowest call of the step
             t0 = time.perf_counter()
@@ -93,7 +100,7 @@ def main():
         results[name] = dict(tok_s=tokens / best, seconds=best, tokens=tokens, waits=waits,
                              rows_calling=sum(bool(c.tool_calls) for c in outs),
                              calls=sum(len(c.tool_calls) for c in outs),
-                             forced=sum(c.loss_mask.count(0) for c in outs))
+                             forced=sum(c.loss_mask.count(0) for c in outs), outs=outs)
     print(f"hardware: {hardware(args.threads)}; torch {torch.__version__}; batch {args.batch} x "
           f"{args.max_new_tokens} new tokens, temperature 1, EOS ignored; best of {args.repeats}")
     for name, r in results.items():
@@ -106,6 +113,12 @@ def main():
         print(f"python tool: {sum(waits):.2f} s waiting on calls over {len(waits)} steps "
               f"({1e3 * sum(waits) / len(waits):.0f} ms a step, slowest call of each); decoding the rest "
               f"{with_tool['tokens'] / decoding:.0f} tokens/s")
+    if args.tool_ms and waits:  # the two walls a slow tool allows: stalling per step, or per calling row's chain
+        base, call_s, outs = results["no tools"]["seconds"], args.tool_ms / 1e3, with_tool["outs"]
+        chain = max(len(c.tool_calls) for c in outs)
+        print(f"a {args.tool_ms} ms tool: wall {with_tool['seconds']:.2f} s; no tools {base:.2f} s + one call per step "
+              f"that has calls ({len(waits)} steps) = {base + len(waits) * call_s:.2f} s (the batch stalls); + one "
+              f"call per calling row's chain (at most {chain} calls) = {base + chain * call_s:.2f} s (no row waits)")
     print(f"ratio (python tool / no tools): {results['python tool']['tok_s'] / results['no tools']['tok_s']:.2f}x")
 
 
