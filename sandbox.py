@@ -179,7 +179,8 @@ class Interpreter:
     """One sandbox interpreter, started ahead of its call: a fresh Python that has imported PRELOAD and waits on
     stdin for the one call it will run, in an empty working directory of its own. Runs one call, then is killed."""
 
-    def __init__(self, uid, gid):
+    def __init__(self):
+        uid, gid = nobody()
         self.proc, self.result, self.output = None, None, None
         self.root = tempfile.mkdtemp(prefix="nanor1-")  # holds the two files below; the child only sees work/
         try:  # -s -P and an environment of our own, as -I would give, but with a fixed hash seed (-I ignores it)
@@ -221,15 +222,6 @@ class Interpreter:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
-    def broken(self):
-        """A SandboxError if the interpreter ended by itself before any call reached it (a Python that cannot run the
-        harness exits at once), else None."""
-        if self.proc.poll() is None or self.proc.returncode < 0:  # still waiting, or killed from outside
-            return None
-        self.output.seek(0)
-        return SandboxError(f"python sandbox: {sys.executable or 'python3'} exited with status {self.proc.returncode} "
-                            f"before its call: {self.output.read(2000).decode('utf-8', 'replace').strip()}")
-
     def close(self):
         self.kill()
         for f in (self.result, self.output):
@@ -267,31 +259,28 @@ class WarmPool:
             self.wanted = max(self.wanted, n)
         self.refill()
 
-    def take(self, uid, gid):
+    def take(self):
+        """A waiting interpreter, or a new one when none is. One that ended while waiting is never handed a call: if
+        it could not run the harness, neither can the new one, and run_python says so."""
         spare = None
         with self.lock:
             while self.spares and spare is None:
-                spare, error = self.spares.pop(0), None
-                if spare.proc.poll() is not None:  # ended while waiting: never hand it a call
-                    error = spare.broken()
+                spare = self.spares.pop(0)
+                if spare.proc.poll() is not None:
                     spare.close()
                     spare = None
-                if error is not None:
-                    raise error
         try:
-            self.refill(uid, gid)
-            return spare or Interpreter(uid, gid)
+            self.refill()
+            return spare or Interpreter()
         except BaseException:
             if spare is not None:
                 spare.close()
             raise
 
-    def refill(self, uid=None, gid=None):
-        if uid is None:
-            uid, gid = nobody()
+    def refill(self):
         with self.lock:
             while len(self.spares) < self.wanted:
-                self.spares.append(Interpreter(uid, gid))
+                self.spares.append(Interpreter())
 
     def stop(self):
         """Kill the interpreters waiting (at exit, and in tests that look for leftover processes)."""
@@ -324,7 +313,7 @@ def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
     preload = [m for m in PRELOAD_IF_USED if m in code]  # (PRELOAD is imported before the call arrives)
     payload = json.dumps({"code": code, "tests": list(tests), "nonce": nonce, "limits": limits, "uid": uid,
                           "gid": gid, "preload": preload}).encode()
-    interpreter = POOL.take(uid, gid)
+    interpreter = POOL.take()
     try:
         timed_out, lines, output = interpreter.run(payload, timeout + WALL_GRACE)
         returncode = interpreter.proc.returncode
