@@ -48,16 +48,16 @@ from configurator import parse_overrides
 from dataloader import (PackStream, collate, load_examples, load_prompt_sources, packed_attention_mask, parse_data_spec,
                         read_rows)
 from engine import Engine, sample_seed
-from lora import lora_model, tokenizer_dir
+from lora import tokenizer_dir
 from losses import chunked_forward_kl, completion_logprobs, reverse_kl_loss
 from model import Transformer, is_adapter_dir, is_checkpoint_dir
 from rejection import rejection_sample, save_samples
 from reward import accuracy_reward
 from tasks import encode_problem, held_out_accuracy
 from tokenizer import Tokenizer
-from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, import_wandb, lr_at, make_optimizer,
-                          restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, start_wandb, sum_gradients,
-                          teardown)
+from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, import_wandb, lora_from_flags, lr_at,
+                          make_optimizer, restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, start_wandb,
+                          sum_gradients, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = sequence distillation of the embedded tiny teacher into the tiny student, CPU)
@@ -308,8 +308,7 @@ def run_trainer(cfg, rt, tok, eval_problems, history):
     teacher = load_teacher(cfg, rt)
     init = resume_from or cfg.init_from
     if cfg.lora_rank or is_adapter_dir(init):
-        student = lora_model(init, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base,
-                             rt.amp_dtype or rt.param_dtype, rt.param_dtype, rt.device)
+        student = lora_from_flags(init, cfg, rt)
     else:
         student = Transformer.from_pretrained(init, dtype=rt.param_dtype, device=rt.device)
     V = min(student.config.vocab_size, teacher.config.vocab_size)  # heads padded past the tokenizer may differ

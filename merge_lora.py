@@ -9,12 +9,10 @@ does not read adapters:
 The weights keep the base's stored dtype; the tokenizer files come from the adapter dir (or, without them, the base).
 """
 import argparse
-import os
-import shutil
 
 from lora import tokenizer_dir
 from model import Transformer
-from train_common import TOKENIZER_FILES
+from train_common import copy_tokenizer_files
 
 
 def main(argv=None):
@@ -25,10 +23,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     model = Transformer.from_pretrained(a.adapter_dir, lora_base=a.lora_base or None)
     model.save_pretrained(a.out_dir)
-    tok = tokenizer_dir(a.adapter_dir, a.lora_base)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(tok, name)):
-            shutil.copy2(os.path.join(tok, name), os.path.join(a.out_dir, name))
+    copy_tokenizer_files(tokenizer_dir(a.adapter_dir, a.lora_base), a.out_dir)
     print(f"merged {a.adapter_dir} into its base: {a.out_dir}")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lora import save_adapter
+from lora import lora_model, save_adapter
 from model import swap_in_dir
 from plot import write_curves
 
@@ -225,6 +225,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "vocab.json", "merges.txt")
 
 
+def lora_from_flags(path, cfg, rt):
+    """lora.lora_model from a script's --lora_* flags: the frozen base in the run's compute dtype (bf16 under autocast:
+    no fp32 master copy of weights that never change), the adapters and their AdamW state in its parameter dtype."""
+    return lora_model(path, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base,
+                      rt.amp_dtype or rt.param_dtype, rt.param_dtype, rt.device)
+
+
+def copy_tokenizer_files(src_dir, dst_dir):
+    """Those of TOKENIZER_FILES that src_dir has, into dst_dir."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+
+
 def save_checkpoint(rt, path, model, optimizer, tok_dir, fsdp=False, **trainer_state):
     """model (HF layout; a LoRA model's adapters alone, in PEFT's layout) + tokenizer files + trainer_state.pt (the
     optimizer, every rank's RNG state and the caller's trainer_state: step, data position, ...), written by rank 0
@@ -251,10 +265,7 @@ def save_checkpoint(rt, path, model, optimizer, tok_dir, fsdp=False, **trainer_s
             save_adapter(staging, weights if weights is not None else model.state_dict(), model.lora)
         else:
             model.save_pretrained(staging, state_dict=weights)
-        for name in TOKENIZER_FILES:
-            src = os.path.join(tok_dir, name)
-            if os.path.isfile(src):
-                shutil.copy2(src, os.path.join(staging, name))
+        copy_tokenizer_files(tok_dir, staging)
         state = {"optimizer": opt_state, "rng": rngs, "fsdp": bool(fsdp), "world_size": rt.world, **trainer_state}
         torch.save(state, os.path.join(staging, "trainer_state.pt"))
         swap_in_dir(staging, path)

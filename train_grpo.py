@@ -62,7 +62,7 @@ from dataloader import PackStream, load_prompt_sources
 from engine import Completion, Engine, sample_seed
 from losses import (LOSS_AGGS, ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss,
                     loss_normalizer, overlong_penalty, rollout_is_weights)
-from lora import adapters_off, lora_model, tokenizer_dir
+from lora import adapters_off, tokenizer_dir
 from model import Transformer, is_adapter_dir, is_checkpoint_dir
 from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
 from tasks import (PROMPT_TEMPLATES, RewardModelScorer, count_rechecks, held_out_rm_score, maj_at_k, pass_at_1,
@@ -71,7 +71,8 @@ from tokenizer import Tokenizer
 from tools import TOOL_FORMATS, check_names, tool_use
 from train_common import (Config, RunLog, copy_full_params, truncate_jsonl, exit_if_torchrun, find_checkpoint, lr_at,
                           make_optimizer, peak_flops, restore_checkpoint, save_checkpoint, save_or_stop,
-                          setup_runtime, shard_model, import_wandb, start_wandb, sum_gradients, teardown)
+                          setup_runtime, shard_model, import_wandb, lora_from_flags, start_wandb, sum_gradients,
+                          teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = reasoning RL of the embedded tiny model on CPU)
@@ -347,8 +348,7 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
                # entropy (exact in expectation with top_p = 1, top_k = 0), free from the sampler
                entropy=-sum(sampled) / max(len(sampled), 1))
     if with_tools:
-        forced = [len(r.completion.tokens) - model_tokens(r.completion) for r in rollouts]  # tool output and glue
-        rec["tool_tokens"] = sum(forced) / len(rollouts)
+        rec["tool_tokens"] = sum(r.completion.loss_mask.count(0) for r in rollouts) / len(rollouts)  # as rollouts.jsonl counts
         rec.update(tool_metrics([vars(r.completion) for r in rollouts]))
         for name, used in (("reward_tool", True), ("reward_no_tool", False)):  # completions that called a tool or not
             vals = [r.reward for r in rollouts if bool(r.completion.tool_calls) == used]
@@ -626,8 +626,7 @@ def load_models(cfg, rt, resume_from):
         if cfg.ref_update_every:
             raise SystemExit("--ref_update_every with LoRA: not supported (the reference of a LoRA policy is its "
                              "base, the adapters switched off)")
-        policy = lora_model(resume_from or cfg.init_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
-                            cfg.lora_base, rt.amp_dtype or rt.param_dtype, rt.param_dtype, rt.device)
+        policy = lora_from_flags(resume_from or cfg.init_from, cfg, rt)
         policy.gradient_checkpointing = bool(cfg.grad_checkpointing)
         sampler = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.fsdp else policy  # (unsharded)
         return policy, policy if cfg.beta > 0 else None, sampler

@@ -65,13 +65,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import parse_overrides
 from dataloader import (PackStream, collate, collate_pairs, load_examples, pack_best_fit, packed_attention_mask,
                         parse_data_spec)
-from lora import lora_model, tokenizer_dir
+from lora import tokenizer_dir
 from losses import bradley_terry_loss, chunked_cross_entropy
 from model import ModelConfig, RewardModel, Transformer, at_least_fp32, is_adapter_dir, is_reward_model_dir
 from tokenizer import Tokenizer
-from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, import_wandb, lr_at, make_optimizer,
-                          peak_flops, restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime, shard_model,
-                          start_wandb, teardown)
+from train_common import (Config, RunLog, exit_if_torchrun, find_checkpoint, import_wandb, lora_from_flags, lr_at,
+                          make_optimizer, peak_flops, restore_checkpoint, save_checkpoint, save_or_stop, setup_runtime,
+                          shard_model, start_wandb, teardown)
 
 # -----------------------------------------------------------------------------
 # config (defaults = cold-start SFT of the embedded tiny model on CPU)
@@ -246,8 +246,7 @@ def build_model(cfg, tok, rt, resume_from):
     if cfg.lora_rank or (cfg.init_from != "scratch" and is_adapter_dir(resume_from or cfg.init_from)):
         if cfg.mode == "rm" or cfg.init_from == "scratch":
             raise SystemExit("LoRA trains a causal LM from a checkpoint (not --mode=rm or --init_from=scratch)")
-        return lora_model(resume_from or cfg.init_from, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_base,
-                          rt.amp_dtype or dtype, dtype, device)
+        return lora_from_flags(resume_from or cfg.init_from, cfg, rt)
     cls = RewardModel if cfg.mode == "rm" else Transformer
     if resume_from or (cfg.init_from != "scratch" and (cls is Transformer or is_reward_model_dir(cfg.init_from))):
         return cls.from_pretrained(resume_from or cfg.init_from, dtype=dtype, device=device)
