@@ -348,7 +348,8 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
                # entropy (exact in expectation with top_p = 1, top_k = 0), free from the sampler
                entropy=-sum(sampled) / max(len(sampled), 1))
     if with_tools:
-        rec["tool_tokens"] = sum(r.completion.loss_mask.count(0) for r in rollouts) / len(rollouts)  # as rollouts.jsonl counts
+        # the forced tokens (a tool's output and the glue around it), counted as rollouts.jsonl counts them
+        rec["tool_tokens"] = sum(r.completion.loss_mask.count(0) for r in rollouts) / len(rollouts)
         rec.update(tool_metrics([vars(r.completion) for r in rollouts]))
         for name, used in (("reward_tool", True), ("reward_no_tool", False)):  # completions that called a tool or not
             vals = [r.reward for r in rollouts if bool(r.completion.tool_calls) == used]
