@@ -26,7 +26,7 @@ answers) -- not on the batch it is in, on which rows finished, or on the device.
 r = i*num_samples + j gets seed_r = s + r; pass a list of seeds to choose them yourself (evaluation uses
 s + problem*K + j, GRPO sample_seed).
 """
-import collections
+import concurrent.futures
 import contextlib
 import functools
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, at_least_fp32, causal_mask
+from model import ModelConfig, at_least_fp32
 
 # -----------------------------------------------------------------------------
 # the static KV cache
@@ -43,26 +43,32 @@ from model import ModelConfig, at_least_fp32, causal_mask
 class KVCache:
     """Static, preallocated K/V for batched decoding: [layers, batch, kv_heads, max_seq_len, head_dim].
 
-    All rows write at the same column `pos`; `valid[b, t]` says whether column t of row b holds a real token,
-    so left-padded prompts of different lengths share one batch. Positions for RoPE are the count of valid
-    tokens before a column, so no output depends on how much padding a row got.
+    Each row writes at its own columns: `end[b]` is row b's next free column. A forward's T new tokens of row b go to
+    columns end[b] .. end[b]+T-1, and its end moves past its last real token (attention_mask says which are real).
+    Left-padded prompts therefore all end at column T, their padding columns left as holes, while a right-padded
+    block leaves each row's tokens contiguous: the Engine feeds tool answers of different lengths in one forward that
+    way, to some rows only (`only(rows)`), while the other rows decode at their own columns between answers.
+    `valid[b, t]` says whether column t of row b holds a real token; RoPE positions are the count of real tokens
+    before it (`n_valid`), so no output depends on padding or on where in the cache a row's tokens sit.
+    Only real tokens are written, but with one token per row every row writes at its end (no data-dependent shapes,
+    for CUDA graphs): a row whose token is not real leaves junk there, never valid, overwritten by its next token.
     `select(rows)` reindexes the batch: fan a prefilled prompt out to G samples, or compact away finished rows.
     It works in place inside buffers of `capacity` rows (>= batch_size), so memory and addresses stay fixed;
-    `self.k`/`self.v`/`self.valid`/`self.n_valid` are views of the first `batch_size` rows.
+    `self.k`/`self.v`/`self.valid`/`self.n_valid`/`self.end` are views of the first `batch_size` rows.
 
-    Two ways to attend. Dynamic (default): new tokens see columns [0, pos+T), sliced with the Python int `pos`.
-    Static (`static = True`, one new token per row): write at column `pos_t` (a device tensor) and attend over
-    all max_seq_len columns with the `valid` mask, so every shape and address is fixed and the decode step
-    can be captured in a CUDA graph (Engine below); the caller advances the host `pos` itself and checks
-    pos < max_seq_len. The two give the same logits (tests/test_sample.py).
+    Two ways to attend. Dynamic (default): keys are columns [0, pos), `pos` the furthest end of any row (a host int).
+    Static (`static = True`, one new token per row): attend over all max_seq_len columns with the valid mask, so every
+    shape and address is fixed and the decode step can be captured in a CUDA graph (Engine below); the caller makes
+    sure every row has room (static never reads a device value back to check). The two give the same logits
+    (tests/test_sample.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size, max_seq_len, device=None, dtype=torch.float32, capacity=None):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.max_seq_len = max_seq_len
-        self.pos = 0
-        self.pos_t = torch.zeros(1, device=device, dtype=torch.long)  # == pos, for the static path
+        self.pos = 0  # no row's end is past it (dynamic: exact; static: kept by the caller, an upper bound)
         self.static = False
+        self.rows = None  # the batch rows the next forward feeds, None for all (see only)
         self._alloc(max(batch_size, capacity or 0))
         self._view(batch_size)
 
@@ -73,10 +79,11 @@ class KVCache:
         self._v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self._valid = torch.zeros(capacity, self.max_seq_len, device=self.device, dtype=torch.bool)
         self._n_valid = torch.zeros(capacity, device=self.device, dtype=torch.long)  # next RoPE position per row
+        self._end = torch.zeros(capacity, device=self.device, dtype=torch.long)  # next free column per row
 
     def _view(self, b):
         self.k, self.v = self._k[:, :b], self._v[:, :b]
-        self.valid, self.n_valid = self._valid[:b], self._n_valid[:b]
+        self.valid, self.n_valid, self.end = self._valid[:b], self._n_valid[:b], self._end[:b]
 
     @property
     def batch_size(self):
@@ -86,57 +93,67 @@ class KVCache:
     def capacity(self):
         return self._k.shape[1]
 
-    def prepare(self, attention_mask):
-        """Called once per forward, before the layers: record which new columns are real tokens and
-        return (position_ids [B, T], attention mask [B, 1, T, pos+T] or [B, 1, 1, max_seq_len] if static)."""
-        if self.static:
-            return self._prepare_static(attention_mask)
-        B, T = attention_mask.shape
-        start, end = self.pos, self.pos + T
-        if end > self.max_seq_len:
-            raise ValueError(f"KVCache overflow: {end} tokens > max_seq_len={self.max_seq_len}")
-        new = attention_mask.bool()
-        self.valid[:, start:end] = new
-        position_ids = self.n_valid[:, None] + new.long().cumsum(-1) - 1
-        self.n_valid += new.long().sum(-1)
-        return position_ids.clamp(min=0), causal_mask(self.valid[:, :end], start)
+    def reset(self):
+        """Empty every row (a kept cache, reused by the next generate)."""
+        self.pos, self.static, self.rows = 0, False, None
+        self._valid.zero_(), self._n_valid.zero_(), self._end.zero_()
 
-    def _prepare_static(self, attention_mask):
-        # no Python ints and no host syncs in here: it is recorded once into a CUDA graph and replayed
-        # nor does it read or write the host-side `pos` (torch.compile would guard on its value): the
-        # caller checks there is room and does `pos += 1` after each step (Engine does both)
-        if attention_mask.shape[1] != 1:
-            raise ValueError("the static KV-cache path decodes exactly one token per row")
+    @contextlib.contextmanager
+    def only(self, rows):
+        """Forwards inside the block feed the batch rows `rows` (an index tensor) alone; dynamic path only."""
+        self.rows = rows.to(self._k.device)
+        try:
+            yield self
+        finally:
+            self.rows = None
+
+    def prepare(self, attention_mask):
+        """Called once per forward, before the layers: record where the new tokens go and which are real, move each
+        row's end, and return (position_ids [B, T], bool attention mask [B, 1, T, keys])."""
         new = attention_mask.bool()
-        self.valid.index_copy_(1, self.pos_t, new)
-        self.n_valid += new[:, 0].long()
-        position_ids = (self.n_valid[:, None] - 1).clamp(min=0)
-        # causality is implied: columns after pos are not valid yet. The query always sees itself (no NaN).
-        keys = torch.arange(self.max_seq_len, device=new.device)
-        mask = self.valid | (keys == self.pos_t)[None, :]
-        return position_ids, mask[:, None, None, :]
+        B, T = new.shape
+        rows = torch.arange(B, device=new.device) if self.rows is None else self.rows
+        end, n_valid = self.end[rows], self.n_valid[rows]
+        cols = end[:, None] + torch.arange(T, device=new.device)  # each new token's column
+        position_ids = (n_valid[:, None] + new.long().cumsum(-1) - 1).clamp(min=0)
+        moved = torch.where(new.any(-1), T - new.flip(-1).long().argmax(-1), 0)  # to just past the last real token
+        if not self.static:  # no host syncs under a CUDA graph: the caller keeps pos there
+            self.pos = max(self.pos, int((end + moved).max()))
+            if self.pos > self.max_seq_len:
+                raise ValueError(f"KVCache overflow: {self.pos} tokens > max_seq_len={self.max_seq_len}")
+        if T == 1:  # every row writes at its end (see the class docstring)
+            self._write = (rows, cols[:, 0], slice(None), 0)
+        else:
+            b, t = new.nonzero(as_tuple=True)
+            self._write = (rows[b], cols[b, t], b, t)
+        wr, wc, wb, wt = self._write
+        self.valid[wr, wc] = new[wb, wt]
+        self.n_valid[rows] = n_valid + new.long().sum(-1)
+        self.end[rows] = end + moved
+        keys = torch.arange(self.max_seq_len if self.static else self.pos, device=new.device)
+        q = cols[..., None]  # [B, T, 1]: a query sees the real keys up to its own column, and itself (never NaN);
+        valid = self.valid[rows, :keys.numel()][:, None, :]  # a padding query sees everything (its output is unused)
+        mask = (keys <= q) & valid | (keys == q) | ~new[..., None]
+        return position_ids, mask[:, None]
 
     def update(self, layer_idx, k, v):
+        """Write the new k, v [B, kv_heads, T, head_dim] where prepare said; -> this layer's keys and values."""
+        wr, wc, wb, wt = self._write
+        kc, vc = self.k[layer_idx], self.v[layer_idx]
+        kc[wr, :, wc] = k.transpose(1, 2)[wb, wt]
+        vc[wr, :, wc] = v.transpose(1, 2)[wb, wt]
         if self.static:
-            self.k[layer_idx].index_copy_(2, self.pos_t, k)
-            self.v[layer_idx].index_copy_(2, self.pos_t, v)
-            return self.k[layer_idx], self.v[layer_idx]
-        T = k.shape[2]
-        self.k[layer_idx, :, :, self.pos:self.pos + T] = k
-        self.v[layer_idx, :, :, self.pos:self.pos + T] = v
-        return self.k[layer_idx, :, :, :self.pos + T], self.v[layer_idx, :, :, :self.pos + T]
-
-    def advance(self, T):
-        self.pos_t += T
-        if not self.static:  # static: the caller keeps the host copy (see _prepare_static)
-            self.pos += T
+            return kc, vc
+        if self.rows is None:
+            return kc[:, :, :self.pos], vc[:, :, :self.pos]
+        return kc[self.rows, :, :self.pos], vc[self.rows, :, :self.pos]
 
     def select(self, rows: torch.Tensor):
         """Keep/repeat batch rows (index tensor). Copies only the filled columns, layer by layer, into the
         first len(rows) rows of the same buffers (grown only if len(rows) > capacity)."""
         rows = rows.to(self._k.device)
         n, end = rows.numel(), self.pos
-        src = self._k, self._v, self._valid, self._n_valid
+        src = self._k, self._v, self._valid, self._n_valid, self._end
         if n > self.capacity:  # grow: fresh, larger buffers (the only case that allocates)
             self._alloc(n)
         for i in range(self._k.shape[0]):  # indexing with rows gathers (a copy) before the write into the first n rows
@@ -144,6 +161,7 @@ class KVCache:
             self._v[i, :n, :, :end] = src[1][i, rows, :, :end]
         self._valid[:n] = src[2][rows]
         self._n_valid[:n] = src[3][rows]
+        self._end[:n] = src[4][rows]
         self._view(n)
 
 
@@ -230,7 +248,7 @@ class Completion:
 
 
 @dataclass
-class _Sample:  # host-side bookkeeping of one sample being generated
+class _Row:  # host-side bookkeeping of one completion being generated
     seed: int
     tokens: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
@@ -239,8 +257,75 @@ class _Sample:  # host-side bookkeeping of one sample being generated
     finish: str = ""
     by_string: bool = False  # stopped by a stop string (text is cut after it)
     tool_calls: list = field(default_factory=list)
-    forced: collections.deque = field(default_factory=collections.deque)  # tokens to feed before sampling again
-    segment: int = 0  # index of the first token the model wrote after the last forced ones
+    segment: int = 0  # index of the first token the model wrote after the last tool answer
+    waiting: tuple = None  # (segment, calls, futures) while its tool calls run: it samples nothing meanwhile
+
+    @property
+    def decoding(self):
+        return not self.finish and self.waiting is None
+
+    def append(self, ids, lps=None, slps=None):
+        """Sampled tokens with their log-probs, or (lps None) forced ones: loss_mask 0, log-probs 0."""
+        self.tokens += ids
+        self.logprobs += lps or [0.0] * len(ids)
+        self.sample_logprobs += slps or [0.0] * len(ids)
+        self.loss_mask += [0 if lps is None else 1] * len(ids)
+
+
+class _ToolTurns:
+    """Everything the Engine does for tools (generate(tools=...)), in one place.
+
+    A row whose sampled token completes tool calls starts them (ToolUse.start: a pool of workers) and waits, sampling
+    nothing, while the other rows go on decoding. Once all its calls are answered, the answer -- the tool turn as the
+    chat template renders it, or the output block -- is appended to it, forced (loss_mask 0), cut at its token budget,
+    and fed to it in one forward together with the other answers that arrived by then (Engine._feed); the row then
+    samples again. Its tokens depend neither on when the answer came nor on which rows it came with: a row draws its
+    uniforms by its own token count, and its cache rows are its own (KVCache)."""
+
+    def __init__(self, tools, tokenizer, max_new_tokens):
+        self.tools, self.tok, self.max_new_tokens = tools, tokenizer, max_new_tokens
+
+    def after_sample(self, rows):
+        """rows: those that took a sampled token this step. Start the calls it completed; or record a call left open
+        by a row the budget just cut."""
+        for row in rows:
+            may_close = not row.by_string and self.tools.may_close(row.tokens[-1])
+            segment = self.tok.decode(row.tokens[row.segment:]) if may_close or row.finish == "length" else ""
+            calls = self.tools.calls(segment) if may_close else []
+            if calls and len(row.tokens) < self.max_new_tokens:  # in the chat format the turn ended at its calls
+                made = len(row.tool_calls)
+                row.finish, row.waiting = "", (segment, calls, self.tools.start(calls, range(made, made + len(calls))))
+            elif calls:  # no room left for an answer: recorded, never run, and cut by the budget (not ended by the
+                row.tool_calls += [dict(c.record(), error=c.error or "no tokens left for the result") for c in calls]
+                row.finish = "length"  # model: --overlong=mask sees it)
+            elif row.finish == "length" and (call := self.tools.unclosed(segment)) is not None:
+                row.tool_calls.append(call.record())  # out of tokens inside a call: recorded, never run
+
+    def answered(self, rows, block):
+        """rows: (batch row, _Row) pairs. Append the answer of each row whose calls are all done (after waiting for
+        the first if block) -> [(batch row, answer ids)] to feed; an answer that fills the budget ends its row."""
+        waiting = [(k, row) for k, row in rows if row.waiting is not None]
+        running = [f for _, row in waiting for f in row.waiting[2] if not f.done()]
+        while block and running and not any(all(f.done() for f in row.waiting[2]) for _, row in waiting):
+            concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            running = [f for f in running if not f.done()]
+        feed = []
+        for k, row in waiting:
+            segment, calls, futures = row.waiting
+            if not all(f.done() for f in futures):
+                continue
+            for f in futures:
+                f.result()  # a broken sandbox or tool raises here and stops the run
+            row.waiting = None
+            row.tool_calls += [c.record() for c in calls]
+            ids = self.tok.encode(self.tools.respond(segment, calls))[:self.max_new_tokens - len(row.tokens)]
+            row.append(ids)
+            row.segment = len(row.tokens)
+            if len(row.tokens) >= self.max_new_tokens:
+                row.finish = "length"
+            else:
+                feed.append((k, ids))
+        return feed
 
 
 def _buckets(n):
@@ -362,28 +447,27 @@ class Engine:
         if c is None or c.capacity != rows or c.max_seq_len != seq_len:
             self.free()
             c = self._cache = KVCache(self.model.config, rows, seq_len, self.device, self.dtype)
-        c.static, c.pos = False, 0
-        c.pos_t.zero_()
-        c._valid.zero_()
-        c._n_valid.zero_()
+        c.reset()
         c._view(prefill_rows)
         return c
 
     def _graph(self, cache, b):
-        """The one-token decode step at batch b (cache rows [0, b)), captured once: (replay, tokens in, out)."""
+        """The one-token decode step at batch b (cache rows [0, b)), captured once: (replay, tokens in, fed in, out)."""
         if b in self._graphs:
             return self._graphs[b]
-        saved = (cache.pos_t.clone(), cache.valid.clone(), cache.n_valid.clone())
+        saved = (cache.end.clone(), cache.valid.clone(), cache.n_valid.clone())
 
-        def restore():  # warmup really runs the step (pos_t += 1, writes valid/n_valid): undo it
-            cache.pos_t.copy_(saved[0]), cache.valid.copy_(saved[1]), cache.n_valid.copy_(saved[2])
+        def restore():  # warmup really runs the step (moves end, writes valid/n_valid): undo it
+            cache.end.copy_(saved[0]), cache.valid.copy_(saved[1]), cache.n_valid.copy_(saved[2])
 
         tok, out = torch.zeros(b, 1, dtype=torch.long, device=self.device), {}
+        fed = torch.ones_like(tok)
 
         def step():  # static shapes, no host syncs: every tensor it touches lives at a fixed address
-            out["logits"] = self._step_model(tok, kv_cache=cache, logits_to_keep=1)[:, -1].to(self.logits_dtype)
+            logits = self._step_model(tok, attention_mask=fed, kv_cache=cache, logits_to_keep=1)
+            out["logits"] = logits[:, -1].to(self.logits_dtype)
 
-        self._graphs[b] = (self._capture(step, restore), tok, out)
+        self._graphs[b] = (self._capture(step, restore), tok, fed, out)
         return self._graphs[b]
 
     def _capture(self, step, restore):
@@ -402,20 +486,37 @@ class Engine:
         restore()
         return graph.replay
 
-    def _decode(self, cache, tokens):
-        """Feed one token per row; returns next-token logits [b, V] (fp32)."""
-        if cache.pos >= cache.max_seq_len:
-            raise ValueError(f"KVCache overflow: {cache.pos + 1} tokens > max_seq_len={cache.max_seq_len}")
+    def _decode(self, cache, tokens, fed=None):
+        """Feed one token per row (where fed [b] is true; all rows if None); -> next-token logits [b, V]. A row not fed
+        keeps its cache as it was, and its logits are junk."""
+        fed = torch.ones_like(tokens) if fed is None else fed
         if self.cuda_graphs:
-            replay, tok_in, out = self._graph(cache, tokens.shape[0])
-            tok_in.copy_(tokens[:, None])
+            replay, tok_in, fed_in, out = self._graph(cache, tokens.shape[0])
+            tok_in.copy_(tokens[:, None]), fed_in.copy_(fed[:, None])
             replay()
             logits = out["logits"]
         else:
-            logits = self.model(tokens[:, None], kv_cache=cache, logits_to_keep=1)[:, -1].to(self.logits_dtype)
-        if cache.static:  # the step advanced pos_t on the device; the host copy is ours to keep in step
-            cache.pos += 1
+            logits = self.model(tokens[:, None], attention_mask=fed[:, None], kv_cache=cache, logits_to_keep=1)
+            logits = logits[:, -1].to(self.logits_dtype)
+        if cache.static:  # the host's bound on every row's end (the static step reads nothing back)
+            cache.pos = min(cache.pos + 1, cache.max_seq_len)
         return logits
+
+    def _feed(self, cache, logits, answers):
+        """answers: (batch row, token ids) pairs. Feed them in one forward, right-padded, to those rows alone (at
+        their own cache columns); -> logits with theirs now the next-token logits after their last token."""
+        rows = torch.tensor([k for k, _ in answers], device=self.device)
+        T = max(len(ids) for _, ids in answers)
+        ids = torch.tensor([a + [0] * (T - len(a)) for _, a in answers], device=self.device)
+        real = torch.tensor([[1] * len(a) + [0] * (T - len(a)) for _, a in answers], device=self.device)
+        static, cache.static = cache.static, False
+        try:
+            with cache.only(rows):
+                hidden = self.model(ids, attention_mask=real, kv_cache=cache, return_hidden=True)
+        finally:
+            cache.static = static
+        last = hidden[torch.arange(len(answers), device=self.device), real.sum(-1) - 1]
+        return logits.index_copy(0, rows, self.model.lm_head(last).to(self.logits_dtype))
 
     # ---- generate ----
 
@@ -428,13 +529,12 @@ class Engine:
         (ignore_eos=True drops those, for benchmarks). seed: int (row r gets seed + r), a list with one seed
         per row (len(prompts) * num_samples), or None (drawn from torch's global RNG).
         on_tokens(row, ids): called at each host sync with the row's newly accepted token ids (streaming).
-        tools: a tools.ToolUse. When a row's text completes a tool call, the calls run (those of one step at once)
-        and their answer is forced into that row, one token a step while the other rows go on sampling; the row
-        then samples again after it. Forced tokens count towards max_new_tokens and carry loss_mask 0 and
-        log-probs 0. The host syncs every step so that it sees a call at the token that completes it.
+        tools: a tools.ToolUse. A row whose text completes tool calls waits for their answer while the other rows
+        decode; the answer is then forced into it, in one forward, and it samples again (_ToolTurns). Forced tokens
+        count towards max_new_tokens and carry loss_mask 0 and log-probs 0. The host syncs every step, so that it
+        sees a call at the token that completes it.
         """
         P, G = len(prompts), num_samples
-        B = P * G
         if P == 0:
             return []
         for i, p in enumerate(prompts):
@@ -442,9 +542,18 @@ class Engine:
                 raise ValueError(f"prompt {i} is empty (need at least one token)")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
-        seeds = [seed + r for r in range(B)] if isinstance(seed, int) else [int(s) for s in seed]
-        if len(seeds) != B:
-            raise ValueError(f"got {len(seeds)} seeds for {P} prompts x {G} samples = {B} rows")
+        seeds = [seed + r for r in range(P * G)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != P * G:
+            raise ValueError(f"got {len(seeds)} seeds for {P} prompts x {G} samples = {P * G} rows")
+        stops = self._stops(stop, ignore_eos)
+        rows = [_Row(s) for s in seeds]
+        if max_new_tokens > 0:
+            turns = None if tools is None else _ToolTurns(tools, self.tokenizer, max_new_tokens)
+            self._decode_rows(prompts, rows, max_new_tokens, (temperature, top_k, top_p, min_p), stops, on_tokens, turns)
+        return [[self._finish(r, stops[1]) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
+
+    def _stops(self, stop, ignore_eos):
+        """-> (stop ids, stop strings, how many tokens cover the longest stop string: >= 1 byte each)."""
         tok = self.tokenizer
         stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
         stop_ids = set() if ignore_eos or tok is None else set(tok.stop_ids)
@@ -452,72 +561,75 @@ class Engine:
         stop_strs = [s for s in stop if isinstance(s, str) and s]
         if stop_strs and tok is None:
             raise ValueError("stop strings need a tokenizer")
-        lookback = 4 * max(map(len, stop_strs), default=0) + 1  # tokens covering a stop string (>= 1 byte each)
-        rows = [_Sample(s) for s in seeds]
-        if max_new_tokens <= 0:
-            return [[self._finish(r, stop_strs) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
+        return stop_ids, stop_strs, 4 * max(map(len, stop_strs), default=0) + 1
 
-        cache, logits = self._prefill(prompts, G, max_new_tokens)
+    def _decode_rows(self, prompts, rows, max_new_tokens, sampling, stops, on_tokens, turns):
+        """Generate every row to its end, in place: sample a chunk (sync_every tokens, 1 with tools), sync, take each
+        decoding row's tokens, start and answer tool calls, feed the taken tokens, compact away finished rows."""
+        cache, logits = self._prefill(prompts, len(rows) // len(prompts), max_new_tokens)
         u = None
-        if temperature != 0:  # all of a row's uniforms, drawn once from its own generator
-            u = torch.stack([torch.rand(max_new_tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
-                             for s in seeds]).to(self.device)
+        if sampling[0] != 0:  # all of a row's uniforms, drawn once from its own generator
+            u = torch.stack([torch.rand(max_new_tokens, dtype=torch.float64, generator=torch.Generator().manual_seed(
+                r.seed)) for r in rows]).to(self.device)
+        live = list(range(len(rows)))  # batch row k holds rows[live[k]] (None: padding for a graph bucket)
+        buf = torch.empty(len(rows), self.model.config.vocab_size, device=self.device, dtype=self.logits_dtype)
+        while any(r is not None and not rows[r].finish for r in live):
+            batch = [(k, rows[r]) for k, r in enumerate(live) if r is not None]
+            taken = [len(rows[r].tokens) if r is not None else 0 for r in live]  # a row's next uniform: its count
+            fed = set()
+            if any(row.decoding for _, row in batch):
+                n = 1 if turns else min(self.sync_every, max_new_tokens - max(taken))
+                toks, logits = self._sample(cache, logits, u, taken, n, sampling, buf)
+                for k, row in batch:
+                    if row.decoding:
+                        self._accept(row, *toks[k], stops, max_new_tokens)
+                        if on_tokens is not None:
+                            on_tokens(live[k], row.tokens[taken[k]:])
+                        fed.add(k)
+                if turns:
+                    turns.after_sample([row for k, row in batch if k in fed])
+                fed = {k for k in fed if not rows[live[k]].finish}
+            if fed:  # each row that took a token feeds it (the others wait for an answer, or are done)
+                last = [rows[live[k]].tokens[-1] if k in fed else 0 for k in range(len(live))]
+                is_fed = [k in fed for k in range(len(live))]
+                logits = self._decode(cache, torch.tensor(last, device=self.device),
+                                      torch.tensor(is_fed, device=self.device))
+            answers = turns.answered(batch, block=not fed) if turns else []
+            if answers:
+                logits = self._feed(cache, logits, answers)
+                for k, ids in answers if on_tokens is not None else []:
+                    on_tokens(live[k], ids)
+            live, logits, u = self._compact(cache, live, rows, logits, u)
 
-        live = list(range(B))  # batch row k holds output row live[k] (None: padding for a graph bucket)
-        buckets = _buckets(B)
-        step = 0
-        logp_buf = torch.empty(B, self.model.config.vocab_size, device=self.device, dtype=self.logits_dtype)
-        sync_every = 1 if tools is not None else self.sync_every
-        while step < max_new_tokens:
-            n = min(sync_every, max_new_tokens - step)
-            toks, lps, slps = [], [], []
-            for i in range(n):
-                t, lp, slp = sample_tokens(logits, None if u is None else u[:, step + i], temperature, top_k, top_p,
-                                           min_p, out=logp_buf)
-                toks.append(t), lps.append(lp), slps.append(slp)
-                if step + i + 1 < max_new_tokens and tools is None:  # the last token never needs to be fed back;
-                    logits = self._decode(cache, t)  # with tools it is fed after the host has seen it (below)
-            step += n
-            same = all(a is b for a, b in zip(lps, slps))  # no filtering: sample_logprobs are the logprobs
-            toks, lps = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # the host sync
-            slps = lps if same else torch.stack(slps, 1).tolist()
-            sampled = []  # rows that took the sample this step (not a forced token)
-            for k, r in enumerate(live):
-                if r is None or rows[r].finish:
-                    continue
-                before = len(rows[r].tokens)
-                if rows[r].forced:  # this step's token is the next forced one, not the sample
-                    rows[r].tokens.append(rows[r].forced.popleft())
-                    rows[r].logprobs.append(0.0), rows[r].sample_logprobs.append(0.0), rows[r].loss_mask.append(0)
-                else:
-                    self._accept(rows[r], toks[k], lps[k], slps[k], stop_ids, stop_strs, lookback)
-                    sampled.append(rows[r])
-                if on_tokens is not None and len(rows[r].tokens) > before:
-                    on_tokens(r, rows[r].tokens[before:])
-            if tools is not None:
-                self._run_tools(tools, sampled, max_new_tokens)
-            keep = [k for k, r in enumerate(live) if r is not None and not rows[r].finish]
-            if not keep or step >= max_new_tokens:
-                break
-            if tools is not None:  # feed each row what it took this step: its sample or a forced token
-                logits = self._decode(cache, torch.tensor([rows[r].tokens[-1] if r is not None else 0 for r in live],
-                                                          device=self.device))
-            if len(live) - len(keep) >= max(1, self.compact_frac * len(live)):  # compaction
-                # under CUDA graphs round up to a bucket size (one graph each), padding with dummy rows
-                target = next(b for b in buckets if b >= len(keep)) if self.cuda_graphs else len(keep)
-                if target < len(live):
-                    sel = keep + [keep[0]] * (target - len(keep))
-                    live = [live[k] for k in keep] + [None] * (target - len(keep))
-                    idx = torch.tensor(sel, device=self.device)
-                    cache.select(idx)
-                    logits = logits[idx]
-                    u = None if u is None else u[idx]
-        for r in rows:
-            if not r.finish and tools is not None:  # out of tokens inside a call: recorded, never run
-                call = tools.unclosed(self.tokenizer.decode(r.tokens[r.segment:]))
-                r.tool_calls += [call.record()] if call is not None else []
-            r.finish = r.finish or "length"
-        return [[self._finish(r, stop_strs) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
+    def _sample(self, cache, logits, u, taken, n, sampling, buf):
+        """n tokens for every batch row, fed back between them (no host sync inside): -> (per batch row its (tokens,
+        logprobs, sample_logprobs) lists, the logits after the last fed). Row k's i-th uses uniform taken[k] + i."""
+        col = torch.tensor(taken, device=self.device)
+        toks, lps, slps = [], [], []
+        for i in range(n):
+            ui = None if u is None else u.gather(1, (col + i).clamp(max=u.shape[1] - 1)[:, None])[:, 0]
+            t, lp, slp = sample_tokens(logits, ui, *sampling, out=buf)
+            toks.append(t), lps.append(lp), slps.append(slp)
+            if i + 1 < n:  # the chunk's last token is fed after the host has seen it (tools, stops)
+                logits = self._decode(cache, t)
+        same = all(a is b for a, b in zip(lps, slps))  # no filtering: sample_logprobs are the logprobs
+        toks, lps = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # the host sync
+        slps = lps if same else torch.stack(slps, 1).tolist()
+        return list(zip(toks, lps, slps)), logits
+
+    def _compact(self, cache, live, rows, logits, u):
+        """Once compact_frac of the batch rows have finished, drop them (cache, logits, uniforms); under CUDA graphs
+        round up to a bucket size (one graph each), padding with dummy rows."""
+        keep = [k for k, r in enumerate(live) if r is not None and not rows[r].finish]
+        if not keep or len(live) - len(keep) < max(1, self.compact_frac * len(live)):
+            return live, logits, u
+        target = next(b for b in _buckets(len(rows)) if b >= len(keep)) if self.cuda_graphs else len(keep)
+        if target >= len(live):
+            return live, logits, u
+        idx = torch.tensor(keep + [keep[0]] * (target - len(keep)), device=self.device)
+        cache.select(idx)
+        live = [live[k] for k in keep] + [None] * (target - len(keep))
+        return live, logits[idx], None if u is None else u[idx]
 
     def _prefill(self, prompts, num_samples, max_new_tokens):
         """Every prompt once, left-padded to the longest, into the KV cache; then each prompt's cache rows fanned out
@@ -535,10 +647,12 @@ class Engine:
         cache.static = self.static
         return cache, logits
 
-    def _accept(self, row, toks, lps, slps, stop_ids, stop_strs, lookback):
-        """Append a chunk of sampled tokens to a row, up to and including the first stop token / string."""
+    def _accept(self, row, toks, lps, slps, stops, max_new_tokens):
+        """Append a chunk of sampled tokens to a row, up to and including the first stop token / string; a row that
+        reaches max_new_tokens without one finishes as "length"."""
+        stop_ids, stop_strs, lookback = stops
         for t, lp, slp in zip(toks, lps, slps):
-            row.tokens.append(t), row.logprobs.append(lp), row.sample_logprobs.append(slp), row.loss_mask.append(1)
+            row.append([t], [lp], [slp])
             if t in stop_ids:
                 row.finish = "stop"
                 return
@@ -547,33 +661,9 @@ class Engine:
                 if any(s in tail for s in stop_strs):
                     row.finish, row.by_string = "stop", True  # the exact cut is made on the full text
                     return
-
-    def _run_tools(self, tools, rows, max_new_tokens):
-        """rows: those that sampled a token this step. Where that token completed tool calls, run them (every row's at
-        once), queue each answer as the row's next tokens, forced (cut at its token budget), and let the row go on
-        (in the chat format the turn ended at its calls: it is no longer finished)."""
-        pending = []
-        for row in rows:
-            if row.by_string or not tools.may_close(row.tokens[-1]):
-                continue
-            segment = self.tokenizer.decode(row.tokens[row.segment:])
-            calls = tools.calls(segment)
-            if calls and len(row.tokens) >= max_new_tokens:  # no room left for an answer: recorded, never run,
-                row.tool_calls += [dict(c.record(), error=c.error or "no tokens left for the result") for c in calls]
-                row.finish = "length"  # and cut by the budget, not ended by the model (--overlong=mask sees it)
-            elif calls:
-                pending.append((row, segment, calls))
-        if not pending:
-            return
-        calls = [c for _, _, row_calls in pending for c in row_calls]
-        made_before = [len(row.tool_calls) + j for row, _, row_calls in pending for j in range(len(row_calls))]
-        tools.run(calls, made_before)
-        for row, segment, row_calls in pending:
-            row.tool_calls += [c.record() for c in row_calls]
-            forced = self.tokenizer.encode(tools.respond(segment, row_calls))[:max_new_tokens - len(row.tokens)]
-            row.forced.extend(forced)
-            row.segment = len(row.tokens) + len(forced)
-            row.finish = "" if forced else "length"
+            if len(row.tokens) >= max_new_tokens:
+                row.finish = "length"
+                return
 
     def _finish(self, row, stop_strs):
         text = transcript = None

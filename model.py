@@ -332,8 +332,6 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, kv_cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
         return self.model.norm(x)
 
     # ---- HF checkpoint I/O ----------------------------------------------------

@@ -197,6 +197,7 @@ class ToolUse:
         self.schemas = schemas(names) if format == "chat" and in_prompt else None  # the prompt's system turn lists
         # the tokens after which a call may be complete: the turn's end (chat), any with a backtick (code)
         self.closers = {tok.token_to_id("<|im_end|>")} if format == "chat" else tok.ids_containing("`")
+        self._workers = None  # the threads calls run on (start), made at the first call
         if "python" in names:  # interpreters ready before the first call: as many as calls may run at once
             POOL.warm(rank_cores())
 
@@ -243,27 +244,28 @@ class ToolUse:
         opened = _open_chat_call(segment)
         return Call(None, opened, error="unclosed call") if opened is not None else None
 
+    def start(self, calls, made_before):
+        """Start answering calls, in place, in the background. -> a future per call (.result() raises what the call
+        raised: a broken sandbox stops the run). made_before[i]: how many calls call i's completion made before it
+        (past max_calls: an error result). The workers are a thread per core this rank may use (the python tool
+        waits on a subprocess); the Engine lets the other rows decode meanwhile."""
+        if self._workers is None:
+            self._workers = concurrent.futures.ThreadPoolExecutor(rank_cores(), thread_name_prefix="tool")
+        return [self._workers.submit(self._answer, call, n) for call, n in zip(calls, made_before)]
+
     def run(self, calls, made_before):
-        """Answer calls in place, all at once (a thread each: the python tool waits on a subprocess).
-        made_before[i]: how many calls call i's completion made before it (past max_calls: an error result)."""
-        todo = []
-        for call, n in zip(calls, made_before):
-            if call.error is not None:  # malformed or unclosed: the model reads what was wrong with it
-                call.result = f"Error: {call.error}" + (f": {call.arguments}" if call.arguments else ".")
-            elif n >= self.max_calls:
-                call.result, call.error = f"Error: at most {self.max_calls} tool calls.", "too many calls"
-            else:
-                todo.append(call)
-        answer = lambda c: call_tool(c.name, c.arguments, self.timeout)  # noqa: E731
-        if len(todo) > 1:  # a call per core this rank may use
-            with concurrent.futures.ThreadPoolExecutor(min(len(todo), rank_cores())) as pool:
-                answers = list(pool.map(answer, todo))
+        """start() and wait for every answer."""
+        for future in self.start(calls, made_before):
+            future.result()
+
+    def _answer(self, call, made_before):
+        if call.error is not None:  # malformed or unclosed: the model reads what was wrong with it
+            call.result = f"Error: {call.error}" + (f": {call.arguments}" if call.arguments else ".")
+        elif made_before >= self.max_calls:
+            call.result, call.error = f"Error: at most {self.max_calls} tool calls.", "too many calls"
         else:
-            answers = [answer(c) for c in todo]
-        for call, (result, error) in zip(todo, answers):
-            call.result, call.error = result, error
-        for call in calls:
-            call.result = self._cut(call.result)
+            call.result, call.error = call_tool(call.name, call.arguments, self.timeout)
+        call.result = self._cut(call.result)
 
     def _cut(self, text):
         ids = self.tok.encode(text)

@@ -1,7 +1,7 @@
 """
 The Engine with tools: generated tokens/s on one batch in which about half the rows call the python tool -- real
-calls, run in the sandbox, their output forced into the row while the other rows decode -- beside the same batch
-with no tools. Random weights of the tiny world's shape with its tokenizer, sampled at temperature 1, EOS ignored,
+calls, run in the sandbox while the other rows decode, each answer fed to its row in one forward -- beside the same
+batch with no tools. Random weights of the tiny world's shape with its tokenizer, sampled at temperature 1, EOS ignored,
 so every row makes max_new_tokens either way (tool output counts towards them).
 
     python bench/tool_calls.py --threads=2
@@ -11,8 +11,7 @@ so every row makes max_new_tokens either way (tool output counts towards them).
 
 Which rows call is decided from their own text (a row calls once its text since the last result reaches --every
 characters, if the CRC of those characters is even), since a random model writes no real calls; the calls, their
-sandbox and the forced tokens are the real ones. The batch waits for the calls of a step (they run at once, a
-thread each), so the ratio is the price of the tool calls, not of the Engine's bookkeeping.
+sandbox and the forced tokens are the real ones.
 """
 import argparse
 import os
@@ -70,10 +69,9 @@ def main():
                 "print(sum(i * i for i in range(10000)))"
             return [Call("python", {"code": code})]
 
-        def run(self, calls, made_before):  # timed: the batch waits here, for the slowest call of the step
-            t0 = time.perf_counter()
-            super().run(calls, made_before)
-            self.waits.append(time.perf_counter() - t0)
+        def start(self, calls, made_before):  # which decode step the calls started at (the stall prediction)
+            self.call_steps.add(len(steps))
+            return super().start(calls, made_before)
 
     with tempfile.TemporaryDirectory() as ckpt:
         torch.manual_seed(0)
@@ -81,23 +79,24 @@ def main():
                                 num_attention_heads=4, num_key_value_heads=2, dtype="float32")).init_weights(
             std=0.02).save_pretrained(ckpt)
         model = Transformer.from_pretrained(ckpt)
-    engine = Engine(model, tok)
+    engine, steps, decode = Engine(model, tok), [], Engine._decode
+    engine._decode = lambda *a: steps.append(1) or decode(engine, *a)  # counts the batch's decode steps
     prompts = [tok.encode(f"What is {i}*{i + 3}-{2 * i}?") for i in range(args.batch)]
     tools = HalfTheRows(tok, ["python"], format="code", max_calls=100)
 
     def run(use):
-        tools.waits = []
+        tools.call_steps = set()
         t0 = time.perf_counter()
         out = engine.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0, ignore_eos=True,
                               tools=use)
-        return time.perf_counter() - t0, [o[0] for o in out], list(tools.waits)
+        return time.perf_counter() - t0, [o[0] for o in out], len(tools.call_steps)
 
     results = {}
     for name, use in (("no tools", None), ("python tool", tools)):
         run(use)  # warmup
-        best, outs, waits = min((run(use) for _ in range(args.repeats)), key=lambda r: r[0])
+        best, outs, call_steps = min((run(use) for _ in range(args.repeats)), key=lambda r: r[0])
         tokens = sum(len(c.tokens) for c in outs)
-        results[name] = dict(tok_s=tokens / best, seconds=best, tokens=tokens, waits=waits,
+        results[name] = dict(tok_s=tokens / best, seconds=best, tokens=tokens, call_steps=call_steps,
                              rows_calling=sum(bool(c.tool_calls) for c in outs),
                              calls=sum(len(c.tool_calls) for c in outs),
                              forced=sum(c.loss_mask.count(0) for c in outs), outs=outs)
@@ -107,18 +106,13 @@ def main():
         print(f"{name:12s} {r['tok_s']:8.0f} tokens/s  ({r['tokens']} tokens in {r['seconds']:.2f} s; "
               f"{r['rows_calling']} of {args.batch} rows call, {r['calls']} calls, {r['forced']} forced tokens)")
     with_tool = results["python tool"]
-    waits = with_tool["waits"]
-    if waits:
-        decoding = with_tool["seconds"] - sum(waits)
-        print(f"python tool: {sum(waits):.2f} s waiting on calls over {len(waits)} steps "
-              f"({1e3 * sum(waits) / len(waits):.0f} ms a step, slowest call of each); decoding the rest "
-              f"{with_tool['tokens'] / decoding:.0f} tokens/s")
-    if args.tool_ms and waits:  # the two walls a slow tool allows: stalling per step, or per calling row's chain
-        base, call_s, outs = results["no tools"]["seconds"], args.tool_ms / 1e3, with_tool["outs"]
+    if args.tool_ms:  # the two walls a slow tool allows: stalling per step, or per calling row's chain
+        base, call_s, outs, n = results["no tools"]["seconds"], args.tool_ms / 1e3, with_tool["outs"], \
+            with_tool["call_steps"]
         chain = max(len(c.tool_calls) for c in outs)
         print(f"a {args.tool_ms} ms tool: wall {with_tool['seconds']:.2f} s; no tools {base:.2f} s + one call per step "
-              f"that has calls ({len(waits)} steps) = {base + len(waits) * call_s:.2f} s (the batch stalls); + one "
-              f"call per calling row's chain (at most {chain} calls) = {base + chain * call_s:.2f} s (no row waits)")
+              f"that starts calls ({n} steps) = {base + n * call_s:.2f} s (the batch stalls); + one call per calling "
+              f"row's chain (at most {chain} calls) = {base + chain * call_s:.2f} s (no row waits)")
     print(f"ratio (python tool / no tools): {results['python tool']['tok_s'] / results['no tools']['tok_s']:.2f}x")
 
 

@@ -167,11 +167,14 @@ class ScriptedLM(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # the Engine reads device and dtype off a parameter
         self.next_logits = next_logits
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None, logits_to_keep=0, **_):
-        T = input_ids.shape[1]
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, logits_to_keep=0, return_hidden=False, **_):
+        B, T = input_ids.shape
         kv_cache.prepare(torch.ones_like(input_ids) if attention_mask is None else attention_mask)
         keys, _ = kv_cache.update(0, *[input_ids.to(kv_cache.dtype)[:, None, :, None]] * 2)
-        kv_cache.advance(T)
-        end = kv_cache.pos
-        rows = [keys[b, 0, :end, 0][kv_cache.valid[b, :end]].long().tolist() for b in range(input_ids.shape[0])]
-        return torch.stack([self.next_logits(h) for h in rows])[:, None, :]
+        valid = (kv_cache.valid if kv_cache.rows is None else kv_cache.valid[kv_cache.rows])[:, :keys.shape[2]]
+        rows = [keys[b, 0, :, 0][valid[b]].long().tolist() for b in range(B)]
+        logits = torch.stack([self.next_logits(h) for h in rows])[:, None, :]
+        return logits.expand(B, T, -1) if return_hidden else logits  # "hidden": every position sees the whole row
+
+    def lm_head(self, hidden):
+        return hidden

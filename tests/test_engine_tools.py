@@ -1,7 +1,10 @@
 """Engine.generate(..., tools=...): a completion with tool calls is token for token the chat template's rendering of
 the conversation it stands for (Qwen2.5, Qwen3 thinking), the code-fence format, forced tokens masked out of the
 loss and present in the KV cache, and rollouts that do not depend on the batch they were sampled in."""
+import concurrent.futures
 import os
+import random
+import time
 
 import pytest
 import torch
@@ -132,10 +135,12 @@ def test_a_call_left_open_at_the_token_limit_is_recorded():
 
 class EchoTools:
     """A tool format for the Engine's mechanics alone: any token in `triggers` completes a call, answered with
-    ' [n]' (n: the characters the row wrote since its last answer)."""
+    ' [n]' (n: the characters the row wrote since its last answer). sleep: None answers at once, in start itself;
+    else each call runs on a worker thread and takes sleep() seconds first."""
 
-    def __init__(self, triggers):
-        self.triggers = set(triggers)
+    def __init__(self, triggers, sleep=None):
+        self.triggers, self.sleep = set(triggers), sleep
+        self.workers = concurrent.futures.ThreadPoolExecutor(4) if sleep else None
 
     def may_close(self, token):
         return token in self.triggers
@@ -143,9 +148,18 @@ class EchoTools:
     def calls(self, segment):
         return [Call("echo", {"n": str(len(segment))})]
 
-    def run(self, calls, made_before):
-        for c in calls:
-            c.result = f" [{c.arguments['n']}]"
+    def answer(self, call):
+        if self.sleep:
+            time.sleep(self.sleep())
+        call.result = f" [{call.arguments['n']}]"
+
+    def start(self, calls, made_before):
+        if self.workers is not None:
+            return [self.workers.submit(self.answer, c) for c in calls]
+        futures = [concurrent.futures.Future() for _ in calls]
+        for c, f in zip(calls, futures):
+            self.answer(c), f.set_result(None)
+        return futures
 
     def respond(self, segment, calls):
         return calls[0].result
@@ -251,3 +265,109 @@ def test_every_bad_call_is_an_error_result_the_model_reads():
                       "ZeroDivisionError", "unclosed call", "too many calls"]
     assert all(c["result"].startswith("Error") or "Error" in c["result"] for c in out.tool_calls)
     assert out.transcript.count("<tool_response>") == 8  # the model read every one
+
+
+# ---- calls that do not stall the batch, answers fed in one forward -------------------------------------------------
+
+
+def test_a_row_waiting_for_its_call_does_not_stop_the_others():
+    """Row 0's call answers only once the batch has taken 10 more tokens (at most 10 s): a batch that stalled for the
+    call would never take them, and the answer would read [stalled]. Row 1 never calls and decodes meanwhile."""
+    tok = Tokenizer.from_pretrained(os.path.join(FIXTURES, "qwen2.5"))
+    trigger, plain = tok.encode("!")[0], tok.encode("a")[0]
+    taken = [0]
+
+    def next_logits(history):  # prompt [1] writes the trigger, then plain tokens; prompt [2] plain tokens only
+        logits = torch.full((tok.vocab_size,), -30.0)
+        logits[trigger if history[0] == 1 and len(history) == 1 else plain] = 30.0
+        return logits
+
+    class Patient(EchoTools):
+        def answer(self, call):
+            start, deadline = taken[0], time.monotonic() + 10
+            while taken[0] < start + 10 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            call.result = " [ok]" if taken[0] >= start + 10 else " [stalled]"
+
+    out = Engine(ScriptedLM(tok.vocab_size, next_logits), tok).generate(
+        [[1], [2]], max_new_tokens=30, temperature=0.0, ignore_eos=True, tools=Patient([trigger], sleep=lambda: 0),
+        on_tokens=lambda row, ids: taken.__setitem__(0, taken[0] + len(ids)))
+    assert out[0][0].transcript.startswith("! [ok]") and out[0][0].tool_calls[0]["result"] == " [ok]"
+    assert out[1][0].tokens == [plain] * 30
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny, tmp_path_factory):
+    """The tiny model in fp64: comparisons of completions taken on different paths, where rounding cannot decide."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny64") / "m", seed=3)
+    return Transformer.from_pretrained(path, dtype=torch.float64), tiny[1]
+
+
+def _rollouts(engine, prompts, tools, seeds, G=4, T=40):
+    out = engine.generate(prompts, num_samples=G, max_new_tokens=T, seed=seeds, tools=tools)
+    return [c for group in out for c in group]
+
+
+def test_completions_depend_neither_on_when_answers_arrive_nor_on_the_batch(tiny64):
+    """The same rows with a tool that answers at once, and with one that sleeps a random 0-30 ms per call on worker
+    threads: one batch, and the rows split over two 'ranks' as tasks.sample_problems splits them (problems r, r+2, ...)
+    -- the same completions. (train_grpo under torchrun x2 with the real tools: tests/test_tools_tiny.py.)"""
+    model, tok = tiny64
+    prompts = [tok.encode(t) for t in ("What is 3 + 4?", "What is 12 + 1? <think>", "7", "Add 5 and 9.")]
+    G = 4
+    seeds = [100 + r for r in range(len(prompts) * G)]
+    engine, triggers = Engine(model, tok), range(60, 140)
+    at_once = _rollouts(engine, prompts, EchoTools(triggers), seeds)
+    assert sum(len(c.tool_calls) for c in at_once) >= 8
+    sleepy = EchoTools(triggers, sleep=lambda: random.uniform(0, 0.03))
+    one_batch = _rollouts(engine, prompts, sleepy, seeds)
+    ranks = [_rollouts(engine, prompts[r::2], sleepy, [s for i in range(r, 4, 2) for s in seeds[i * G:(i + 1) * G]])
+             for r in range(2)]
+    two_ranks = [ranks[i % 2][(i // 2) * G + j] for i in range(4) for j in range(G)]  # back in problem order
+    for other in (one_batch, two_ranks):
+        for a, b in zip(at_once, other):
+            assert (a.tokens, a.loss_mask, a.tool_calls, a.finish_reason) == \
+                (b.tokens, b.loss_mask, b.tool_calls, b.finish_reason)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-10)
+
+
+def test_an_answer_fed_in_one_forward_gives_the_logits_of_the_whole_sequence(tiny):
+    """After each answer, the row's next-token logits equal those of prompt + completion so far run in one forward
+    without a cache (fp32, 1e-5), for answers of different lengths fed together right-padded."""
+    model, tok = tiny
+    engine = Engine(model, tok, compact_frac=1.0)  # no compaction: batch row k is completion k throughout
+    fed, inner = [], engine._feed
+
+    def record(cache, logits, answers):
+        out = inner(cache, logits, answers)
+        fed.extend((k, out[k].clone()) for k, _ in answers)
+        return out
+
+    engine._feed = record
+    prompts = [tok.encode(t) for t in ("What is 3 + 4?", "7", "Add 5 and 9.")]
+    flat = _rollouts(engine, prompts, EchoTools(range(60, 140)), [7 + r for r in range(12)])
+    assert len({len(c.tokens) - c.loss_mask.count(1) for c in flat}) > 1 and len(fed) >= 6
+    for n, (k, logits) in enumerate(fed):
+        c, seen = flat[k], sum(1 for j, _ in fed[:n] if j == k)
+        runs = [i for i in range(1, len(c.tokens) + 1) if c.loss_mask[i - 1] == 0 and
+                (i == len(c.tokens) or c.loss_mask[i] == 1)]  # the ends of the forced runs, in order
+        with torch.no_grad():
+            full = model(torch.tensor([prompts[k // 4] + c.tokens[:runs[seen]]]))[0, -1]
+        assert (logits - full).abs().max() <= 1e-5
+
+
+def test_graph_mode_logic_with_tools_on_cpu(tiny64, monkeypatch):
+    """The CUDA-graph path's logic with tools (capture replaced by rerunning the step on the same static buffers):
+    the plain decode step stays the captured one, rows waiting for answers are masked in it, answers are fed outside
+    it; the same completions as the dynamic path."""
+    model, tok = tiny64
+    monkeypatch.setattr(Engine, "_capture", lambda self, step, restore: (step(), restore(), step)[-1])
+    prompts = [tok.encode(t) for t in ("What is 3 + 4?", "7")]
+    tools, seeds = EchoTools(range(60, 140), sleep=lambda: random.uniform(0, 0.01)), [11 + r for r in range(8)]
+    ref = _rollouts(Engine(model, tok), prompts, tools, seeds)
+    graphs = Engine(model, tok, cuda_graphs=True)
+    out = _rollouts(graphs, prompts, tools, seeds)
+    assert graphs._graphs and sum(len(c.tool_calls) for c in ref) >= 4
+    for a, b in zip(ref, out):
+        assert (a.tokens, a.loss_mask, a.tool_calls) == (b.tokens, b.loss_mask, b.tool_calls)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-10)
