@@ -13,10 +13,10 @@ What makes it fast, in the order it happens:
      (KVCache below: positions count real tokens only, so padding never changes an output);
   2. each prompt's cache rows are fanned out to its num_samples rows (the GRPO group) -- no G-fold prefill;
   3. decoding runs sync_every steps between host syncs (every step with tools: a call is seen at the token that
-     completes it, and its answer is fed to that row, token by token, while the others sample); rows that finished
-     are compacted away;
+     completes it; the row waits for its answer while the others decode, then the answer enters its cache in one
+     forward, _ToolTurns); rows that finished are compacted away;
   4. on CUDA the one-token decode step is captured in a CUDA graph per batch size (static cache path:
-     full-length masked attention, write position held in a device tensor), removing per-op launch cost;
+     full-length masked attention, write positions held in a device tensor), removing per-op launch cost;
      on the CPU the linears run through oneDNN on prepacked weights (onednn_linears), 1.5-3x faster at the
      skinny matmuls of decoding than F.linear on the machine of bench/README.md.
 

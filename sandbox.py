@@ -5,8 +5,10 @@ Model-written Python runs here, never in the caller's process. One sandbox serve
     run = run_python("print(2 ** 10)", timeout=5)      # Run(output=b'1024\\n', truncated=False, error=None, ...)
 
 What holds the code in, outermost first:
-  - a fresh Python in a session of its own, in an empty temporary directory, with a PATH-only environment; the
-    wall-clock limit SIGKILLs the whole process group, so nothing the code starts outlives the call;
+  - a process of its own for each call, in a session of its own, in an empty temporary directory, with a PATH-only
+    environment: a copy forked from a Python that has done nothing but import PRELOAD (ForkServer), so nothing passes
+    from one call to the next; the wall-clock limit SIGKILLs the whole process group, so nothing the code starts
+    outlives the call;
   - kernel limits: CPU seconds (the `timeout`), address space, file size, open files, no core dumps, no new processes;
   - as root (CI runs as root): new network and mount namespaces -- no network interface but a loopback that is down,
     and a private empty /tmp, /var/tmp and /dev/shm (each one Python does not itself read from: a virtualenv under
@@ -24,6 +26,7 @@ Runs are reproducible: a fixed hash seed, `random` (and numpy's) seeded, and the
 time, which does not depend on the machine's load (the wall-clock limit, for code that sleeps, does).
 """
 import atexit
+import itertools
 import json
 import math
 import os
@@ -44,7 +47,7 @@ PRELOAD = ("math cmath collections itertools functools heapq bisect re string ty
 PRELOAD_IF_USED = ("numpy", "sympy")  # slower to import: only when the code names them (and installed)
 
 _HARNESS = r'''
-import json, math, os, resource, sys
+import json, math, os, resource, select, signal, sys
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, MS_REC, MS_PRIVATE = 0x20000, 0x10000000, 0x40000000, 0x4000, 0x40000
 BLOCKED = ("socket.", "subprocess.", "ctypes.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.system",
            "os.kill", "os.killpg", "pty.", "gc.get_", "sqlite3.")
@@ -96,13 +99,7 @@ def guard(work):
     return hook
 
 
-def main(write=os.write, dumps=json.dumps, exit=os._exit):
-    for name in sys.argv[2].split(","):  # the warm part, done before the call arrives
-        try:
-            __import__(name)
-        except Exception:
-            pass
-    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))  # waits for the call
+def main(payload, write=os.write, dumps=json.dumps, exit=os._exit):
     nonce, result_fd, program = payload["nonce"], os.dup(1), not payload["tests"]
     try:
         null = os.open(os.devnull, os.O_RDWR)
@@ -158,7 +155,62 @@ def main(write=os.write, dumps=json.dumps, exit=os._exit):
     # on a line of its own, whatever the code wrote to this descriptor
     write(result_fd, ("\n" + nonce + dumps({"passed": passed, "error": error, "isolation": isolation}) + "\n").encode())
     exit(0)
-main()
+
+
+def child(request):
+    """In the forked copy, before anything of the call: a session of its own (the caller kills it as a group), the
+    call's directory, its result and output files, and none of the server's descriptors or signal handlers."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.chdir(request["work"])
+    for fd, path in ((1, request["result"]), (2, request["output"])):
+        os.dup2(os.open(path, os.O_WRONLY), fd)
+    os.closerange(3, 1 << 16)
+    main(request["payload"])
+
+
+def serve():
+    """The fork server: import the preloads, then fork a copy of this clean process per request line on stdin, and
+    report on stdout "forked ID PID" at once and "exited PID STATUS" when it ends. Never runs model code itself."""
+    for name in sys.argv[2].split(","):
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)  # SIGCHLD wakes the select below
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    os.write(1, b"ready\n")
+    pending = b""
+    while True:
+        readable = select.select([0, wake_r], [], [])[0]
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                os.write(1, f"exited {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
+        if 0 in readable:
+            data = os.read(0, 1 << 20)
+            if not data:  # the caller is gone
+                os._exit(0)
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                request = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        child(request)
+                    finally:
+                        os._exit(1)
+                os.write(1, f"forked {request['id']} {pid}\n".encode())
+serve()
 '''
 
 
@@ -175,119 +227,115 @@ class Run:
     isolation: tuple = ()  # the kernel layers that held: "network namespace", "private /tmp", "user nobody"
 
 
-class Interpreter:
-    """One sandbox interpreter, started ahead of its call: a fresh Python that has imported PRELOAD and waits on
-    stdin for the one call it will run, in an empty working directory of its own. Runs one call, then is killed."""
+class ForkServer:
+    """The sandbox's interpreter, started ahead of need: a Python that has imported PRELOAD and forks a copy of itself
+    for each call (about 1 ms, against ~40 ms of CPU to start a Python and import PRELOAD, which on a small machine
+    would be taken from the rollouts' decoding). The copy applies every layer of the module docstring, runs the one
+    call and exits; the server itself never runs model code, so nothing passes from one call to the next.
+    Thread-safe: the python tool's calls run on worker threads (tools.ToolUse.start)."""
 
     def __init__(self):
-        uid, gid = nobody()
-        self.proc, self.result, self.output = None, None, None
-        self.root = tempfile.mkdtemp(prefix="nanor1-")  # holds the two files below; the child only sees work/
-        try:  # -s -P and an environment of our own, as -I would give, but with a fixed hash seed (-I ignores it)
-            work = os.path.join(self.root, "work")
-            os.mkdir(work)
-            if os.getuid() == 0:
-                os.chown(work, uid, gid)
-            self.result = open(os.path.join(self.root, "result"), "w+b")
-            self.output = open(os.path.join(self.root, "output"), "w+b")
-            self.proc = subprocess.Popen(
-                [sys.executable or "python3", "-s", "-P", "-c", _HARNESS, SANDBOX_MARKER, ",".join(PRELOAD)],
-                stdin=subprocess.PIPE, stdout=self.result, stderr=self.output, cwd=work,
-                env={"PATH": os.defpath, "PYTHONHASHSEED": "0"}, start_new_session=True, close_fds=True)
-        except OSError as e:
-            self.close()
-            raise SandboxError(f"python sandbox: cannot start {sys.executable or 'python3'}: {e}") from None
-
-    def run(self, payload, wall_limit):
-        """Hand the call over and wait for it. -> (timed out?, the harness's result lines, the output bytes)."""
-        timed_out = False
-        try:
-            self.proc.communicate(payload, timeout=wall_limit)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            self.kill()
-        self.result.seek(0)
-        self.output.seek(0)
-        return timed_out, self.result.read(1 << 16).decode("utf-8", "replace").splitlines(), \
-            self.output.read(MAX_OUTPUT + 1)
-
-    def kill(self):
-        if self.proc is None or self.proc.returncode is not None:  # once: after the wait its pid may be reused
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the child and anything it started
-        except OSError:
-            pass
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def close(self):
-        self.kill()
-        for f in (self.result, self.output):
-            if f is not None:
-                f.close()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-class WarmPool:
-    """Interpreters started ahead of need: taking one starts its replacement at once (a Popen: the new interpreter
-    starts while the call runs), so a call pays for no interpreter start unless more calls run at once than spares
-    were warmed (warm(n)). Every interpreter serves exactly one call, so nothing passes from one call to the next."""
-
-    def __init__(self):
-        self.lock, self.spares, self.wanted, self.pid = threading.Lock(), [], 1, os.getpid()
+        self.cond, self.proc, self.root, self.pid = threading.Condition(), None, None, os.getpid()
+        self.ids, self.forked, self.exited, self.dead = itertools.count(), {}, {}, False
         atexit.register(self.stop)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self.forget)
 
-    def forget(self):
-        """In a forked child: the interpreters are the parent's. Drop them without killing them, closing this
-        process's copies of their stdin (else a spare would never see its call end) and a lock another thread may
-        have held at the fork."""
-        for spare in self.spares:
-            for f in (spare.proc.stdin, spare.result, spare.output):
+    def start(self):
+        """Start the server now (before the first call needs it); a no-op while it runs. Raises SandboxError if no
+        Python can be started, or if it cannot run the harness."""
+        with self.cond:
+            if self.proc is not None and self.proc.poll() is None:
+                return
+            self._close()
+            self.root = tempfile.mkdtemp(prefix="nanor1-")  # the server's error log and one directory per call
+            errors = open(os.path.join(self.root, "server-errors"), "w+b")
+            try:  # -s -P and an environment of our own, as -I would give, but with a fixed hash seed (-I ignores it)
+                self.proc = subprocess.Popen(
+                    [sys.executable or "python3", "-s", "-P", "-c", _HARNESS, SANDBOX_MARKER, ",".join(PRELOAD)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd=self.root,
+                    env={"PATH": os.defpath, "PYTHONHASHSEED": "0"}, start_new_session=True, close_fds=True)
+            except OSError as e:
+                errors.close()
+                self._close()
+                raise SandboxError(f"python sandbox: cannot start {sys.executable or 'python3'}: {e}") from None
+            ready = self.proc.stdout.readline()
+            if ready != b"ready\n":
+                errors.seek(0)
+                message = errors.read(2000).decode("utf-8", "replace").strip()
+                errors.close()
+                status = self.proc.wait()
+                self._close()
+                raise SandboxError(f"python sandbox: the interpreter exited with status {status} before running the "
+                                   f"code: {message}")
+            errors.close()
+            threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+
+    def _read(self, proc):
+        """The server's reports, as they come: which pid each request got, and how each copy ended."""
+        for line in proc.stdout:
+            kind, key, value = line.split()
+            with self.cond:
+                if proc is not self.proc:  # a server since stopped
+                    return
+                (self.forked if kind == b"forked" else self.exited)[int(key)] = int(value)
+                self.cond.notify_all()
+        with self.cond:  # the server is gone: every wait below ends
+            if proc is self.proc:
+                self.dead = True
+                self.cond.notify_all()
+
+    def run(self, request, wall_limit):
+        """Fork a copy for one call (request: work dir, result and output files, payload) and wait for it, killing it
+        at wall_limit seconds. -> (timed out?, its exit status: negative for a signal)."""
+        self.start()
+        with self.cond:
+            rid = next(self.ids)
+            self.proc.stdin.write(json.dumps({**request, "id": rid}).encode() + b"\n")
+            self.proc.stdin.flush()
+            self.cond.wait_for(lambda: rid in self.forked or self.dead, timeout=30)
+            if rid not in self.forked:
+                raise SandboxError("python sandbox: the fork server did not answer")
+            pid = self.forked.pop(rid)
+            timed_out = not self.cond.wait_for(lambda: pid in self.exited or self.dead, timeout=wall_limit)
+            if timed_out:
                 try:
-                    f.close()
+                    os.killpg(pid, signal.SIGKILL)  # the copy and anything it started
                 except OSError:
                     pass
-        self.lock, self.spares, self.pid = threading.Lock(), [], os.getpid()
+                self.cond.wait_for(lambda: pid in self.exited or self.dead, timeout=10)
+            if pid not in self.exited:
+                raise SandboxError("python sandbox: the fork server ended during a call")
+            return timed_out, self.exited.pop(pid)
 
-    def warm(self, n):
-        """Keep at least n interpreters ready (one per call that may run at once)."""
-        with self.lock:
-            self.wanted = max(self.wanted, n)
-        self.refill()
-
-    def take(self):
-        """A waiting interpreter, or a new one when none is. One that ended while waiting is never handed a call: if
-        it could not run the harness, neither can the new one, and run_python says so."""
-        spare = None
-        with self.lock:
-            while self.spares and spare is None:
-                spare = self.spares.pop(0)
-                if spare.proc.poll() is not None:
-                    spare.close()
-                    spare = None
-        try:
-            self.refill()
-            return spare or Interpreter()
-        except BaseException:
-            if spare is not None:
-                spare.close()
-            raise
-
-    def refill(self):
-        with self.lock:
-            while len(self.spares) < self.wanted:
-                self.spares.append(Interpreter())
+    def forget(self):
+        """In a forked child: the server is the parent's. Drop it without stopping it, closing this process's copy of
+        its stdin (the parent's stop() must be able to end it)."""
+        if self.proc is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        self.cond, self.proc, self.root, self.pid = threading.Condition(), None, None, os.getpid()
+        self.forked, self.exited, self.dead = {}, {}, False
 
     def stop(self):
-        """Kill the interpreters waiting (at exit, and in tests that look for leftover processes)."""
-        with self.lock:
-            spares, self.spares = (self.spares, []) if os.getpid() == self.pid else ([], [])  # (a child's: forgotten)
-        for spare in spares:
-            spare.close()
+        """Kill the server and remove its directory (at exit, and in tests that look for leftover processes)."""
+        with self.cond:
+            if os.getpid() == self.pid:
+                self._close()
+
+    def _close(self):
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.proc.wait(timeout=10)
+            self.proc.stdin.close()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.proc, self.root, self.forked, self.exited, self.dead = None, None, {}, {}, False
 
 
 def nobody():
@@ -299,7 +347,7 @@ def nobody():
         return 65534, 65534
 
 
-POOL = WarmPool()
+SERVER = ForkServer()
 
 
 def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
@@ -311,14 +359,25 @@ def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
     limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": [math.ceil(timeout), math.ceil(timeout) + 1],
               "RLIMIT_FSIZE": 1 << 20, "RLIMIT_NPROC": 0, "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0}
     preload = [m for m in PRELOAD_IF_USED if m in code]  # (PRELOAD is imported before the call arrives)
-    payload = json.dumps({"code": code, "tests": list(tests), "nonce": nonce, "limits": limits, "uid": uid,
-                          "gid": gid, "preload": preload}).encode()
-    interpreter = POOL.take()
+    payload = {"code": code, "tests": list(tests), "nonce": nonce, "limits": limits, "uid": uid, "gid": gid,
+               "preload": preload}
+    SERVER.start()
+    call = tempfile.mkdtemp(prefix="call-", dir=SERVER.root)  # the copy only sees work/
     try:
-        timed_out, lines, output = interpreter.run(payload, timeout + WALL_GRACE)
-        returncode = interpreter.proc.returncode
+        work, result, output = (os.path.join(call, name) for name in ("work", "result", "output"))
+        os.mkdir(work)
+        if os.getuid() == 0:
+            os.chown(work, uid, gid)
+        for path in (result, output):
+            open(path, "wb").close()
+        timed_out, returncode = SERVER.run(dict(work=work, result=result, output=output, payload=payload),
+                                           timeout + WALL_GRACE)
+        with open(result, "rb") as f:
+            lines = f.read(1 << 16).decode("utf-8", "replace").splitlines()
+        with open(output, "rb") as f:
+            output = f.read(MAX_OUTPUT + 1)
     finally:
-        interpreter.close()
+        shutil.rmtree(call, ignore_errors=True)
     reports = [line[len(nonce):] for line in lines if line.startswith(nonce)]
     if reports and reports[0] != "ready":  # a broken sandbox must be loud, not a silent failure of the code
         raise SandboxError(f"python sandbox setup failed: {json.loads(reports[0]).get('setup_error')}")

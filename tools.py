@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 
 from reward import evaluate_arithmetic
-from sandbox import POOL, isolation, run_python
+from sandbox import SERVER, isolation, run_python
 
 TOOL_FORMATS = ("chat", "code")
 
@@ -198,8 +198,8 @@ class ToolUse:
         # the tokens after which a call may be complete: the turn's end (chat), any with a backtick (code)
         self.closers = {tok.token_to_id("<|im_end|>")} if format == "chat" else tok.ids_containing("`")
         self._workers = None  # the threads calls run on (start), made at the first call
-        if "python" in names:  # interpreters ready before the first call: as many as calls may run at once
-            POOL.warm(rank_cores())
+        if "python" in names:  # the sandbox's interpreter ready before the first call
+            SERVER.start()
 
     def describe(self):
         """One line for a run's log: the tools, the format, the limits, and what isolates the python tool."""

@@ -139,8 +139,8 @@ def exit_if_torchrun(rc=0):
     threads can SIGABRT there even after destroy_process_group, pytorch PR 179291; everything is written by then)."""
     if "RANK" in os.environ:
         sys.stdout.flush(), sys.stderr.flush()
-        if "sandbox" in sys.modules:  # its waiting interpreters and their directories: os._exit runs no atexit
-            sys.modules["sandbox"].POOL.stop()
+        if "sandbox" in sys.modules:  # its fork server and directory: os._exit runs no atexit handler
+            sys.modules["sandbox"].SERVER.stop()
         os._exit(rc or 0)
 
 

@@ -6,7 +6,7 @@ so every row makes max_new_tokens either way (tool output counts towards them).
 
     python bench/tool_calls.py --threads=2
     python bench/tool_calls.py --batch=64 --max_new_tokens=256
-    python bench/tool_calls.py --latency=40     # one print(1+1) through call_tool: warm interpreters vs a fresh one
+    python bench/tool_calls.py --latency=40     # one print(1+1) through call_tool: warm server vs a fresh one
     python bench/tool_calls.py --tool_ms=300 --call_frac=0.25 --repeats=1   # a slow tool: does the batch stall?
 
 Which rows call is decided from their own text (a row calls once its text since the last result reaches --every
@@ -39,7 +39,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest is kept")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--latency", type=int, default=0, help="instead: time this many print(1+1) calls through call_tool, "
-                   "from the warm pool and from a fresh interpreter each (the pool off), alternating")
+                   "forked from the running sandbox server and from a server started for the call, alternating")
     p.add_argument("--pause", type=float, default=0.1, help="latency: seconds between calls (a few decode steps)")
     args = p.parse_args()
     if args.latency:
@@ -117,26 +117,26 @@ def main():
 
 
 def latency(args):
-    """The wall time of one call_tool("python", print(1+1)): a warm interpreter from sandbox.POOL against a fresh one
-    started for the call (the pool emptied and off, as every call ran before the pool), alternating call by call."""
+    """The wall time of one call_tool("python", print(1+1)): a copy forked from the running sandbox.SERVER against a
+    server started for the call (a fresh Python importing PRELOAD, as every call ran before the server), alternating
+    call by call."""
     import statistics
 
     import sandbox
     from tools import call_tool
 
     times = {"warm": [], "fresh": []}
-    sandbox.POOL.warm(1)
     for i in range(2 * args.latency + 2):
         kind = ("warm", "fresh")[i % 2]
         if kind == "fresh":
-            sandbox.POOL.wanted = 0
-            sandbox.POOL.stop()
-        time.sleep(args.pause)  # the model decodes between calls; the pool refills meanwhile
+            sandbox.SERVER.stop()
+        else:
+            sandbox.SERVER.start()
+        time.sleep(args.pause)  # the model decodes between calls
         t0 = time.perf_counter()
         assert call_tool("python", {"code": "print(1+1)"}) == ("2", None)
         if i >= 2:  # the first of each: warmup
             times[kind].append(time.perf_counter() - t0)
-        sandbox.POOL.warm(1)
     print(f"hardware: {hardware(args.threads)}; {args.latency} calls of each, {args.pause * 1e3:.0f} ms apart")
     for kind, ts in times.items():
         ts = sorted(ts)

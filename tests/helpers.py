@@ -139,11 +139,11 @@ def corrupt_safetensors(path, fn):
 
 
 def sandbox_processes():
-    """Live processes started by sandbox.run_python (the marker is in their argv), but the warm interpreters that
-    wait in sandbox.POOL for a call of their own."""
-    from sandbox import POOL, SANDBOX_MARKER
+    """Live processes started by sandbox.run_python (the marker is in their argv), but the fork server that waits in
+    sandbox.SERVER for the next call."""
+    from sandbox import SANDBOX_MARKER, SERVER
 
-    found, waiting = [], {spare.proc.pid for spare in POOL.spares}
+    found, waiting = [], {SERVER.proc.pid} if SERVER.proc is not None else set()
     for pid in os.listdir("/proc"):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -256,23 +256,25 @@ def test_the_code_format_takes_the_python_tool_alone(qwen):
         ToolUse(qwen, ["python"], format="code", timeout=0)
 
 
-def test_calls_run_in_warm_interpreters_one_call_each():
-    """A call runs in an interpreter started before it (sandbox.POOL), which is then discarded: the next call gets
-    another, and nothing one call leaves in its interpreter reaches the next."""
+def test_each_call_runs_in_a_fresh_copy_of_the_warm_server():
+    """A call runs in a copy forked from the server started before it (sandbox.SERVER), which is then gone: the next
+    call gets another copy, nothing one call leaves in its process reaches the next, and the server runs no call."""
     import sandbox
-    sandbox.POOL.warm(1)
-    waiting = sandbox.POOL.spares[0].proc.pid
-    assert python("import os, math\nmath.left_behind = 1\nprint(os.getpid())") == (str(waiting), None)
+    sandbox.SERVER.start()
+    server = sandbox.SERVER.proc.pid
+    result, error = python("import os, math\nmath.left_behind = 1\nprint(os.getpid(), os.getppid())")
+    pid, parent = map(int, result.split())
+    assert error is None and parent == server and pid != server
     result, error = python("import os, math\nprint(os.getpid(), hasattr(math, 'left_behind'))")
-    pid, left_behind = result.split()
-    assert error is None and int(pid) != waiting and left_behind == "False"
-    assert waiting not in [spare.proc.pid for spare in sandbox.POOL.spares] and sandbox.POOL.spares
+    second, left_behind = result.split()
+    assert error is None and int(second) not in (pid, server) and left_behind == "False"
+    assert sandbox.SERVER.proc.pid == server and sandbox_processes() == []
 
 
 def test_a_broken_sandbox_stops_the_run(monkeypatch):
     """What is not the model's doing must not become a tool result it trains on."""
     import sandbox
-    sandbox.POOL.stop()
+    sandbox.SERVER.stop()
     monkeypatch.setattr(sandbox.sys, "executable", "/nonexistent/python3")
     with pytest.raises(RuntimeError, match="tool python failed .*cannot start /nonexistent/python3"):
         python("print(1)")
@@ -280,33 +282,43 @@ def test_a_broken_sandbox_stops_the_run(monkeypatch):
 
 def test_an_interpreter_that_cannot_run_the_harness_stops_the_run(monkeypatch):
     import sandbox
-    sandbox.POOL.stop()
+    sandbox.SERVER.stop()
     monkeypatch.setattr(sandbox, "_HARNESS", "raise SystemExit('no harness here')")
     with pytest.raises(RuntimeError, match="tool python failed .*exited with status 1 before .*no harness here"):
         python("print(1)")
-    sandbox.POOL.stop()
+    sandbox.SERVER.stop()
 
 
-def test_a_forked_child_does_not_hold_the_pools_interpreters():
-    """A process forked while interpreters wait (a DataLoader worker, a fork-started pool) keeps nothing of the pool:
-    while it lives, the parent's calls still end (its copy of a spare's stdin would keep the call from ending), and
-    the child's own call gets an interpreter of its own."""
+def test_a_server_killed_between_calls_is_started_again():
     import sandbox
-    sandbox.POOL.warm(2)
+    sandbox.SERVER.start()
+    os.killpg(sandbox.SERVER.proc.pid, 9)
+    sandbox.SERVER.proc.wait()
+    assert python("print(3)") == ("3", None)
+
+
+def test_a_forked_child_does_not_hold_the_server():
+    """A process forked while the server runs (a DataLoader worker, a fork-started pool) keeps nothing of it: while
+    it lives, the parent's calls still end, and the child's own call gets a server of its own."""
+    import sandbox
+    sandbox.SERVER.start()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: one call of its own, then wait until the parent is done
         try:
             os.close(read)
             answer = python("print(5)")
-            sandbox.POOL.stop()  # the child's own spares (its parent's are not its to stop)
+            own = sandbox.SERVER.proc.pid
+            sandbox.SERVER.stop()  # the child's own server (its parent's is not its to stop)
             os.write(write, b"ok" if answer == ("5", None) else b"no")
+            os.write(write, own.to_bytes(4, "little"))
             time.sleep(10)
         finally:
             os._exit(0)
     try:
         os.close(write)
         assert os.read(read, 2) == b"ok"
+        assert int.from_bytes(os.read(read, 4), "little") != sandbox.SERVER.proc.pid
         t0 = time.time()
         assert python("print(1)", timeout=3.0) == ("1", None) and time.time() - t0 < 2.0
     finally:
@@ -316,15 +328,15 @@ def test_a_forked_child_does_not_hold_the_pools_interpreters():
 
 
 def test_a_torchrun_exit_leaves_no_interpreter_nor_directory(tmp_path):
-    """train_common.exit_if_torchrun leaves by os._exit, which runs no atexit handler: it stops the pool itself."""
+    """train_common.exit_if_torchrun leaves by os._exit, which runs no atexit handler: it stops the server itself."""
     import subprocess
     import sys
     script = ("import os, tempfile, sandbox, train_common\n"
-              "sandbox.POOL.warm(2)\n"
-              "print(' '.join(s.root for s in sandbox.POOL.spares), flush=True)\n"
+              "sandbox.SERVER.start()\n"
+              "print(sandbox.SERVER.root, flush=True)\n"
               "train_common.exit_if_torchrun(0)\n")
     env = {**os.environ, "RANK": "0", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     roots = out.stdout.split()
-    assert out.returncode == 0 and len(roots) == 2, out.stderr[-2000:]
+    assert out.returncode == 0 and len(roots) == 1, out.stderr[-2000:]
     assert not any(os.path.exists(r) for r in roots) and sandbox_processes() == []
