@@ -15,8 +15,9 @@ alike: the tokenizer's chat template, the text as it is, R1-Zero's template, or 
 chat-templated. Under torchrun, --eval and --reject split the problems over the ranks and rank 0 writes the result.
 --tools=python (or calculator, comma-separated) lets the model call tools while it writes, in --tool_format chat
 (<tool_call> turns, the schemas listed in the chat template's system turn) or code (```python fences answered by
-```output blocks). Every --eval record carries the completion's text, tokens, loss_mask (0 on a tool's tokens) and
-tool_calls; it is scored on the text the model wrote.
+```output blocks). Every --eval line is a sample's tasks.Rollout.record(): its text (what the model wrote, what it is
+scored on), transcript (every token decoded, a tool's output too), tokens, loss_mask (0 on a tool's tokens) and
+tool_calls, with its scores.
 """
 import os
 import sys
@@ -168,11 +169,11 @@ def run_eval(engine, tok, cfg, sampling, rt):
                                        rt.rank, rt.world)
     if not rt.master:
         return
-    correct = [[s["correct"] for s in rows] for rows in results]
-    answers = [[s["pred"] for s in rows] for rows in results]
+    correct = [[r.correct for r in rollouts] for rollouts in results]
+    answers = [[r.pred for r in rollouts] for rollouts in results]
     dt = time.time() - t0
     out = cfg["out"] or os.path.join("out", "eval", os.path.splitext(os.path.basename(cfg["data"]))[0] + ".jsonl")
-    write_jsonl(out, [s for rows in results for s in rows])
+    write_jsonl(out, [r.record() for rollouts in results for r in rollouts])
     print(f"{cfg['data']}: {len(problems)} problems x {K} samples  "
           f"pass@1 {pass_at_1(correct):.4f}  maj@{K} {maj_at_k(correct, answers, is_equiv):.4f}  "
           f"pass@{K} {pass_at_k(correct):.4f}  ({n_tokens} tokens in {dt:.1f}s, {n_tokens / dt:.0f} tok/s)")

@@ -1,7 +1,8 @@
 """
 Problems: the rows RL, evaluation and rejection sampling pose to a model. Loading them, the prompt templates that
 turn them into token ids, and scoring a model's samples: against their answers (pass@1, pass@k, maj@k), or, for
-prompts no rule can check, by a frozen reward model (RewardModelScorer, R1 stage 4).
+prompts no rule can check, by a frozen reward model (RewardModelScorer, R1 stage 4). A scored sample is a Rollout,
+the one record evaluation, rejection sampling and GRPO hand on.
 
     problems = load_problems("data/tiny/test.jsonl")
     prompts = [encode_problem(tok, row, "chat") for row in problems]
@@ -9,12 +10,14 @@ prompts no rule can check, by a frozen reward model (RewardModelScorer, R1 stage
 """
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from data.jsonl import iter_jsonl
+from engine import Completion
 from model import RewardModel
 from reward import accuracy_reward, answer_part, extract_answer, format_reward
 
@@ -85,7 +88,79 @@ def think_prefix(tok, prompt_ids):
 
 
 # -----------------------------------------------------------------------------
-# scoring samples: `correct` is per problem a list of K bools, `answers` the extracted answers (None = none)
+# scoring samples: one Rollout each; `correct` is per problem a list of K bools, `answers` the extracted
+# answers (None = none)
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of one prompt and its scores: the record evaluation (score_problems), rejection sampling
+    and GRPO all hand on, from the Engine to the metrics, the loss and the JSONL files (record()). Its text is what
+    the model wrote, what every reward reads; completion.transcript (every token decoded, a tool's output too) is for
+    logs only."""
+    problem_index: int  # the prompt's index among those sampled together: in the problem list (evaluation, rejection
+    # sampling), in the step's draw (GRPO)
+    item: dict  # the prompt: {"row": its JSONL row, "ids": its token ids}, in GRPO also "where": "file:line"
+    completion: Completion  # what the Engine wrote: tokens, text, transcript, logprobs, loss_mask, tool_calls, seed
+    reward: float  # the weighted total: GRPO's reward.RewardFn (or the reward model's score x its weight); in
+    # evaluation its accuracy; in rejection sampling its accuracy or code reward (0.0 if a check before it failed)
+    parts: dict  # each reward component, unweighted (evaluation: accuracy, format; rejection: check_sample's values)
+    accuracy: float | None  # accuracy_reward against the row's answer; None when it has none (or it was not checked)
+    advantage: float | None = None  # its group-relative advantage: GRPO's rollout_batch sets it
+    in_loss: bool = True  # False: DAPO's overlong filter (--overlong=mask) took a truncated completion out
+    sample_index: int = 0  # its index among the prompt's samples (GRPO: in its group)
+
+    @property
+    def text(self):
+        """What the model wrote (never a tool's output): what the rewards read."""
+        return self.completion.text
+
+    @property
+    def answer(self):
+        """The problem's gold answer (None for a row without one)."""
+        return self.item["row"].get("answer")
+
+    @property
+    def pred(self):
+        """The answer the model gave: the final answer extracted from its text after </think> (None: none)."""
+        return extract_answer(answer_part(self.text))
+
+    @property
+    def correct(self):
+        """Whether its answer matches the gold one (None for a row without one)."""
+        return None if self.accuracy is None else self.accuracy >= 1.0
+
+    @property
+    def rechecks(self):
+        """How many lines of its text go back over earlier work (count_rechecks: the 'aha' measure)."""
+        return count_rechecks(self.text)
+
+    @property
+    def length(self):
+        """Its row in the update's batches: prompt and completion tokens."""
+        return len(self.item["ids"]) + len(self.completion.tokens)
+
+    @property
+    def loss_mask(self):
+        """Per token, 1 where the loss counts it: the tokens the model sampled (not a tool's), if it is in the loss."""
+        return self.completion.loss_mask if self.in_loss else [0] * len(self.completion.tokens)
+
+    def record(self, tok=None):
+        """Its JSON line (evaluation's sample files, GRPO's rollouts.jsonl; rejection sampling's kept rows take their
+        provenance from it): every field name on disk is decided here. With a tokenizer, the prompt decoded too."""
+        c = self.completion
+        line = dict(problem_index=self.problem_index, sample_index=self.sample_index, seed=c.seed)
+        if "where" in self.item:
+            line["where"] = self.item["where"]
+        if tok is not None:
+            line["prompt"] = tok.decode(self.item["ids"])
+        line.update(answer=self.answer, pred=self.pred, correct=self.correct, reward=self.reward, parts=self.parts)
+        if self.advantage is not None:
+            line["advantage"] = self.advantage
+        line.update(rechecks=self.rechecks, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
+                    tool_tokens=c.loss_mask.count(0), text=c.text, transcript=c.transcript, tokens=c.tokens,
+                    loss_mask=c.loss_mask, tool_calls=c.tool_calls)
+        return line
 
 
 def sample_problems(engine, prompts, num_samples, sampling, judge, seed=0, batch_size=32, rank=0, world=1, desc="",
@@ -112,24 +187,21 @@ def sample_problems(engine, prompts, num_samples, sampling, judge, seed=0, batch
 
 def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, batch_size=32, rank=0, world=1,
                    progress=True, format_mode="strict"):
-    """sample_problems, each sample scored with reward.accuracy_reward against its problem's `answer`, with its
-    format_reward(format_mode) and count_rechecks (all on Completion.text: a tool's output is not the model's
-    answer); each record also keeps the completion's text, tokens, loss_mask (0 on tokens a tool wrote) and
-    tool_calls. -> (per problem a list of sample dicts, generated tokens over all ranks)."""
+    """sample_problems, each sample a Rollout scored on its text (a tool's output is not the model's answer): reward
+    and parts["accuracy"] reward.accuracy_reward against its problem's `answer`, parts["format"] its
+    format_reward(format_mode). -> (per problem a list of Rollouts, generated tokens over all ranks)."""
     def judge(i, samples):
-        gold, rows = str(problems[i]["answer"]), []
-        for j, c in enumerate(samples):  # scored on what the model wrote (text: no tool's output)
-            reward = float(accuracy_reward(c.text, gold))
-            rows.append(dict(idx=i, sample=j, answer=gold, pred=extract_answer(answer_part(c.text)),
-                             reward=reward, correct=reward >= 1.0, finish_reason=c.finish_reason,
-                             num_tokens=len(c.tokens), format=format_reward(c.text, format_mode),
-                             rechecks=count_rechecks(c.text), completion=c.transcript, tokens=c.tokens,
-                             loss_mask=c.loss_mask, tool_calls=c.tool_calls))
-        return rows
+        item = {"row": problems[i], "ids": prompts[i]}
+        rollouts = []
+        for j, c in enumerate(samples):
+            accuracy = accuracy_reward(c.text, problems[i]["answer"])
+            parts = {"accuracy": accuracy, "format": format_reward(c.text, format_mode)}
+            rollouts.append(Rollout(i, item, c, accuracy, parts, accuracy, sample_index=j))
+        return rollouts
 
     results = sample_problems(engine, prompts, num_samples, sampling, judge, seed, batch_size, rank, world, "eval",
                               progress)
-    return results, sum(s["num_tokens"] for rows in results for s in rows)
+    return results, sum(len(r.completion.tokens) for rollouts in results for r in rollouts)
 
 
 # a line that goes back over earlier work: R1-Zero's "aha moment" (DeepSeek-R1, arXiv 2501.12948, Table 3) begins
@@ -188,7 +260,7 @@ def held_out_accuracy(engine, problems, prompts, sampling, seed=0, rank=0, world
     greedy = {**sampling, "temperature": 0.0}
     results, _ = score_problems(engine, problems, prompts, 1, greedy, seed, batch_size=64, rank=rank, world=world,
                                 progress=False)
-    return pass_at_1([[s["correct"] for s in rows] for rows in results])
+    return pass_at_1([[r.correct for r in rollouts] for rollouts in results])
 
 
 def held_out_rm_score(engine, items, scorer, sampling, seed=0, rank=0, world=1, batch_size=64):

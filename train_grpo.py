@@ -50,7 +50,6 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,14 +58,14 @@ from torch.nn.utils.rnn import pad_sequence
 
 from configurator import parse_overrides
 from dataloader import PackStream, load_prompt_sources
-from engine import Completion, Engine, sample_seed
+from engine import Engine, sample_seed
 from losses import (LOSS_AGGS, ROLLOUT_IS_MODES, completion_logprobs, group_advantages, grpo_loss,
                     loss_normalizer, overlong_penalty, rollout_is_weights)
 from lora import adapters_off, tokenizer_dir
 from model import Transformer, is_adapter_dir, is_checkpoint_dir
 from reward import accuracy_reward, combine_rewards, is_equiv, rule_scored
-from tasks import (PROMPT_TEMPLATES, RewardModelScorer, count_rechecks, held_out_rm_score, maj_at_k, pass_at_1,
-                   pass_at_k, sample_problems, score_problems)
+from tasks import (PROMPT_TEMPLATES, RewardModelScorer, Rollout, held_out_rm_score, maj_at_k, pass_at_1, pass_at_k,
+                   sample_problems, score_problems)
 from tokenizer import Tokenizer
 from tools import TOOL_FORMATS, check_names, tool_use
 from train_common import (Config, RunLog, copy_full_params, truncate_jsonl, exit_if_torchrun, find_checkpoint, lr_at,
@@ -213,30 +212,7 @@ def configure(argv=()):
 
 
 # -----------------------------------------------------------------------------
-# 1. rollouts and their rewards
-
-
-@dataclass
-class Rollout:
-    """One completion of one prompt, the same record from the Engine to the loss and to rollouts.jsonl."""
-    draw: int  # the prompt's index in the step's draw (the group's)
-    item: dict  # the prompt: {"row": its JSONL row, "ids": its token ids, "where": "file:line"}
-    completion: Completion  # what the Engine wrote: tokens, text, logprobs, sample_logprobs, loss_mask, tool_calls
-    reward: float  # the weighted total (reward.RewardFn, or the reward model's score x its weight)
-    parts: dict  # each reward component, unweighted
-    accuracy: float | None  # accuracy_reward when the row has an answer, else None
-    adv: float = 0.0  # its group-relative advantage (rollout_batch)
-    in_loss: bool = True  # False: DAPO's overlong filter (--overlong=mask) took a truncated completion out
-
-    @property
-    def length(self):
-        """Its row in the update's batches: prompt and completion tokens."""
-        return len(self.item["ids"]) + len(self.completion.tokens)
-
-    @property
-    def loss_mask(self):
-        """Per token, 1 where the loss counts it: the tokens the model sampled (not a tool's), if it is in the loss."""
-        return self.completion.loss_mask if self.in_loss else [0] * len(self.completion.tokens)
+# 1. rollouts and their rewards: one tasks.Rollout per completion, the record evaluation and rejection sampling use
 
 
 def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, sampling, scorer=None):
@@ -260,7 +236,7 @@ def generate_groups(engine, items, first_draw, step, cfg, rt, reward_fn, samplin
                 total += parts["overlong"]
             acc = accuracy_reward(c.text, row["answer"]) if "accuracy" not in parts and "answer" in row \
                 else parts.get("accuracy")
-            rollouts.append(Rollout(first_draw + k, items[k], c, total, parts, acc))
+            rollouts.append(Rollout(first_draw + k, items[k], c, total, parts, acc, sample_index=j))
         return rollouts
 
     # sample_problems seeds sample j of item k with first_seed + k * G + j, which is sample_seed(seed, step,
@@ -302,7 +278,7 @@ def rollout_batch(groups, cfg):
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
     adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards) if rollouts else rewards
     for r, a in zip(rollouts, adv.tolist()):
-        r.adv = a
+        r.advantage = a
         r.in_loss = not (r.completion.finish_reason == "length" and cfg.overlong == "mask")  # DAPO overlong filtering
     return rollouts, rollout_metrics(groups, rollouts, rewards, bool(cfg.tools))
 
@@ -333,7 +309,7 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
     accs = [r.accuracy for r in rollouts if r.accuracy is not None]
     if accs:
         rec["accuracy"] = sum(accs) / len(accs)
-    rechecked = [count_rechecks(r.completion.text) > 0 for r in rollouts]
+    rechecked = [r.rechecks > 0 for r in rollouts]
     rec["recheck_frac"] = sum(rechecked) / len(rollouts)  # completions that go back over a step ("Wait, ...")
     for name, keep in (("accuracy_recheck", True), ("accuracy_no_recheck", False)):
         vals = [r.accuracy for r, c in zip(rollouts, rechecked) if c == keep and r.accuracy is not None]
@@ -350,7 +326,7 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
     if with_tools:
         # the forced tokens (a tool's output and the glue around it), counted as rollouts.jsonl counts them
         rec["tool_tokens"] = sum(r.completion.loss_mask.count(0) for r in rollouts) / len(rollouts)
-        rec.update(tool_metrics([vars(r.completion) for r in rollouts]))
+        rec.update(tool_metrics([r.completion for r in rollouts]))
         for name, used in (("reward_tool", True), ("reward_no_tool", False)):  # completions that called a tool or not
             vals = [r.reward for r in rollouts if bool(r.completion.tool_calls) == used]
             if vals:
@@ -359,15 +335,14 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
 
 
 def tool_metrics(completions):
-    """Completions as dicts with tool_calls and loss_mask (vars(Completion), score_problems' records) -> tool_calls
-    (per completion), tool_use (the share that calls at least once), tool_error_frac (of the calls), tool_token_frac
-    (of the tokens, the ones tools and template glue wrote)."""
-    calls = [c for s in completions for c in s["tool_calls"]]
-    tokens = sum(len(s["loss_mask"]) for s in completions)
+    """engine.Completions -> tool_calls (per completion), tool_use (the share that calls at least once),
+    tool_error_frac (of the calls), tool_token_frac (of the tokens, the ones tools and template glue wrote)."""
+    calls = [call for c in completions for call in c.tool_calls]
+    tokens = sum(len(c.loss_mask) for c in completions)
     n = max(len(completions), 1)
-    return dict(tool_calls=len(calls) / n, tool_use=sum(bool(s["tool_calls"]) for s in completions) / n,
-                tool_error_frac=sum(c["error"] is not None for c in calls) / max(len(calls), 1),
-                tool_token_frac=sum(s["loss_mask"].count(0) for s in completions) / max(tokens, 1))
+    return dict(tool_calls=len(calls) / n, tool_use=sum(bool(c.tool_calls) for c in completions) / n,
+                tool_error_frac=sum(call["error"] is not None for call in calls) / max(len(calls), 1),
+                tool_token_frac=sum(c.loss_mask.count(0) for c in completions) / max(tokens, 1))
 
 
 # -----------------------------------------------------------------------------
@@ -395,7 +370,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
     # when the policy moves within the step, its log-probs before the first move
     old = old_logprobs(policy, rollouts, lengths, cfg, rt, pad_id, stats) if needs_old_logprobs else None
     ref = {}  # log pi_ref per rollout, computed the first time a micro-batch needs it
-    active = {i for i in range(B) if any(rollouts[i].loss_mask) and (cfg.beta > 0 or rollouts[i].adv != 0.0)}
+    active = {i for i in range(B) if any(rollouts[i].loss_mask) and (cfg.beta > 0 or rollouts[i].advantage != 0.0)}
     params = [p for p in policy.parameters() if p.requires_grad]
     rng = np.random.default_rng([cfg.seed, step])
     for epoch in range(cfg.ppo_epochs):
@@ -409,7 +384,7 @@ def policy_update(policy, ref_model, optimizer, rollouts, cfg, rt, pad_id, step)
             for idx, pad in micro_batches(shares, rt.rank, lengths, trained[:1], cfg):
                 lp, old_lp, ref_lp = micro_batch_logprobs(policy, ref_model, old, ref, rollouts, idx, cfg, rt, pad_id,
                                                           stats)
-                adv = torch.tensor([rollouts[i].adv for i in idx], device=lp.device, dtype=lp.dtype)
+                adv = torch.tensor([rollouts[i].advantage for i in idx], device=lp.device, dtype=lp.dtype)
                 mask = padded([rollouts[i].loss_mask for i in idx], rt.device)
                 # rollouts drawn from another distribution than pi_old: weigh each token by pi_old / pi_sampler
                 sampler_lp = padded([rollouts[i].completion.sample_logprobs for i in idx], rt.device, old_lp.dtype)
@@ -660,13 +635,13 @@ def evaluate(engine, problems, rm_items, scorer, history, at_step, cfg, rt, samp
         t0 = time.time()
         greedy, _ = score_problems(engine, rows, prompts, 1, {**sampling, "temperature": 0.0}, cfg.seed, 64, rt.rank,
                                    rt.world, progress=False, format_mode=fmt)
-        greedy = [r[0] for r in greedy]
-        out.update(eval_accuracy=sum(s["correct"] for s in greedy) / len(greedy),
-                   eval_completion_len=sum(sum(s["loss_mask"]) for s in greedy) / len(greedy),  # the model's own
-                   eval_format=sum(s["format"] for s in greedy) / len(greedy),
-                   eval_recheck_frac=sum(s["rechecks"] > 0 for s in greedy) / len(greedy))
+        greedy = [rollouts[0] for rollouts in greedy]
+        out.update(eval_accuracy=sum(r.correct for r in greedy) / len(greedy),
+                   eval_completion_len=sum(model_tokens(r.completion) for r in greedy) / len(greedy),  # the model's own
+                   eval_format=sum(r.parts["format"] for r in greedy) / len(greedy),
+                   eval_recheck_frac=sum(r.rechecks > 0 for r in greedy) / len(greedy))
         if sampling.get("tools"):
-            out.update({"eval_" + k: v for k, v in tool_metrics(greedy).items()})
+            out.update({"eval_" + k: v for k, v in tool_metrics([r.completion for r in greedy]).items()})
         for key in ("accuracy", "completion_len", "format", "recheck_frac", "tool_use", "tool_error_frac"):
             if "eval_" + key in out:
                 name = key if key == "accuracy" else "eval_" + key
@@ -679,7 +654,8 @@ def evaluate(engine, problems, rm_items, scorer, history, at_step, cfg, rt, samp
         t0, K = time.time(), cfg.eval_samples
         results, _ = score_problems(engine, rows, prompts, K, {**sampling, "temperature": cfg.eval_temperature},
                                     cfg.seed, 64, rt.rank, rt.world, progress=False, format_mode=fmt)
-        correct, answers = [[s["correct"] for s in r] for r in results], [[s["pred"] for s in r] for r in results]
+        correct = [[r.correct for r in rollouts] for rollouts in results]
+        answers = [[r.pred for r in rollouts] for rollouts in results]
         out.update(eval_pass1=pass_at_1(correct), eval_pass_at_k=pass_at_k(correct),
                    eval_maj_at_k=maj_at_k(correct, answers, is_equiv))
         rt.log(f"step {at_step}: held-out sampled (T={cfg.eval_temperature}) pass@1 {100 * out['eval_pass1']:.1f}%, "
@@ -889,13 +865,7 @@ class StepLog(RunLog):
     def log_rollouts(self, step, rollouts):
         with open(self.rollouts_path, "a", encoding="utf-8") as f:
             for r in rollouts:
-                line = dict(step=step, draw=r.draw, where=r.item["where"], prompt=self.tok.decode(r.item["ids"]),
-                            completion=r.completion.transcript, answer=r.item["row"].get("answer"), reward=r.reward,
-                            parts=r.parts, advantage=r.adv, finish_reason=r.completion.finish_reason,
-                            num_tokens=len(r.completion.tokens))
-                if self.cfg.tools:  # each call as the model wrote it, and the result it read
-                    line.update(tool_calls=r.completion.tool_calls, tool_tokens=r.completion.loss_mask.count(0))
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"step": step, **r.record(self.tok)}, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

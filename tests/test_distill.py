@@ -113,13 +113,13 @@ def test_reverse_kl_estimate_matches_a_direct_computation(tmp_path):
 
 
 def test_sequence_mode_trains_only_on_samples_the_filters_kept(tmp_path, monkeypatch):
-    seen = {}  # completion text -> reason check_sample gave it
+    seen = {}  # an assistant turn's text -> the reasons check_sample gave it
     real_check = rejection.check_sample
 
-    def recording_check(completion, *args, **kwargs):
-        reason, rewards = real_check(completion, *args, **kwargs)
-        seen.setdefault(completion, set()).add(reason)
-        return reason, rewards
+    def recording_check(text, *args, **kwargs):
+        reason, parts = real_check(text, *args, **kwargs)
+        seen.setdefault(text, set()).add(reason)
+        return reason, parts
 
     monkeypatch.setattr(rejection, "check_sample", recording_check)
     import train_sft
@@ -144,7 +144,7 @@ def test_sequence_mode_trains_only_on_samples_the_filters_kept(tmp_path, monkeyp
     for r in rows:
         text = r["messages"][-1]["content"]
         assert seen[text] == {None}, (text, seen[text])
-        assert r["source"] == TEACHER and "seed" in r and r["rewards"]["accuracy"] == 1.0
+        assert r["source"] == TEACHER and "seed" in r and r["parts"]["accuracy"] == 1.0
     assert Transformer.from_pretrained(str(out / "ckpt")).config.hidden_size == 128  # the student, trained
 
 

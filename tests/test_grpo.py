@@ -581,7 +581,7 @@ def _tiny_model(seed=0):
 
 
 def _rollout(tokens, adv=0.0, logprobs=None, loss_mask=None, in_loss=True, prompt=(5, 6, 7)):
-    """A scored rollout as policy_update takes it (train_grpo.Rollout around an engine.Completion)."""
+    """A scored rollout as policy_update takes it (a tasks.Rollout around an engine.Completion)."""
     n = len(tokens)
     completion = Completion(list(tokens), "", logprobs or [0.0] * n, "stop", 0, logprobs or [0.0] * n,
                         loss_mask or [1] * n, [])

@@ -60,7 +60,7 @@ def test_r1_recipe_end_to_end(tmp_path):
     _quiet(sample.main, ["--reject=1", f"--init_from={rl / 'ckpt'}", f"--data={prompts}", "--num_samples=4",
                          "--temperature=1.0", "--max_new_tokens=96", f"--out={rejected}"])
     kept = [json.loads(line) for line in open(rejected)]
-    assert kept and all(r["rewards"]["accuracy"] == 1.0 for r in kept)
+    assert kept and all(r["parts"]["accuracy"] == 1.0 for r in kept)
     stage3 = tmp_path / "stage3"
     res, _ = _quiet(train_sft.main, [f"--init_from={rl / 'ckpt'}", f"--data={rejected}:0.75,{general}:0.25",
                                      "--max_steps=3", "--lr=1e-4", f"--out_dir={stage3}", "--progress=0",

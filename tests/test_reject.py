@@ -61,7 +61,7 @@ CODE_ROW = {"prompt": "Write f(x) = x squared.", "tests": ["assert f(2) == 4", "
 CODE = "<think>\nsquare it\n</think>\n```python\ndef f(x):\n    return x * x\n```"
 
 
-@pytest.mark.parametrize("completion,finish,n_tokens,row,limits,reason", [
+@pytest.mark.parametrize("text,finish,n_tokens,row,limits,reason", [
     (GOOD, "stop", 12, ROW, {}, None),
     ("  " + GOOD, "stop", 12, ROW, {}, None),  # leading whitespace is allowed by the strict format
     (GOOD, "length", 12, ROW, {}, "too_long"),  # truncated
@@ -88,8 +88,8 @@ CODE = "<think>\nsquare it\n</think>\n```python\ndef f(x):\n    return x * x\n``
     ("<think>\n" + "2 plus 3 得 6\n" * 30 + "</think>\n\\boxed{6}", "stop", 300, ROW, {}, "language"),
     (LOOP.replace("{5}", "{6}"), "stop", 300, ROW, {}, "degenerate"),
 ])
-def test_each_rejection_reason(completion, finish, n_tokens, row, limits, reason):
-    assert check_sample(completion, finish, n_tokens, row, **limits)[0] == reason
+def test_each_rejection_reason(text, finish, n_tokens, row, limits, reason):
+    assert check_sample(text, finish, n_tokens, row, **limits)[0] == reason
 
 
 def test_check_sample_rewards_and_order():
@@ -112,19 +112,20 @@ def test_check_sample_rewards_and_order():
 
 class StubEngine:
     """Engine.generate's interface with canned completions: canned[question] is the list of a problem's K
-    samples as (text, n_tokens, finish_reason); the question is found in the decoded prompt."""
+    samples as (text, n_tokens, finish_reason); the question is found in the decoded prompt. Each completion
+    carries its row's seed, as the Engine's do."""
 
     def __init__(self, tok, canned):
         self.tok, self.canned, self.calls = tok, canned, []
 
     def generate(self, prompts, num_samples=1, seed=0, **sampling):
         self.calls.append(dict(seeds=list(seed), num_samples=num_samples, sampling=sampling))
-        out = []
+        out, seeds = [], iter(seed)
         for ids in prompts:
             text = self.tok.decode(ids)
             samples = next(v for q, v in self.canned.items() if q in text)
             assert len(samples) == num_samples
-            out.append([Completion(list(range(n)), t, [0.0] * n, f) for t, n, f in samples])
+            out.append([Completion(list(range(n)), t, [0.0] * n, f, next(seeds)) for t, n, f in samples])
         return out
 
 
@@ -164,7 +165,7 @@ def test_rejection_sample_keeps_the_shortest_good_one_and_reports(tok):
     assert kept[0] == {
         "messages": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": P0_SHORT}],
         "source": "ckpt/x", "source_file": "a.jsonl", "source_row": 0, "problem_index": 0, "sample_index": 1,
-        "seed": 101, "num_tokens": 12, "rewards": {"format": 1.0, "language": 1.0, "accuracy": 1.0}}
+        "seed": 101, "num_tokens": 12, "parts": {"format": 1.0, "language": 1.0, "accuracy": 1.0}}
     assert kept[1]["messages"] == ROWS[2]["messages"] + [{"role": "assistant", "content": P2[1]}]  # tie 1 vs 3: first
     assert (kept[1]["source_file"], kept[1]["source_row"], kept[1]["seed"]) == ("b.jsonl", 0, 109)
     assert report["rejected"] == {"too_long": 1, "format": 1, "language": 1, "degenerate": 1, "incorrect": 2,
@@ -222,7 +223,7 @@ def test_r1_distill_template_opens_think_in_the_prompt(r1_tok):
     kept, report = rejection_sample(StubEngine(r1_tok, canned), r1_tok, [ROW], num_samples=2)
     assert report["rejected"]["format"] == 1  # a second <think> after the prompt's is malformed
     content = kept[0]["messages"][-1]["content"]
-    assert content == "<think>\n2+3=5\n</think>\n\n\\boxed{5}" and kept[0]["rewards"]["format"] == 1.0
+    assert content == "<think>\n2+3=5\n</think>\n\n\\boxed{5}" and kept[0]["parts"]["format"] == 1.0
     ids, mask = dataloader.row_to_example(kept[0], r1_tok, "sft", "x")
     prompt_text = r1_tok.decode(tasks.encode_problem(r1_tok, ROW))
     assert r1_tok.decode(ids).startswith(prompt_text + "2+3=5\n</think>")
@@ -253,10 +254,10 @@ def test_cli_on_the_tiny_model_one_process_and_torchrun_agree(tmp_path, capsys):
     engine = Engine(model, tok)
     for row in one:
         problem = easy[row["problem_index"]]
-        completion = row["messages"][-1]["content"]
+        text = row["messages"][-1]["content"]
         assert row["messages"][:-1] == problem["messages"] and row["source"] == str(RL_START)
-        assert check_sample(completion, "stop", row["num_tokens"], problem)[0] is None
-        assert row["rewards"] == {"format": 1.0, "language": 1.0, "accuracy": 1.0}
+        assert check_sample(text, "stop", row["num_tokens"], problem)[0] is None
+        assert row["parts"] == {"format": 1.0, "language": 1.0, "accuracy": 1.0}
         assert row["seed"] == 0 + row["problem_index"] * 4 + row["sample_index"]
     row = one[0]  # the seed reproduces the sample
     c = engine.generate([tasks.encode_problem(tok, easy[row["problem_index"]])], max_new_tokens=64, temperature=1.0,

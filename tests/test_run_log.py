@@ -33,8 +33,8 @@ def test_rollouts_log_every_completion_and_resume_appends_without_repeating(ckpt
     whole = _lines(tmp_path / "whole" / "rollouts.jsonl")
     assert [r["step"] for r in whole] == [2] * 16 + [4] * 16  # 4 prompts x G=4, steps 2 and 4
     r = whole[0]
-    assert set(r) >= {"step", "prompt", "completion", "answer", "reward", "parts", "advantage", "finish_reason",
-                      "num_tokens"}
+    assert set(r) >= {"step", "problem_index", "sample_index", "prompt", "text", "transcript", "answer", "reward",
+                      "parts", "advantage", "finish_reason", "num_tokens"}
     assert set(r["parts"]) == {"accuracy", "language"} and r["finish_reason"] in ("stop", "length")
     assert "What is" in r["prompt"] and r["num_tokens"] >= 1
     for step in (2, 4):  # advantages are group-relative: each group's sum to 0

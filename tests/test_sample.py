@@ -462,7 +462,7 @@ def test_eval_single_process_and_torchrun_agree(ckpt, tmp_path):
     assert multi.returncode == 0, multi.stderr[-3000:]
     one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
-    assert len(one) == 12 and [r["idx"] for r in one] == [i for i in range(6) for _ in range(2)]
+    assert len(one) == 12 and [r["problem_index"] for r in one] == [i for i in range(6) for _ in range(2)]
     assert one == two  # per-problem seeds: the split across ranks changes nothing
     summary = lambda out: next(x for x in out.splitlines() if "pass@1" in x).split("(")[0]  # noqa: E731
     assert summary(single.stdout) == summary(multi.stdout)
@@ -553,7 +553,9 @@ def test_eval_records_of_completions_that_call_the_calculator(tmp_path):
             # the result is what the Engine forced in, not what the model wrote; max_new_tokens may cut the last one
             cut = j == len(r["tool_calls"]) - 1 and r["num_tokens"] == 160
             assert call["result"] in forced or cut and call["result"].startswith(forced.split("<tool_response>\n")[-1])
-        assert "<tool_response>" in forced and "<tool_response>" not in r["completion"].split("<tool_call>")[0]
+        # the transcript shows the tool turns; the text, what the sample is scored on, is the model's own
+        assert "<tool_response>" in forced and "<tool_response>" in r["transcript"]
+        assert "<tool_response>" not in r["text"]
     for r in records:
         if not r["tool_calls"]:
             assert set(r["loss_mask"]) == {1}

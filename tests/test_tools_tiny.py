@@ -5,16 +5,20 @@ import filecmp
 import io
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import rejection
+import tasks
 import train_grpo
 from configurator import read_recipe
 from data import prepare_tools, tiny_task
 from engine import Engine
 from helpers import ScriptedLM, torchrun
+from reward import combine_rewards
 from tokenizer import Tokenizer
 from tools import ToolUse
 
@@ -75,9 +79,59 @@ def test_tool_use_counter_matches_hand_labelled_completions():
     outs = [o[0] for o in engine.generate(prompts, max_new_tokens=240, temperature=0.0,
                                           tools=ToolUse(tok, ["calculator"]))]
     assert [bool(c.tool_calls) for c in outs] == [label for _, label in HAND_LABELLED]
-    metrics = train_grpo.tool_metrics([vars(c) for c in outs])
+    metrics = train_grpo.tool_metrics(outs)
     assert metrics["tool_use"] == pytest.approx(3 / 6) and metrics["tool_calls"] == pytest.approx(4 / 6)
     assert metrics["tool_error_frac"] == pytest.approx(1 / 4)  # the malformed one
+
+
+def test_evaluation_rejection_sampling_and_grpo_hand_on_one_record(monkeypatch):
+    """score_problems, rejection_sample and generate_groups hand on the same record, a tasks.Rollout, for the same
+    completion, and its text means the same in all three: what the model wrote, what each one scores, never the
+    calculator's turn (that is in the transcript, for logs)."""
+    tok = Tokenizer.from_pretrained(TOOL_START)
+    row = {"prompt": "What is 2+3?", "answer": "5"}
+    prompt = tasks.encode_problem(tok, row)
+    im_end, header = tok.token_to_id("<|im_end|>"), tok.encode("<|im_start|>assistant\n")
+    wrote = ['<think>\n2+3<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>',
+             "=5\n</think>\n\\boxed{5}"]  # its turn before the call, and after the tool turn
+    turns = [tok.encode(t) + [im_end] for t in wrote]
+
+    def next_logits(history):
+        done = history[len(prompt):]
+        after = [j + len(header) for j in range(len(done)) if done[j:j + len(header)] == header]
+        script, at = (turns[1], len(done) - after[-1]) if after else (turns[0], len(done))
+        logits = torch.full((tok.vocab_size,), -30.0)
+        logits[script[at] if at < len(script) else im_end] = 30.0
+        return logits
+
+    engine = Engine(ScriptedLM(tok.vocab_size, next_logits), tok)
+    sampling = dict(max_new_tokens=160, temperature=0.0, tools=ToolUse(tok, ["calculator"]))
+    evaluated, _ = tasks.score_problems(engine, [row], [prompt], 2, sampling, progress=False)
+    checked, real_sample_problems = [], rejection.sample_problems
+
+    def recording(*args, **kwargs):  # rejection sampling's results, per problem (reasons, the kept Rollouts)
+        checked.extend(real_sample_problems(*args, **kwargs))
+        return checked
+
+    monkeypatch.setattr(rejection, "sample_problems", recording)
+    kept_rows, _ = rejection.rejection_sample(engine, tok, [row], num_samples=1, sampling=sampling)
+    cfg = train_grpo.configure(["--group_size=2", "--tools=calculator"])
+    items = [{"row": row, "ids": prompt, "where": "test:1"}]
+    groups, _ = train_grpo.generate_groups(engine, items, 0, 0, cfg, SimpleNamespace(rank=0, world=1),
+                                           combine_rewards("accuracy:1"), sampling)
+    records = evaluated[0] + checked[0][1] + groups[0]
+    assert len(records) == 5 and {type(r) for r in records} == {tasks.Rollout}
+    for r in records:
+        assert r.text == "<|im_end|>".join(wrote) == r.completion.text  # the model's two turns, nothing else
+        assert "<tool_response>\n5\n</tool_response>" in r.completion.transcript
+        assert r.accuracy == 1.0 and r.correct and r.pred == "5" and r.answer == "5" and r.rechecks == 0
+        line = json.loads(json.dumps(r.record()))
+        assert (line["text"], line["transcript"], line["pred"]) == (r.text, r.completion.transcript, "5")
+        assert line["tool_calls"] == [dict(name="calculator", arguments={"expression": "2+3"}, result="5",
+                                           error=None)]
+    assert [r.parts for r in records] == [{"accuracy": 1.0, "format": 1.0}] * 2 + \
+        [{"format": 1.0, "language": 1.0, "accuracy": 1.0}] + [{"accuracy": 1.0}] * 2
+    assert kept_rows[0]["messages"][-1] == {"role": "assistant", "content": records[2].text}
 
 
 def _run(out, **kw):
@@ -106,7 +160,8 @@ def test_recipe_parses_and_runs_with_tools(tmp_path):
     assert any("reward_tool" in m for m in metrics[1:])  # (logged for the steps in which some completion called)
     lines = [json.loads(line) for line in open(tmp_path / "run" / "rollouts.jsonl")]
     called = [r for r in lines if r["tool_calls"]]
-    assert called and all("<tool_response>" in r["completion"] and r["tool_tokens"] > 0 for r in called)
+    assert called and all("<tool_response>" in r["transcript"] and r["tool_tokens"] > 0 for r in called)
+    assert not any("<tool_response>" in r["text"] for r in called)  # the model's own, what the rewards read
 
 
 def test_kill_and_resume_with_tools_is_exact(tmp_path):
