@@ -549,7 +549,8 @@ class Engine:
         rows = [_Row(s) for s in seeds]
         if max_new_tokens > 0:
             turns = None if tools is None else _ToolTurns(tools, self.tokenizer, max_new_tokens)
-            self._decode_rows(prompts, rows, max_new_tokens, (temperature, top_k, top_p, min_p), stops, on_tokens, turns)
+            sampling = (temperature, top_k, top_p, min_p)
+            self._decode_rows(prompts, rows, max_new_tokens, sampling, stops, on_tokens, turns)
         return [[self._finish(r, stops[1]) for r in rows[i * G:(i + 1) * G]] for i in range(P)]
 
     def _stops(self, stop, ignore_eos):

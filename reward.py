@@ -26,7 +26,6 @@ import functools
 import math
 import random
 import re
-import subprocess
 from fractions import Fraction
 
 import regex

@@ -197,7 +197,8 @@ class ToolUse:
         self.schemas = schemas(names) if format == "chat" and in_prompt else None  # the prompt's system turn lists
         # the tokens after which a call may be complete: the turn's end (chat), any with a backtick (code)
         self.closers = {tok.token_to_id("<|im_end|>")} if format == "chat" else tok.ids_containing("`")
-        self._workers = None  # the threads calls run on (start), made at the first call
+        self.workers = rank_cores()  # calls that run at once: each runs a process (the python tool's is CPU-bound)
+        self._pool = None  # the threads calls run on (start), made at the first call
         if "python" in names:  # the sandbox's interpreter ready before the first call
             SERVER.start()
 
@@ -247,11 +248,11 @@ class ToolUse:
     def start(self, calls, made_before):
         """Start answering calls, in place, in the background. -> a future per call (.result() raises what the call
         raised: a broken sandbox stops the run). made_before[i]: how many calls call i's completion made before it
-        (past max_calls: an error result). The workers are a thread per core this rank may use (the python tool
-        waits on a subprocess); the Engine lets the other rows decode meanwhile."""
-        if self._workers is None:
-            self._workers = concurrent.futures.ThreadPoolExecutor(rank_cores(), thread_name_prefix="tool")
-        return [self._workers.submit(self._answer, call, n) for call, n in zip(calls, made_before)]
+        (past max_calls: an error result). `workers` threads run them (the python tool waits on its process there);
+        the Engine lets the other rows decode meanwhile."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="tool")
+        return [self._pool.submit(self._answer, call, n) for call, n in zip(calls, made_before)]
 
     def run(self, calls, made_before):
         """start() and wait for every answer."""

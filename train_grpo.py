@@ -138,7 +138,8 @@ tool_timeout = 5.0  # seconds per call
 tools_in_prompt = 1  # chat format: the prompts list the tools' JSON schemas in the system turn (0: a model that learned
 # its tools in SFT without them)
 sample_every = 40  # print a few completions every this many steps (0: never)
-log_rollouts = -1  # append every completion of every N-th step to out_dir/rollouts.jsonl (-1: N = sample_every; 0: never)
+log_rollouts = -1  # append every completion of every N-th step to out_dir/rollouts.jsonl (-1: N = sample_every;
+# 0: never)
 # LoRA (lora.py): adapters on a frozen base; the reference (beta > 0) is the base, the adapters switched off (also
 # when init_from is an SFT adapter: then the reference is the model before that SFT, as in TRL with PEFT)
 lora_rank = 0  # >0: train LoRA adapters of this rank instead of every weight (init_from may also be an adapter dir)

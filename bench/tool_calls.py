@@ -8,6 +8,7 @@ so every row makes max_new_tokens either way (tool output counts towards them).
     python bench/tool_calls.py --batch=64 --max_new_tokens=256
     python bench/tool_calls.py --latency=40     # one print(1+1) through call_tool: warm server vs a fresh one
     python bench/tool_calls.py --tool_ms=300 --call_frac=0.25 --repeats=1   # a slow tool: does the batch stall?
+    python bench/tool_calls.py --tool_ms=300 --call_frac=0.25 --repeats=1 --workers=8   # ... with 8 calls at once
 
 Which rows call is decided from their own text (a row calls once its text since the last result reaches --every
 characters, if the CRC of those characters is even), since a random model writes no real calls; the calls, their
@@ -38,6 +39,8 @@ def main():
                    "step's calls and with one where no row waits for another's")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest is kept")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--workers", type=int, default=0, help="tool calls that run at once (0: the cores the rank may use, "
+                   "as in training; a tool that waits rather than computes can use more)")
     p.add_argument("--latency", type=int, default=0, help="instead: time this many print(1+1) calls through call_tool, "
                    "forked from the running sandbox server and from a server started for the call, alternating")
     p.add_argument("--pause", type=float, default=0.1, help="latency: seconds between calls (a few decode steps)")
@@ -83,6 +86,7 @@ def main():
     engine._decode = lambda *a: steps.append(1) or decode(engine, *a)  # counts the batch's decode steps
     prompts = [tok.encode(f"What is {i}*{i + 3}-{2 * i}?") for i in range(args.batch)]
     tools = HalfTheRows(tok, ["python"], format="code", max_calls=100)
+    tools.workers = args.workers or tools.workers
 
     def run(use):
         tools.call_steps = set()
@@ -101,7 +105,8 @@ def main():
                              calls=sum(len(c.tool_calls) for c in outs),
                              forced=sum(c.loss_mask.count(0) for c in outs), outs=outs)
     print(f"hardware: {hardware(args.threads)}; torch {torch.__version__}; batch {args.batch} x "
-          f"{args.max_new_tokens} new tokens, temperature 1, EOS ignored; best of {args.repeats}")
+          f"{args.max_new_tokens} new tokens, temperature 1, EOS ignored; {tools.workers} calls at once; best of "
+          f"{args.repeats}")
     for name, r in results.items():
         print(f"{name:12s} {r['tok_s']:8.0f} tokens/s  ({r['tokens']} tokens in {r['seconds']:.2f} s; "
               f"{r['rows_calling']} of {args.batch} rows call, {r['calls']} calls, {r['forced']} forced tokens)")

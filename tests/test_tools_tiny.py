@@ -141,7 +141,8 @@ def _run(out, **kw):
     args.update(kw)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        result = train_grpo.main([os.path.join(ROOT, "config", "tools_tiny.py")] + [f"--{k}={v}" for k, v in args.items()])
+        flags = [f"--{k}={v}" for k, v in args.items()]
+        result = train_grpo.main([os.path.join(ROOT, "config", "tools_tiny.py")] + flags)
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return result, buf.getvalue(), metrics
 
