@@ -112,36 +112,48 @@ class KVCache:
         row's end, and return (position_ids [B, T], bool attention mask [B, 1, T, keys])."""
         new = attention_mask.bool()
         B, T = new.shape
-        rows = torch.arange(B, device=new.device) if self.rows is None else self.rows
-        end, n_valid = self.end[rows], self.n_valid[rows]
-        cols = end[:, None] + torch.arange(T, device=new.device)  # each new token's column
-        position_ids = (n_valid[:, None] + new.long().cumsum(-1) - 1).clamp(min=0)
-        moved = torch.where(new.any(-1), T - new.flip(-1).long().argmax(-1), 0)  # to just past the last real token
+        every = self.rows is None  # every batch row (views, written in place), or some (only: gathered, put back)
+        end, n_valid = (self.end, self.n_valid) if every else (self.end[self.rows], self.n_valid[self.rows])
+        cols = end[:, None] + torch.arange(T, device=new.device)  # [B, T]: each new token's column
+        real = new.long()
+        position_ids = (n_valid[:, None] + real.cumsum(-1) - 1).clamp(min=0)
+        count = real.sum(-1)  # each row's end moves to just past its last real token:
+        moved = count if T == 1 else torch.where(new.any(-1), T - real.flip(-1).argmax(-1), 0)
         if not self.static:  # no host syncs under a CUDA graph: the caller keeps pos there
             self.pos = max(self.pos, int((end + moved).max()))
             if self.pos > self.max_seq_len:
                 raise ValueError(f"KVCache overflow: {self.pos} tokens > max_seq_len={self.max_seq_len}")
-        if T == 1:  # every row writes at its end (see the class docstring)
-            self._write = (rows, cols[:, 0], slice(None), 0)
-        else:
+        if every and T == 1:  # every row writes at its end (see the class docstring): one scatter, capturable
+            self.valid.scatter_(1, cols, new)
+            self._at_ends = cols.view(B, 1, 1, 1).expand(B, self.cfg.num_key_value_heads, 1, self.cfg.head_dim)
+        else:  # the real tokens alone
+            rows = torch.arange(B, device=new.device) if every else self.rows
             b, t = new.nonzero(as_tuple=True)
-            self._write = (rows[b], cols[b, t], b, t)
-        wr, wc, wb, wt = self._write
-        self.valid[wr, wc] = new[wb, wt]
-        self.n_valid[rows] = n_valid + new.long().sum(-1)
-        self.end[rows] = end + moved
+            self._at_ends, self._at = None, (rows[b], cols[b, t], b, t)
+            self.valid[rows[b], cols[b, t]] = True
+        if every:
+            self.n_valid += count
+            self.end += moved
+        else:
+            self.n_valid[self.rows] = n_valid + count
+            self.end[self.rows] = end + moved
         keys = torch.arange(self.max_seq_len if self.static else self.pos, device=new.device)
-        q = cols[..., None]  # [B, T, 1]: a query sees the real keys up to its own column, and itself (never NaN);
-        valid = self.valid[rows, :keys.numel()][:, None, :]  # a padding query sees everything (its output is unused)
-        mask = (keys <= q) & valid | (keys == q) | ~new[..., None]
+        valid = (self.valid if every else self.valid[self.rows])[:, None, :keys.numel()]
+        q = cols[..., None]  # [B, T, 1]: a query sees the real keys up to its own column, and itself (never NaN)
+        if T == 1:  # (no valid key lies past a row's end)
+            return position_ids, (valid | (keys == q))[:, None]
+        mask = (keys <= q) & valid | (keys == q) | ~new[..., None]  # a padding query sees all (its output is unused)
         return position_ids, mask[:, None]
 
     def update(self, layer_idx, k, v):
         """Write the new k, v [B, kv_heads, T, head_dim] where prepare said; -> this layer's keys and values."""
-        wr, wc, wb, wt = self._write
         kc, vc = self.k[layer_idx], self.v[layer_idx]
-        kc[wr, :, wc] = k.transpose(1, 2)[wb, wt]
-        vc[wr, :, wc] = v.transpose(1, 2)[wb, wt]
+        if self._at_ends is not None:
+            kc.scatter_(2, self._at_ends, k), vc.scatter_(2, self._at_ends, v)
+        else:
+            rows, cols, b, t = self._at
+            kc[rows, :, cols] = k.transpose(1, 2)[b, t]
+            vc[rows, :, cols] = v.transpose(1, 2)[b, t]
         if self.static:
             return kc, vc
         if self.rows is None:
@@ -580,7 +592,7 @@ class Engine:
             fed = set()
             if any(row.decoding for _, row in batch):
                 n = 1 if turns else min(self.sync_every, max_new_tokens - max(taken))
-                toks, logits = self._sample(cache, logits, u, taken, n, sampling, buf)
+                toks, sampled, logits = self._sample(cache, logits, u, taken, n, sampling, buf)
                 for k, row in batch:
                     if row.decoding:
                         self._accept(row, *toks[k], stops, max_new_tokens)
@@ -591,10 +603,8 @@ class Engine:
                     turns.after_sample([row for k, row in batch if k in fed])
                 fed = {k for k in fed if not rows[live[k]].finish}
             if fed:  # each row that took a token feeds it (the others wait for an answer, or are done)
-                last = [rows[live[k]].tokens[-1] if k in fed else 0 for k in range(len(live))]
-                is_fed = [k in fed for k in range(len(live))]
-                logits = self._decode(cache, torch.tensor(last, device=self.device),
-                                      torch.tensor(is_fed, device=self.device))
+                is_fed = None if len(fed) == len(live) else torch.tensor([k in fed for k in range(len(live))])
+                logits = self._decode(cache, sampled, None if is_fed is None else is_fed.to(self.device))
             answers = turns.answered(batch, block=not fed) if turns else []
             if answers:
                 logits = self._feed(cache, logits, answers)
@@ -604,8 +614,9 @@ class Engine:
 
     def _sample(self, cache, logits, u, taken, n, sampling, buf):
         """n tokens for every batch row, fed back between them (no host sync inside): -> (per batch row its (tokens,
-        logprobs, sample_logprobs) lists, the logits after the last fed). Row k's i-th uses uniform taken[k] + i."""
-        col = torch.tensor(taken, device=self.device)
+        logprobs, sample_logprobs) lists, the last tokens sampled [rows] (not fed yet), the logits after the last fed).
+        Row k's i-th token uses uniform taken[k] + i: a row's uniforms follow its own token count."""
+        col = None if u is None else torch.tensor(taken, device=self.device)
         toks, lps, slps = [], [], []
         for i in range(n):
             ui = None if u is None else u.gather(1, (col + i).clamp(max=u.shape[1] - 1)[:, None])[:, 0]
@@ -614,9 +625,10 @@ class Engine:
             if i + 1 < n:  # the chunk's last token is fed after the host has seen it (tools, stops)
                 logits = self._decode(cache, t)
         same = all(a is b for a, b in zip(lps, slps))  # no filtering: sample_logprobs are the logprobs
+        last = toks[-1]
         toks, lps = torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()  # the host sync
         slps = lps if same else torch.stack(slps, 1).tolist()
-        return list(zip(toks, lps, slps)), logits
+        return list(zip(toks, lps, slps)), last, logits
 
     def _compact(self, cache, live, rows, logits, u):
         """Once compact_frac of the batch rows have finished, drop them (cache, logits, uniforms); under CUDA graphs
