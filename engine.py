@@ -24,7 +24,10 @@ Randomness is per row: row r draws all its uniforms up front from torch.Generato
 samples by inverse CDF, so a row's tokens depend only on its seed and its logits (and, with tools, on its tools'
 answers) -- not on the batch it is in, on which rows finished, or on the device. With generate(seed=s), row
 r = i*num_samples + j gets seed_r = s + r; pass a list of seeds to choose them yourself (evaluation uses
-s + problem*K + j, GRPO sample_seed).
+s + problem*K + j, GRPO sample_seed). All of this up to rounding: the logits themselves can differ in the last bits
+with the shape of the batch that computed them, and with tools that shape follows when calls end (which answers share
+a forward, when rows are compacted), so in fp32 a token at a rounding tie may differ between two runs. The tests that
+compare such paths run in fp64.
 """
 import concurrent.futures
 import contextlib
@@ -66,7 +69,7 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch_size, max_seq_len, device=None, dtype=torch.float32, capacity=None):
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.max_seq_len = max_seq_len
-        self.pos = 0  # no row's end is past it (dynamic: exact; static: kept by the caller, an upper bound)
+        self.pos = 0  # no row's end is past it: an upper bound (the dynamic path attends over [0, pos))
         self.static = False
         self.rows = None  # the batch rows the next forward feeds, None for all (see only)
         self._alloc(max(batch_size, capacity or 0))
@@ -100,12 +103,13 @@ class KVCache:
 
     @contextlib.contextmanager
     def only(self, rows):
-        """Forwards inside the block feed the batch rows `rows` (an index tensor) alone; dynamic path only."""
-        self.rows = rows.to(self._k.device)
+        """Forwards inside the block feed the batch rows `rows` (an index tensor) alone, on the dynamic path (their
+        blocks may have any length; a CUDA graph's static step is for every row's one token)."""
+        static, self.rows, self.static = self.static, rows.to(self._k.device), False
         try:
             yield self
         finally:
-            self.rows = None
+            self.rows, self.static = None, static
 
     def prepare(self, attention_mask):
         """Called once per forward, before the layers: record where the new tokens go and which are real, move each
@@ -164,13 +168,13 @@ class KVCache:
         """Keep/repeat batch rows (index tensor). Copies only the filled columns, layer by layer, into the
         first len(rows) rows of the same buffers (grown only if len(rows) > capacity)."""
         rows = rows.to(self._k.device)
-        n, end = rows.numel(), self.pos
+        n, used = rows.numel(), self.pos
         src = self._k, self._v, self._valid, self._n_valid, self._end
         if n > self.capacity:  # grow: fresh, larger buffers (the only case that allocates)
             self._alloc(n)
         for i in range(self._k.shape[0]):  # indexing with rows gathers (a copy) before the write into the first n rows
-            self._k[i, :n, :, :end] = src[0][i, rows, :, :end]
-            self._v[i, :n, :, :end] = src[1][i, rows, :, :end]
+            self._k[i, :n, :, :used] = src[0][i, rows, :, :used]
+            self._v[i, :n, :, :used] = src[1][i, rows, :, :used]
         self._valid[:n] = src[2][rows]
         self._n_valid[:n] = src[3][rows]
         self._end[:n] = src[4][rows]
@@ -315,13 +319,13 @@ class _ToolTurns:
 
     def answered(self, rows, block):
         """rows: (batch row, _Row) pairs. Append the answer of each row whose calls are all done (after waiting for
-        the first if block) -> [(batch row, answer ids)] to feed; an answer that fills the budget ends its row."""
+        the first if block) -> [(batch row, answer ids)]; an answer that fills the budget ends its row (not fed)."""
         waiting = [(k, row) for k, row in rows if row.waiting is not None]
         running = [f for _, row in waiting for f in row.waiting[2] if not f.done()]
         while block and running and not any(all(f.done() for f in row.waiting[2]) for _, row in waiting):
             concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             running = [f for f in running if not f.done()]
-        feed = []
+        appended = []
         for k, row in waiting:
             segment, calls, futures = row.waiting
             if not all(f.done() for f in futures):
@@ -333,11 +337,9 @@ class _ToolTurns:
             ids = self.tok.encode(self.tools.respond(segment, calls))[:self.max_new_tokens - len(row.tokens)]
             row.append(ids)
             row.segment = len(row.tokens)
-            if len(row.tokens) >= self.max_new_tokens:
-                row.finish = "length"
-            else:
-                feed.append((k, ids))
-        return feed
+            row.finish = "length" if len(row.tokens) >= self.max_new_tokens else ""
+            appended.append((k, ids))
+        return appended
 
 
 def _buckets(n):
@@ -521,12 +523,8 @@ class Engine:
         T = max(len(ids) for _, ids in answers)
         ids = torch.tensor([a + [0] * (T - len(a)) for _, a in answers], device=self.device)
         real = torch.tensor([[1] * len(a) + [0] * (T - len(a)) for _, a in answers], device=self.device)
-        static, cache.static = cache.static, False
-        try:
-            with cache.only(rows):
-                hidden = self.model(ids, attention_mask=real, kv_cache=cache, return_hidden=True)
-        finally:
-            cache.static = static
+        with cache.only(rows):
+            hidden = self.model(ids, attention_mask=real, kv_cache=cache, return_hidden=True)
         last = hidden[torch.arange(len(answers), device=self.device), real.sum(-1) - 1]
         return logits.index_copy(0, rows, self.model.lm_head(last).to(self.logits_dtype))
 
@@ -592,7 +590,9 @@ class Engine:
             fed = set()
             if any(row.decoding for _, row in batch):
                 n = 1 if turns else min(self.sync_every, max_new_tokens - max(taken))
-                toks, sampled, logits = self._sample(cache, logits, u, taken, n, sampling, buf)
+                # each row's next uniform is at its token count; without tools every decoding row's is the same
+                first = torch.tensor(taken) if turns else torch.full((len(live),), max(taken))
+                toks, sampled, logits = self._sample(cache, logits, u, first.to(self.device), n, sampling, buf)
                 for k, row in batch:
                     if row.decoding:
                         self._accept(row, *toks[k], stops, max_new_tokens)
@@ -602,24 +602,26 @@ class Engine:
                 if turns:
                     turns.after_sample([row for k, row in batch if k in fed])
                 fed = {k for k in fed if not rows[live[k]].finish}
-            if fed:  # each row that took a token feeds it (the others wait for an answer, or are done)
-                is_fed = None if len(fed) == len(live) else torch.tensor([k in fed for k in range(len(live))])
-                logits = self._decode(cache, sampled, None if is_fed is None else is_fed.to(self.device))
+            if fed:  # each row that took a token feeds it; with tools the others are masked (waiting, or done;
+                # without, every row is fed: all have the same end, and a done row's junk is never read)
+                masked = turns is not None and len(fed) < len(live)
+                is_fed = torch.tensor([k in fed for k in range(len(live))]).to(self.device) if masked else None
+                logits = self._decode(cache, sampled, is_fed)
             answers = turns.answered(batch, block=not fed) if turns else []
+            for k, ids in answers if on_tokens is not None else []:
+                on_tokens(live[k], ids)
+            answers = [(k, ids) for k, ids in answers if not rows[live[k]].finish]  # (one that filled the budget: no)
             if answers:
                 logits = self._feed(cache, logits, answers)
-                for k, ids in answers if on_tokens is not None else []:
-                    on_tokens(live[k], ids)
             live, logits, u = self._compact(cache, live, rows, logits, u)
 
-    def _sample(self, cache, logits, u, taken, n, sampling, buf):
+    def _sample(self, cache, logits, u, first, n, sampling, buf):
         """n tokens for every batch row, fed back between them (no host sync inside): -> (per batch row its (tokens,
         logprobs, sample_logprobs) lists, the last tokens sampled [rows] (not fed yet), the logits after the last fed).
-        Row k's i-th token uses uniform taken[k] + i: a row's uniforms follow its own token count."""
-        col = None if u is None else torch.tensor(taken, device=self.device)
+        Row k's i-th token uses its uniform first[k] + i."""
         toks, lps, slps = [], [], []
         for i in range(n):
-            ui = None if u is None else u.gather(1, (col + i).clamp(max=u.shape[1] - 1)[:, None])[:, 0]
+            ui = None if u is None else u.gather(1, (first + i).clamp(max=u.shape[1] - 1)[:, None])[:, 0]
             t, lp, slp = sample_tokens(logits, ui, *sampling, out=buf)
             toks.append(t), lps.append(lp), slps.append(slp)
             if i + 1 < n:  # the chunk's last token is fed after the host has seen it (tools, stops)

@@ -9,7 +9,7 @@ Module and parameter names are identical to Hugging Face's keys (`model.layers.0
     model.save_pretrained("/path/out")              # config.json + (sharded) safetensors
 
 RewardModel is the same body under a one-score head (Qwen2ForSequenceClassification). Imports nothing of the repo:
-the KV cache the sampler decodes with is engine.KVCache (forward takes any object with its prepare/update/advance),
+the KV cache the sampler decodes with is engine.KVCache (forward takes any object with its prepare/update),
 and the losses over the lm_head are in losses.py.
 """
 import json

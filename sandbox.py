@@ -40,7 +40,7 @@ import threading
 from dataclasses import dataclass
 
 MAX_OUTPUT = 64 * 1024  # bytes of stdout + stderr that come back
-WALL_GRACE = 2.0  # seconds of wall clock past the CPU limit: the interpreter's start, and code that sleeps
+WALL_GRACE = 2.0  # seconds of wall clock past the CPU limit: the copy's start and imports, and code that sleeps
 SANDBOX_MARKER = "nanor1-sandbox"  # in the child's argv, so tests can look for leftovers
 PRELOAD = ("math cmath collections itertools functools heapq bisect re string typing fractions decimal random "
            "statistics operator copy array datetime dataclasses enum unicodedata traceback").split()
@@ -78,6 +78,10 @@ def isolate(payload):
     if os.getuid() == 0:
         os.setgroups([]); os.setgid(payload["gid"]); os.setuid(payload["uid"])
         done.append("user nobody")
+    if hasattr(libc, "prctl"):  # PR_SET_PDEATHSIG, SIGKILL: die with the fork server (a uid change clears it)
+        libc.prctl(1, 9)
+        if os.getppid() != payload["server"]:
+            raise RuntimeError("the fork server is gone")
     return done
 
 
@@ -157,22 +161,27 @@ def main(payload, write=os.write, dumps=json.dumps, exit=os._exit):
     exit(0)
 
 
-def child(request):
-    """In the forked copy, before anything of the call: a session of its own (the caller kills it as a group), the
-    call's directory, its result and output files, and none of the server's descriptors or signal handlers."""
+def child(call):
+    """In the forked copy, before anything of the call: a session of its own, the call's directory, its result and
+    output files, its payload (read, then removed: the server never holds one), and none of the server's descriptors
+    or signal handlers."""
     os.setsid()
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.chdir(request["work"])
-    for fd, path in ((1, request["result"]), (2, request["output"])):
-        os.dup2(os.open(path, os.O_WRONLY), fd)
+    for fd, name in ((1, "result"), (2, "output")):
+        os.dup2(os.open(os.path.join(call, name), os.O_WRONLY), fd)
     os.closerange(3, 1 << 16)
-    main(request["payload"])
+    with open(os.path.join(call, "payload"), "rb") as f:
+        payload = json.loads(f.read())
+    os.remove(os.path.join(call, "payload"))
+    os.chdir(os.path.join(call, "work"))
+    main(payload)
 
 
 def serve():
-    """The fork server: import the preloads, then fork a copy of this clean process per request line on stdin, and
-    report on stdout "forked ID PID" at once and "exited PID STATUS" when it ends. Never runs model code itself."""
+    """The fork server: import the preloads, then read request lines on stdin -- {"id": ID, "call": DIR} forks a copy
+    of this clean process for the call in DIR, {"kill": ID} kills that copy's process group -- and report
+    "exited ID STATUS" on stdout as each copy ends. Never runs model code itself; at EOF it kills its copies."""
     for name in sys.argv[2].split(","):
         try:
             __import__(name)
@@ -183,33 +192,36 @@ def serve():
     signal.set_wakeup_fd(wake_w)  # SIGCHLD wakes the select below
     signal.signal(signal.SIGCHLD, lambda *_: None)
     os.write(1, b"ready\n")
-    pending = b""
+    copies, pending = {}, b""  # pid -> request id, for the copies not yet reaped (their pids cannot be reused)
     while True:
         readable = select.select([0, wake_r], [], [])[0]
         if wake_r in readable:
             os.read(wake_r, 4096)
-            while True:
+            while copies:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                os.write(1, f"exited {copies.pop(pid)} {os.waitstatus_to_exitcode(status)}\n".encode())
+        if 0 not in readable:
+            continue
+        data = os.read(0, 1 << 16)
+        if not data:  # the caller is gone, or stops us
+            for pid in copies:
+                os.killpg(pid, signal.SIGKILL)
+            os._exit(0)
+        *lines, pending = (pending + data).split(b"\n")
+        for request in map(json.loads, lines):
+            if "kill" in request:
+                for pid in [p for p, rid in copies.items() if rid == request["kill"]]:
+                    os.killpg(pid, signal.SIGKILL)  # the copy and anything it started
+                continue
+            pid = os.fork()
+            if pid == 0:
                 try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                os.write(1, f"exited {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
-        if 0 in readable:
-            data = os.read(0, 1 << 20)
-            if not data:  # the caller is gone
-                os._exit(0)
-            *lines, pending = (pending + data).split(b"\n")
-            for line in lines:
-                request = json.loads(line)
-                pid = os.fork()
-                if pid == 0:
-                    try:
-                        child(request)
-                    finally:
-                        os._exit(1)
-                os.write(1, f"forked {request['id']} {pid}\n".encode())
+                    child(request["call"])
+                finally:
+                    os._exit(1)
+            copies[pid] = request["id"]
 serve()
 '''
 
@@ -227,115 +239,148 @@ class Run:
     isolation: tuple = ()  # the kernel layers that held: "network namespace", "private /tmp", "user nobody"
 
 
-class ForkServer:
-    """The sandbox's interpreter, started ahead of need: a Python that has imported PRELOAD and forks a copy of itself
-    for each call (about 1 ms, against ~40 ms of CPU to start a Python and import PRELOAD, which on a small machine
-    would be taken from the rollouts' decoding). The copy applies every layer of the module docstring, runs the one
-    call and exits; the server itself never runs model code, so nothing passes from one call to the next.
-    Thread-safe: the python tool's calls run on worker threads (tools.ToolUse.start)."""
+class _Server:
+    """One fork-server process: its directory (one sub-directory per call) and the exits it has reported."""
 
     def __init__(self):
-        self.cond, self.proc, self.root, self.pid = threading.Condition(), None, None, os.getpid()
-        self.ids, self.forked, self.exited, self.dead = itertools.count(), {}, {}, False
-        atexit.register(self.stop)
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self.forget)
-
-    def start(self):
-        """Start the server now (before the first call needs it); a no-op while it runs. Raises SandboxError if no
-        Python can be started, or if it cannot run the harness."""
-        with self.cond:
-            if self.proc is not None and self.proc.poll() is None:
-                return
-            self._close()
-            self.root = tempfile.mkdtemp(prefix="nanor1-")  # the server's error log and one directory per call
-            errors = open(os.path.join(self.root, "server-errors"), "w+b")
-            try:  # -s -P and an environment of our own, as -I would give, but with a fixed hash seed (-I ignores it)
-                self.proc = subprocess.Popen(
-                    [sys.executable or "python3", "-s", "-P", "-c", _HARNESS, SANDBOX_MARKER, ",".join(PRELOAD)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd=self.root,
-                    env={"PATH": os.defpath, "PYTHONHASHSEED": "0"}, start_new_session=True, close_fds=True)
-            except OSError as e:
-                errors.close()
-                self._close()
-                raise SandboxError(f"python sandbox: cannot start {sys.executable or 'python3'}: {e}") from None
-            ready = self.proc.stdout.readline()
-            if ready != b"ready\n":
+        self.root = tempfile.mkdtemp(prefix="nanor1-")
+        self.cond, self.exited, self.dead, self.writing = threading.Condition(), {}, False, threading.Lock()
+        errors = open(os.path.join(self.root, "server-errors"), "w+b")
+        try:  # -s -P and an environment of our own, as -I would give, but with a fixed hash seed (-I ignores it)
+            self.proc = subprocess.Popen(
+                [sys.executable or "python3", "-s", "-P", "-c", _HARNESS, SANDBOX_MARKER, ",".join(PRELOAD)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd=self.root, bufsize=0,
+                env={"PATH": os.defpath, "PYTHONHASHSEED": "0"}, start_new_session=True, close_fds=True)
+        except OSError as e:
+            errors.close()
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise SandboxError(f"python sandbox: cannot start {sys.executable or 'python3'}: {e}") from None
+        with errors:
+            if self.proc.stdout.readline() != b"ready\n":
+                status = self.proc.wait()
                 errors.seek(0)
                 message = errors.read(2000).decode("utf-8", "replace").strip()
-                errors.close()
-                status = self.proc.wait()
-                self._close()
+                self.close()
                 raise SandboxError(f"python sandbox: the interpreter exited with status {status} before running the "
                                    f"code: {message}")
-            errors.close()
-            threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self, proc):
-        """The server's reports, as they come: which pid each request got, and how each copy ended."""
-        for line in proc.stdout:
-            kind, key, value = line.split()
+    def _read(self):
+        for line in self.proc.stdout:
+            _, rid, status = line.split()
             with self.cond:
-                if proc is not self.proc:  # a server since stopped
-                    return
-                (self.forked if kind == b"forked" else self.exited)[int(key)] = int(value)
+                self.exited[int(rid)] = int(status)
                 self.cond.notify_all()
-        with self.cond:  # the server is gone: every wait below ends
-            if proc is self.proc:
-                self.dead = True
-                self.cond.notify_all()
+        with self.cond:  # the server is gone: every wait ends
+            self.dead = True
+            self.cond.notify_all()
 
-    def run(self, request, wall_limit):
-        """Fork a copy for one call (request: work dir, result and output files, payload) and wait for it, killing it
-        at wall_limit seconds. -> (timed out?, its exit status: negative for a signal)."""
-        self.start()
+    def send(self, request):
+        try:
+            with self.writing:
+                self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        except OSError as e:
+            raise SandboxError(f"python sandbox: the fork server is gone ({e})") from None
+
+    def wait(self, rid, timeout):
+        """The exit status of request rid's copy, or None if it is still running after timeout (or the server died)."""
         with self.cond:
-            rid = next(self.ids)
-            self.proc.stdin.write(json.dumps({**request, "id": rid}).encode() + b"\n")
-            self.proc.stdin.flush()
-            self.cond.wait_for(lambda: rid in self.forked or self.dead, timeout=30)
-            if rid not in self.forked:
-                raise SandboxError("python sandbox: the fork server did not answer")
-            pid = self.forked.pop(rid)
-            timed_out = not self.cond.wait_for(lambda: pid in self.exited or self.dead, timeout=wall_limit)
-            if timed_out:
-                try:
-                    os.killpg(pid, signal.SIGKILL)  # the copy and anything it started
-                except OSError:
-                    pass
-                self.cond.wait_for(lambda: pid in self.exited or self.dead, timeout=10)
-            if pid not in self.exited:
-                raise SandboxError("python sandbox: the fork server ended during a call")
-            return timed_out, self.exited.pop(pid)
+            self.cond.wait_for(lambda: rid in self.exited or self.dead, timeout=timeout)
+            return self.exited.pop(rid, None)
 
-    def forget(self):
-        """In a forked child: the server is the parent's. Drop it without stopping it, closing this process's copy of
-        its stdin (the parent's stop() must be able to end it)."""
-        if self.proc is not None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-        self.cond, self.proc, self.root, self.pid = threading.Condition(), None, None, os.getpid()
-        self.forked, self.exited, self.dead = {}, {}, False
-
-    def stop(self):
-        """Kill the server and remove its directory (at exit, and in tests that look for leftover processes)."""
-        with self.cond:
-            if os.getpid() == self.pid:
-                self._close()
-
-    def _close(self):
-        if self.proc is not None:
+    def close(self):
+        """End of input: the server kills its copies and exits (killed if it does not)."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except OSError:
                 pass
             self.proc.wait(timeout=10)
-            self.proc.stdin.close()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-        self.proc, self.root, self.forked, self.exited, self.dead = None, None, {}, {}, False
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class ForkServer:
+    """The sandbox's interpreter, started ahead of need: a Python that has imported PRELOAD and forks a copy of itself
+    for each call (about 1 ms, against ~40 ms of CPU to start a Python and import PRELOAD, which on a small machine
+    would be taken from the rollouts' decoding). The copy reads its payload from a file only it and its caller see,
+    applies every layer of the module docstring, runs the one call and exits; the server itself never runs model code
+    nor holds a payload, so nothing passes from one call to another. Thread-safe: the python tool's calls run on
+    worker threads (tools.ToolUse.start)."""
+
+    def __init__(self):
+        self.lock, self.server, self.pid, self.ids = threading.Lock(), None, os.getpid(), itertools.count()
+        atexit.register(self.stop)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.forget)
+
+    @property
+    def proc(self):
+        return None if self.server is None else self.server.proc
+
+    def start(self):
+        """The running server, started now if there is none (before the first call needs it). Raises SandboxError if
+        no Python can be started, or if it cannot run the harness."""
+        with self.lock:
+            if self.server is None or self.server.dead or self.server.proc.poll() is not None:
+                if self.server is not None:
+                    self.server.close()
+                self.server = None
+                self.server = _Server()
+            return self.server
+
+    def call(self, payload, wall_limit):
+        """Run one payload in a fresh copy, killed at wall_limit seconds. -> (timed out?, its exit status (negative:
+        a signal), the lines of its result file, its output bytes (at most MAX_OUTPUT + 1))."""
+        server = self.start()
+        try:
+            call = tempfile.mkdtemp(prefix="call-", dir=server.root)  # the copy sees work/ alone once isolated
+            work = os.path.join(call, "work")
+            os.mkdir(work)
+            if os.getuid() == 0:
+                os.chown(work, payload["uid"], payload["gid"])
+            for name in ("result", "output"):
+                open(os.path.join(call, name), "wb").close()
+            fd = os.open(os.path.join(call, "payload"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps({**payload, "server": server.proc.pid}).encode())
+        except OSError as e:  # (a server stopped meanwhile took its directory along)
+            raise SandboxError(f"python sandbox: cannot prepare the call: {e}") from None
+        try:
+            rid = next(self.ids)
+            server.send({"id": rid, "call": call})
+            status = server.wait(rid, wall_limit)
+            timed_out = status is None and not server.dead
+            if timed_out:
+                server.send({"kill": rid})
+                status = server.wait(rid, 10)
+            if status is None:
+                raise SandboxError("python sandbox: the fork server ended during a call")
+            with open(os.path.join(call, "result"), "rb") as f:
+                lines = f.read(1 << 16).decode("utf-8", "replace").splitlines()
+            with open(os.path.join(call, "output"), "rb") as f:
+                return timed_out, status, lines, f.read(MAX_OUTPUT + 1)
+        finally:
+            shutil.rmtree(call, ignore_errors=True)
+
+    def forget(self):
+        """In a forked child: the server is the parent's. Drop it without stopping it, closing this process's copy of
+        its stdin (unbuffered: nothing half-written is flushed), so the parent's stop() still ends it."""
+        if self.server is not None:
+            try:
+                self.server.proc.stdin.close()
+            except OSError:
+                pass
+        self.lock, self.server, self.pid = threading.Lock(), None, os.getpid()
+
+    def stop(self):
+        """Stop the server, its copies and its directory (at exit, and in tests that look for leftover processes)."""
+        with self.lock:
+            if os.getpid() == self.pid and self.server is not None:
+                self.server.close()
+            self.server = None
 
 
 def nobody():
@@ -361,23 +406,7 @@ def run_python(code, tests=(), timeout=5.0, memory_mb=1024):
     preload = [m for m in PRELOAD_IF_USED if m in code]  # (PRELOAD is imported before the call arrives)
     payload = {"code": code, "tests": list(tests), "nonce": nonce, "limits": limits, "uid": uid, "gid": gid,
                "preload": preload}
-    SERVER.start()
-    call = tempfile.mkdtemp(prefix="call-", dir=SERVER.root)  # the copy only sees work/
-    try:
-        work, result, output = (os.path.join(call, name) for name in ("work", "result", "output"))
-        os.mkdir(work)
-        if os.getuid() == 0:
-            os.chown(work, uid, gid)
-        for path in (result, output):
-            open(path, "wb").close()
-        timed_out, returncode = SERVER.run(dict(work=work, result=result, output=output, payload=payload),
-                                           timeout + WALL_GRACE)
-        with open(result, "rb") as f:
-            lines = f.read(1 << 16).decode("utf-8", "replace").splitlines()
-        with open(output, "rb") as f:
-            output = f.read(MAX_OUTPUT + 1)
-    finally:
-        shutil.rmtree(call, ignore_errors=True)
+    timed_out, returncode, lines, output = SERVER.call(payload, timeout + WALL_GRACE)
     reports = [line[len(nonce):] for line in lines if line.startswith(nonce)]
     if reports and reports[0] != "ready":  # a broken sandbox must be loud, not a silent failure of the code
         raise SandboxError(f"python sandbox setup failed: {json.loads(reports[0]).get('setup_error')}")

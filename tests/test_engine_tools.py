@@ -140,7 +140,7 @@ class EchoTools:
 
     def __init__(self, triggers, sleep=None):
         self.triggers, self.sleep = set(triggers), sleep
-        self.workers = concurrent.futures.ThreadPoolExecutor(4) if sleep else None
+        self.pool = concurrent.futures.ThreadPoolExecutor(4) if sleep else None
 
     def may_close(self, token):
         return token in self.triggers
@@ -154,8 +154,8 @@ class EchoTools:
         call.result = f" [{call.arguments['n']}]"
 
     def start(self, calls, made_before):
-        if self.workers is not None:
-            return [self.workers.submit(self.answer, c) for c in calls]
+        if self.pool is not None:
+            return [self.pool.submit(self.answer, c) for c in calls]
         futures = [concurrent.futures.Future() for _ in calls]
         for c, f in zip(calls, futures):
             self.answer(c), f.set_result(None)
@@ -371,3 +371,16 @@ def test_graph_mode_logic_with_tools_on_cpu(tiny64, monkeypatch):
     for a, b in zip(ref, out):
         assert (a.tokens, a.loss_mask, a.tool_calls) == (b.tokens, b.loss_mask, b.tool_calls)
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-10)
+
+
+def test_every_forced_token_is_streamed_even_an_answer_that_fills_the_budget(tiny):
+    """on_tokens sees each row's tokens exactly once and in order, the tool answers included: also the last answer,
+    which fills the budget and so is never fed to the model."""
+    model, tok = tiny
+    streamed = {}
+    out = Engine(model, tok).generate([tok.encode("hi"), tok.encode("7")], num_samples=2, max_new_tokens=9, seed=1,
+                                      tools=EchoTools(range(0, 400)),
+                                      on_tokens=lambda r, ids: streamed.setdefault(r, []).extend(ids))
+    flat = [c for group in out for c in group]
+    assert all(c.finish_reason == "length" and c.loss_mask[-1] == 0 for c in flat)  # each ends inside an answer
+    assert [streamed[r] for r in range(4)] == [c.tokens for c in flat]

@@ -297,6 +297,42 @@ def test_a_server_killed_between_calls_is_started_again():
     assert python("print(3)") == ("3", None)
 
 
+def test_a_call_sees_no_other_calls_payload(monkeypatch):
+    """The server never holds a payload (each copy reads its own from a file, then removes it): a call that walks up
+    its frames (the audit hook allows sys._getframe) finds no other call's code, made just before or running beside
+    it."""
+    import concurrent.futures
+    secret = "print('SECRET' + '_OF_B')\nimport time\ntime.sleep(1.5)\n# SECRET_OF_B_42"
+    scan = ("import sys\nf, seen = sys._getframe(), set()\nwhile f is not None:\n"
+            "    seen.update(repr(v) for v in f.f_locals.values())\n    f = f.f_back\n"
+            "print(any(('SECRET_OF_B' + '_42') in s for s in seen))")
+    import sandbox
+    sent, send = [], sandbox._Server.send
+    monkeypatch.setattr(sandbox._Server, "send", lambda self, request: sent.append(repr(request)) or send(self, request))
+    assert python(secret) == ("SECRET_OF_B", None)
+    assert sent and not any("SECRET" in r for r in sent)  # the server got a directory, never the code
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        beside = pool.submit(python, secret)
+        time.sleep(0.2)
+        assert python(scan) == ("False", None)
+        assert beside.result() == ("SECRET_OF_B", None)
+
+
+def test_stopping_the_server_mid_call_ends_the_call_and_its_copy():
+    """A call whose server goes away does not wait out its wall limit, nor leave its copy running: it raises."""
+    import concurrent.futures
+
+    import sandbox
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sleeping = pool.submit(python, "import time\ntime.sleep(60)", 50.0)
+        time.sleep(0.5)
+        t0 = time.time()
+        sandbox.SERVER.stop()
+        with pytest.raises(RuntimeError, match="fork server ended during a call"):
+            sleeping.result(timeout=20)
+    assert time.time() - t0 < 10 and sandbox_processes() == []
+
+
 def test_a_forked_child_does_not_hold_the_server():
     """A process forked while the server runs (a DataLoader worker, a fork-started pool) keeps nothing of it: while
     it lives, the parent's calls still end, and the child's own call gets a server of its own."""
@@ -332,8 +368,7 @@ def test_a_torchrun_exit_leaves_no_interpreter_nor_directory(tmp_path):
     import subprocess
     import sys
     script = ("import os, tempfile, sandbox, train_common\n"
-              "sandbox.SERVER.start()\n"
-              "print(sandbox.SERVER.root, flush=True)\n"
+              "print(sandbox.SERVER.start().root, flush=True)\n"
               "train_common.exit_if_torchrun(0)\n")
     env = {**os.environ, "RANK": "0", "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
