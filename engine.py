@@ -586,7 +586,7 @@ class Engine:
         buf = torch.empty(len(rows), self.model.config.vocab_size, device=self.device, dtype=self.logits_dtype)
         while any(r is not None and not rows[r].finish for r in live):
             batch = [(k, rows[r]) for k, r in enumerate(live) if r is not None]
-            taken = [len(rows[r].tokens) if r is not None else 0 for r in live]  # a row's next uniform: its count
+            taken = [len(rows[r].tokens) if r is not None else 0 for r in live]
             fed = set()
             if any(row.decoding for _, row in batch):
                 n = 1 if turns else min(self.sync_every, max_new_tokens - max(taken))
@@ -610,7 +610,7 @@ class Engine:
             answers = turns.answered(batch, block=not fed) if turns else []
             for k, ids in answers if on_tokens is not None else []:
                 on_tokens(live[k], ids)
-            answers = [(k, ids) for k, ids in answers if not rows[live[k]].finish]  # (one that filled the budget: no)
+            answers = [(k, ids) for k, ids in answers if not rows[live[k]].finish]  # (a full budget: not fed)
             if answers:
                 logits = self._feed(cache, logits, answers)
             live, logits, u = self._compact(cache, live, rows, logits, u)
