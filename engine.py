@@ -591,8 +591,8 @@ class Engine:
             if any(row.decoding for _, row in batch):
                 n = 1 if turns else min(self.sync_every, max_new_tokens - max(taken))
                 # each row's next uniform is at its token count; without tools every decoding row's is the same
-                first = torch.tensor(taken) if turns else torch.full((len(live),), max(taken))
-                toks, sampled, logits = self._sample(cache, logits, u, first.to(self.device), n, sampling, buf)
+                first = None if u is None else torch.tensor(taken) if turns else torch.full((len(live),), max(taken))
+                toks, sampled, logits = self._sample(cache, logits, u, first, n, sampling, buf)
                 for k, row in batch:
                     if row.decoding:
                         self._accept(row, *toks[k], stops, max_new_tokens)
@@ -618,7 +618,8 @@ class Engine:
     def _sample(self, cache, logits, u, first, n, sampling, buf):
         """n tokens for every batch row, fed back between them (no host sync inside): -> (per batch row its (tokens,
         logprobs, sample_logprobs) lists, the last tokens sampled [rows] (not fed yet), the logits after the last fed).
-        Row k's i-th token uses its uniform first[k] + i."""
+        Row k's i-th token uses its uniform first[k] + i (greedy: no uniforms, first None)."""
+        first = None if first is None else first.to(self.device)
         toks, lps, slps = [], [], []
         for i in range(n):
             ui = None if u is None else u.gather(1, (first + i).clamp(max=u.shape[1] - 1)[:, None])[:, 0]
