@@ -317,10 +317,10 @@ class _ToolTurns:
             elif row.finish == "length" and (call := self.tools.unclosed(segment)) is not None:
                 row.tool_calls.append(call.record())  # out of tokens inside a call: recorded, never run
 
-    def answered(self, rows, block):
-        """rows: (batch row, _Row) pairs. Append the answer of each row whose calls are all done (after waiting for
+    def answered(self, batch, block):
+        """batch: (batch row, _Row) pairs. Append the answer of each row whose calls are all done (after waiting for
         the first if block) -> [(batch row, answer ids)]; an answer that fills the budget ends its row (not fed)."""
-        waiting = [(k, row) for k, row in rows if row.waiting is not None]
+        waiting = [(k, row) for k, row in batch if row.waiting is not None]
         running = [f for _, row in waiting for f in row.waiting[2] if not f.done()]
         while block and running and not any(all(f.done() for f in row.waiting[2]) for _, row in waiting):
             concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
