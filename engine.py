@@ -262,6 +262,16 @@ class Completion:
         if self.transcript is None:
             self.transcript = self.text
 
+    @property
+    def model_tokens(self):
+        """How many tokens the model wrote itself (sampled: loss_mask 1)."""
+        return sum(self.loss_mask)
+
+    @property
+    def tool_tokens(self):
+        """How many tokens were forced into it: the tools' output and the template's glue around it (loss_mask 0)."""
+        return self.loss_mask.count(0)
+
 
 @dataclass
 class _Row:  # host-side bookkeeping of one completion being generated
@@ -311,9 +321,10 @@ class _ToolTurns:
             if calls and len(row.tokens) < self.max_new_tokens:  # in the chat format the turn ended at its calls
                 made = len(row.tool_calls)
                 row.finish, row.waiting = "", (segment, calls, self.tools.start(calls, range(made, made + len(calls))))
-            elif calls:  # no room left for an answer: recorded, never run, and cut by the budget (not ended by the
+            elif calls:  # no room left for an answer: recorded, never run, and the row was cut by the budget, not
+                # ended by the model (a "length" finish, which --overlong=mask sees)
                 row.tool_calls += [dict(c.record(), error=c.error or "no tokens left for the result") for c in calls]
-                row.finish = "length"  # model: --overlong=mask sees it)
+                row.finish = "length"
             elif row.finish == "length" and (call := self.tools.unclosed(segment)) is not None:
                 row.tool_calls.append(call.record())  # out of tokens inside a call: recorded, never run
 

@@ -158,7 +158,7 @@ class Rollout:
         if self.advantage is not None:
             line["advantage"] = self.advantage
         line.update(rechecks=self.rechecks, finish_reason=c.finish_reason, num_tokens=len(c.tokens),
-                    tool_tokens=c.loss_mask.count(0), text=c.text, transcript=c.transcript, tokens=c.tokens,
+                    tool_tokens=c.tool_tokens, text=c.text, transcript=c.transcript, tokens=c.tokens,
                     loss_mask=c.loss_mask, tool_calls=c.tool_calls)
         return line
 

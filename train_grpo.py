@@ -284,23 +284,18 @@ def rollout_batch(groups, cfg):
     return rollouts, rollout_metrics(groups, rollouts, rewards, bool(cfg.tools))
 
 
-def model_tokens(completion):
-    """The tokens the model wrote itself (sampled; loss_mask 1): what completion_len and the overlong penalty count.
-    A tool's output and the template's glue around it are tool_tokens. Both count against max_completion_len, which
-    bounds the whole sequence (its KV cache, its update)."""
-    return sum(completion.loss_mask)
-
-
 def overlong_length(completion, cfg):
-    """The length DAPO's soft overlong penalty charges: what the model wrote, not a tool's output; a completion the
-    budget cut (finish_reason "length") did not finish, and is charged the whole budget (-1), as in DAPO."""
-    return cfg.max_completion_len if completion.finish_reason == "length" else model_tokens(completion)
+    """The length DAPO's soft overlong penalty charges: what the model wrote (Completion.model_tokens, as
+    completion_len counts), not a tool's output (tool_tokens; both count against max_completion_len, which bounds the
+    whole sequence); a completion the budget cut (finish_reason "length") did not finish, and is charged the whole
+    budget (-1), as in DAPO."""
+    return cfg.max_completion_len if completion.finish_reason == "length" else completion.model_tokens
 
 
 def rollout_metrics(groups, rollouts, rewards, with_tools):
     if not rollouts:
         return {"reward": 0.0}
-    lens = [model_tokens(r.completion) for r in rollouts]
+    lens = [r.completion.model_tokens for r in rollouts]
     rec = {"reward": float(rewards.mean())}  # the mean total, over every sample
     # each component is the mean over the samples it scored (rule parts over the samples of rule-scored rows, rm
     # over those of RM-scored ones), so mixing the two sources does not dilute either
@@ -325,8 +320,7 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
                # entropy (exact in expectation with top_p = 1, top_k = 0), free from the sampler
                entropy=-sum(sampled) / max(len(sampled), 1))
     if with_tools:
-        # the forced tokens (a tool's output and the glue around it), counted as rollouts.jsonl counts them
-        rec["tool_tokens"] = sum(r.completion.loss_mask.count(0) for r in rollouts) / len(rollouts)
+        rec["tool_tokens"] = sum(r.completion.tool_tokens for r in rollouts) / len(rollouts)
         rec.update(tool_metrics([r.completion for r in rollouts]))
         for name, used in (("reward_tool", True), ("reward_no_tool", False)):  # completions that called a tool or not
             vals = [r.reward for r in rollouts if bool(r.completion.tool_calls) == used]
@@ -343,7 +337,7 @@ def tool_metrics(completions):
     n = max(len(completions), 1)
     return dict(tool_calls=len(calls) / n, tool_use=sum(bool(c.tool_calls) for c in completions) / n,
                 tool_error_frac=sum(call["error"] is not None for call in calls) / max(len(calls), 1),
-                tool_token_frac=sum(c.loss_mask.count(0) for c in completions) / max(tokens, 1))
+                tool_token_frac=sum(c.tool_tokens for c in completions) / max(tokens, 1))
 
 
 # -----------------------------------------------------------------------------
@@ -638,7 +632,7 @@ def evaluate(engine, problems, rm_items, scorer, history, at_step, cfg, rt, samp
                                    rt.world, progress=False, format_mode=fmt)
         greedy = [rollouts[0] for rollouts in greedy]
         out.update(eval_accuracy=sum(r.correct for r in greedy) / len(greedy),
-                   eval_completion_len=sum(model_tokens(r.completion) for r in greedy) / len(greedy),  # the model's own
+                   eval_completion_len=sum(r.completion.model_tokens for r in greedy) / len(greedy),
                    eval_format=sum(r.parts["format"] for r in greedy) / len(greedy),
                    eval_recheck_frac=sum(r.rechecks > 0 for r in greedy) / len(greedy))
         if sampling.get("tools"):

@@ -103,7 +103,7 @@ def main():
         results[name] = dict(tok_s=tokens / best, seconds=best, tokens=tokens, call_steps=call_steps,
                              rows_calling=sum(bool(c.tool_calls) for c in outs),
                              calls=sum(len(c.tool_calls) for c in outs),
-                             forced=sum(c.loss_mask.count(0) for c in outs), outs=outs)
+                             forced=sum(c.tool_tokens for c in outs), outs=outs)
     print(f"hardware: {hardware(args.threads)}; torch {torch.__version__}; batch {args.batch} x "
           f"{args.max_new_tokens} new tokens, temperature 1, EOS ignored; {tools.workers} calls at once; best of "
           f"{args.repeats}")

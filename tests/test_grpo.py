@@ -410,7 +410,7 @@ def test_tool_tokens_count_against_the_budget_but_not_in_completion_len_nor_the_
     mask = [1] * 8 + [0] * 6 + [1] * 1  # 9 of the model's tokens, 6 of a tool's: 15 in all
     finished = Completion(list(range(15)), "", [0.0] * 15, "stop", 0, [0.0] * 15, mask)
     cut = Completion(list(range(16)), "", [0.0] * 16, "length", 0, [0.0] * 16, mask + [1])
-    assert train_grpo.model_tokens(finished) == 9 and train_grpo.overlong_length(finished, cfg) == 9  # no penalty
+    assert finished.model_tokens == 9 and train_grpo.overlong_length(finished, cfg) == 9  # no penalty
     assert losses.overlong_penalty(train_grpo.overlong_length(cut, cfg), 16, 4) == -1.0
     rollouts = [train_grpo.Rollout(0, {}, c, 0.0, {}, None) for c in (finished, cut)]
     rec = train_grpo.rollout_metrics([rollouts], rollouts, torch.zeros(2, dtype=torch.float64), True)
