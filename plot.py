@@ -6,9 +6,10 @@ can be drawn the same way:
     python plot.py out/grpo/metrics.jsonl            # -> out/grpo/curves.svg
 
 The panels follow the run's kind, told by its metrics: GRPO (reward, held-out accuracy, completion length, KL and
-the sampler/trainer mismatch, and with tools the share of completions that call one), distillation (its loss,
-held-out accuracy) or SFT / reward-model training (train and eval loss, pairwise accuracy). A panel with no data is
-left out.
+the sampler/trainer mismatch, the share of completions that re-check a step and how often they are right, and with
+tools the share that call one), distillation (its loss, held-out accuracy) or SFT / reward-model training (train and
+eval loss, pairwise accuracy). A panel with no data is left out, and so is a behaviour's panel (self-checks, tool use)
+whose first series is nothing but zeros: the run never showed it.
 """
 import json
 import os
@@ -21,12 +22,15 @@ PANELS = {  # kind -> [(title, [(metric, label)])]
                                     ("eval_pass_at_k", "pass@k"), ("eval_maj_at_k", "maj@k")]),
              ("completion length (tokens)", [("completion_len", "mean"), ("completion_len_max", "max")]),
              ("KL and sampler mismatch", [("kl", "k3 KL"), ("mismatch_kl", "KL(sampler || trainer)")]),
+             ("self-checks", [("recheck_frac", "samples that re-check"), ("eval_recheck_frac", "held-out greedy"),
+                              ("accuracy_recheck", "right among them"), ("accuracy_no_recheck", "right, the others")]),
              ("tool use", [("tool_use", "samples that call"), ("eval_tool_use", "held-out greedy")])],
     "distill": [("distillation loss", [("kd_loss", "forward KL"), ("reverse_kl", "reverse KL")]),
                 ("held-out accuracy", [("eval_accuracy", "greedy pass@1")])],
     "sft": [("loss", [("loss", "train"), ("eval_loss", "eval")]),
             ("pairwise accuracy", [("pair_acc", "train"), ("eval_pair_acc", "eval")])],
 }
+BEHAVIOURS = {"self-checks", "tool use"}  # panels of something a run may never do
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 W, H, PAD = 420, 230, 56  # one panel, and its margin for the axis labels
 
@@ -47,8 +51,9 @@ def curves_svg(records, title=""):
     for name, series in PANELS[run_kind(records)]:
         lines = [(label, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])
                  for key, label in series]
+        never = name in BEHAVIOURS and not any(v for _, v in lines[0][1])
         lines = [(label, pts) for label, pts in lines if pts]
-        if lines:
+        if lines and not never:
             panels.append(_panel(name, lines, len(panels) * W))
     head = f'<text x="8" y="16" font-size="13" font-weight="bold">{escape(title)}</text>' if title else ""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(1, len(panels)) * W}" height="{H + 24}" '

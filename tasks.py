@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data.jsonl import iter_jsonl
+from data.tiny_task import read_checks
 from engine import Completion
 from model import RewardModel
 from reward import accuracy_reward, answer_part, extract_answer, format_reward
@@ -136,6 +137,12 @@ class Rollout:
         return count_rechecks(self.text)
 
     @property
+    def checks(self):
+        """Its checks of a step, as the tiny world writes them (tiny_task.read_checks): each one confirms the step as
+        written or changes it, and a change may fix a slip."""
+        return read_checks(self.text)
+
+    @property
     def length(self):
         """Its row in the update's batches: prompt and completion tokens."""
         return len(self.item["ids"]) + len(self.completion.tokens)
@@ -204,16 +211,17 @@ def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, bat
     return results, sum(len(r.completion.tokens) for rollouts in results for r in rollouts)
 
 
-# a line that goes back over earlier work: R1-Zero's "aha moment" (DeepSeek-R1, arXiv 2501.12948, Table 3) begins
-# "Wait, wait. Wait."; the tiny world's corrected slips begin "Wait, " (data/tiny_task.recheck_lines)
-_RECHECK = re.compile(r"^[^\S\n]*(?:<think>[^\S\n]*)?(?:wait|hmm|let me (?:re-?)?check|re-?check|double-check)\b",
-                      re.IGNORECASE | re.MULTILINE)
+# a line that goes back over earlier work, the "aha" measure: R1-Zero's re-evaluations (DeepSeek-R1, arXiv
+# 2501.12948, Table 3: "Wait, wait. Wait. That's an aha moment I can flag here.") and the tiny world's checks
+_REEVALUATE = re.compile(r"^[^\S\n]*(?:<think>[^\S\n]*)?(?:wait|hmm|let me (?:re-?)?check|re-?check|double-check)\b",
+                         re.IGNORECASE | re.MULTILINE)
 
 
 def count_rechecks(text):
-    """How many lines of a completion re-check earlier work (begin with wait, hmm, let me check, re-check or
-    double-check): the 'aha' measure."""
-    return len(_RECHECK.findall(text))
+    """How many lines of a completion go back over earlier work: lines that begin wait, hmm, let me check, re-check
+    or double-check, and the tiny world's checks (tiny_task.read_checks: a step's result substituted back,
+    `Check: 24-8=16`)."""
+    return len(_REEVALUATE.findall(text)) + len(read_checks(text))
 
 
 def pass_at_1(correct):

@@ -306,11 +306,14 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
     if accs:
         rec["accuracy"] = sum(accs) / len(accs)
     rechecked = [r.rechecks > 0 for r in rollouts]
-    rec["recheck_frac"] = sum(rechecked) / len(rollouts)  # completions that go back over a step ("Wait, ...")
+    rec["recheck_frac"] = sum(rechecked) / len(rollouts)  # completions that go back over a step (tasks.count_rechecks)
     for name, keep in (("accuracy_recheck", True), ("accuracy_no_recheck", False)):
         vals = [r.accuracy for r, c in zip(rollouts, rechecked) if c == keep and r.accuracy is not None]
         if vals:
             rec[name] = sum(vals) / len(vals)
+    checks = [c for r in rollouts for c in r.checks]  # the tiny world's checks: each confirms a step or changes it
+    rec.update(checks_confirm=sum(not c.changed for c in checks), checks_change=sum(c.changed for c in checks),
+               checks_fix=sum(c.fixed for c in checks))
     n_flat = sum(max(r.reward for r in g) == min(r.reward for r in g) for g in groups)
     sampled = [lp for r in rollouts for lp, m in zip(r.completion.logprobs, r.completion.loss_mask) if m]
     rec.update(completion_len=sum(lens) / len(lens), completion_len_max=max(lens),
@@ -685,6 +688,31 @@ def ascii_plot(series, width=60, height=11):
     return lines
 
 
+CHECK_METRICS = ("recheck_frac", "accuracy_recheck", "accuracy_no_recheck", "checks_confirm", "checks_change",
+                 "checks_fix")
+
+
+def check_report(history, n=10):
+    """The lines on self-checks in the sampled rollouts (R1-Zero's 'aha', DeepSeek-R1, arXiv 2501.12948, sec. 2.2.4):
+    their share over the first and the last n steps, how often they were right against the others, and what the
+    checks did. None if no rollout re-checked."""
+    if not any(v for _, v in history.get("recheck_frac", [])):
+        return None
+
+    def mean(key, steps):
+        vals = [v for _, v in steps(history.get(key, []))]
+        return 100 * sum(vals) / len(vals) if vals else float("nan")
+
+    first, last = (lambda h: h[:n]), (lambda h: h[-n:])
+    total = {key: sum(v for _, v in history[key]) for key in ("checks_confirm", "checks_change", "checks_fix")}
+    share, right = mean("recheck_frac", first), mean("accuracy_recheck", last)
+    return [f"sampled completions that re-check a step: first {n} steps {share:.1f}% -> last {n} steps "
+            f"{mean('recheck_frac', last):.1f}%; over the last {n} steps right {right:.1f}% of the time against "
+            f"{mean('accuracy_no_recheck', last):.1f}% for the others",
+            f"checks over the run: {total['checks_confirm']} confirmed the step as written, {total['checks_change']} "
+            f"changed it ({total['checks_fix']} of them fixing a slip)"]
+
+
 def final_report(history, ckpt_path):
     """The run's last lines: a plot of held-out accuracy and train reward, and the before -> after figures."""
     rewards = [v for _, v in history["reward"]]  # a 10-step running mean: one step's 16 groups are noisy
@@ -704,6 +732,8 @@ def final_report(history, ckpt_path):
             scale = 100 if unit == "%" else 1
             before, after = history[key][0][1] * scale, history[key][-1][1] * scale
             print(f"held-out {name} (greedy): before {before:.1f}{unit} -> after {after:.1f}{unit}")
+    for line in check_report(history) or []:
+        print(line)
     if history.get("rm_score"):
         before, after = history["rm_score"][0][1], history["rm_score"][-1][1]
         print(f"held-out reward-model score: before {before:.3f} -> after {after:.3f}")
@@ -804,6 +834,9 @@ def main(argv=()):
         # ---- log / eval / save
         last = step == cfg.max_steps
         history["reward"].append((step, rec["reward"]))
+        for key in CHECK_METRICS:  # for the final report's lines on self-checks
+            if key in rec:
+                history.setdefault(key, []).append((step, rec[key]))
         if do_eval and (step % cfg.eval_every == 0 or last):
             rec.update(evaluate(engine, eval_problems, eval_rm_items, scorer, history, step, cfg, rt, sampling))
         log.step(rec, rollouts)

@@ -12,8 +12,16 @@ R1-Zero's RL amplifies. This corpus gives the tiny base the same kind of reading
     the first token of the reply: "The" (the same word in every layout) against the first operand of the first
     step, so greedy decoding follows the likelier, outright kind. Worked solutions have no opening words of their
     own, so no prompt can end with them;
-  - `recheck_frac` of the worked solutions get a step wrong, re-check it and fix it ("Wait, 8*3=24, ...",
-    tiny_task.recheck_lines), the way people do when they write things out;
+  - `check_frac` of the worked solutions (8 in 100) check their steps, the way careful people do: each step, with
+    probability one half (at least one), is checked by substituting its result back (`16+8=24` then `Check:
+    24-8=16`; `8*3=24` then `Check: 3*8=24`; tiny_task.checked_lines). The check is a computation of its own, so it
+    can disagree: in `slip_frac` of the checked steps (1 in 4) the result was first written wrong, the check says so
+    (`Check: 21-8=13, not 16`) and the step is worked again, right, and the work goes on from it; in
+    `check_slip_frac` of the others (1 in 10) the check itself slips, and the step worked again stands as written.
+    Most checks agree, so a check is no sign that something was wrong, and what settles a disagreement is working
+    the step again, not changing it;
+  - exercises in checking (`Check each step: 7+8*3-5`, then every step worked and checked the same way), like the
+    drills of a textbook: they teach the skill, while in the layouts a question comes in checking stays rare;
   - tables of single operations (`6*11=66`, `31-5=26`, one a line, drawn from the steps of random problems and
     shuffled), like the arithmetic tables of web text: they teach each step without being anyone's solution.
 The outright answers are the true ones, which a tiny model cannot compute in one shot: answering outright, it guesses.
@@ -52,26 +60,37 @@ PLAIN_LAYOUTS = {
 }
 
 
-def reply(expr, rng, worked_frac, recheck_frac):
-    """The answer outright, `The answer is 26.`, or (worked_frac) the working and then that sentence."""
+def reply(expr, rng, worked_frac, check_frac, slip_frac, check_slip_frac):
+    """The answer outright, `The answer is 26.`, or (worked_frac) the working, now and then checked, and then that
+    sentence."""
     final = f"The answer is {tiny_task.answer(expr)}."
     if rng.random() >= worked_frac:
         return final
-    steps = tiny_task.recheck_lines(expr, rng) if rng.random() < recheck_frac else tiny_task.solution_lines(expr)
+    if rng.random() < check_frac:
+        steps = tiny_task.checked_lines(expr, rng, 0.5, slip_frac, check_slip_frac)
+    else:
+        steps = tiny_task.solution_lines(expr)
     return "\n".join(steps + [final])
 
 
-def problem_text(expr, rng, template_frac, bare_frac, worked_frac, recheck_frac):
+def problem_text(expr, rng, template_frac, bare_frac, worked_frac, check_frac, slip_frac,
+                 check_slip_frac):
     """One problem in one layout: R1-Zero's template, a plain one, or the bare fact."""
     u = rng.random()
     if u < bare_frac:
         return f"{expr}={tiny_task.answer(expr)}"
-    body = reply(expr, rng, worked_frac, recheck_frac)
+    body = reply(expr, rng, worked_frac, check_frac, slip_frac, check_slip_frac)
     if u < bare_frac + template_frac:
         return R1_ZERO.format(prompt=tiny_task.question(expr)) + \
             f" <think>\n{body}\n</think> <answer> {tiny_task.answer(expr)} </answer>"
     layout = PLAIN_LAYOUTS[rng.choice(sorted(PLAIN_LAYOUTS))]
     return layout.format(q=tiny_task.question(expr), e=expr) + body
+
+
+def drill_text(expr, rng, slip_frac, check_slip_frac):
+    """An exercise in checking: the problem, every step worked and checked, the answer."""
+    steps = tiny_task.checked_lines(expr, rng, 1.0, slip_frac, check_slip_frac)
+    return "\n".join([f"Check each step: {expr}", *steps, f"The answer is {tiny_task.answer(expr)}."])
 
 
 def table_text(rng, n_facts):
@@ -84,12 +103,15 @@ def table_text(rng, n_facts):
     return "\n".join(facts)
 
 
-def corpus(n, seed, held_out, template_frac, bare_frac, worked_frac, recheck_frac, tables, facts_per_table):
-    """n documents {"text"} about n distinct problems, none of them in held_out, and `tables` tables of single
-    operations, shuffled together."""
+def corpus(n, seed, held_out, template_frac, bare_frac, worked_frac, check_frac, slip_frac, check_slip_frac, drills,
+           tables, facts_per_table):
+    """n documents {"text"} about n distinct problems and `drills` exercises in checking about as many others, none
+    of them in held_out, and `tables` tables of single operations, shuffled together."""
     rng = random.Random(f"{seed}:zero")
-    problems = itertools.islice(tiny_task.fresh_problems(rng, set(held_out)), n)
-    rows = [{"text": problem_text(expr, rng, template_frac, bare_frac, worked_frac, recheck_frac)} for expr in problems]
+    problems = tiny_task.fresh_problems(rng, set(held_out))
+    rows = [{"text": problem_text(expr, rng, template_frac, bare_frac, worked_frac, check_frac, slip_frac,
+                                  check_slip_frac)} for expr in itertools.islice(problems, n)]
+    rows += [{"text": drill_text(expr, rng, slip_frac, check_slip_frac)} for expr in itertools.islice(problems, drills)]
     rows += [{"text": table_text(rng, facts_per_table)} for _ in range(tables)]
     rng.shuffle(rows)
     return rows
@@ -114,8 +136,11 @@ def main(argv=None):
     p.add_argument("--bare_frac", type=float, default=0.1, help="problems as a bare fact, `7+8*3-5=26`")
     p.add_argument("--worked_frac", type=float, default=0.3, help="in every other layout: share answered after "
                    "working (the rest: outright)")
-    p.add_argument("--recheck_frac", type=float, default=0.05, help="worked solutions that re-check a step")
-    p.add_argument("--tables", type=int, default=12000, help="tables of single operations")
+    p.add_argument("--check_frac", type=float, default=0.08, help="worked solutions that check their steps")
+    p.add_argument("--slip_frac", type=float, default=0.25, help="checked steps first written with a wrong result")
+    p.add_argument("--check_slip_frac", type=float, default=0.1, help="checks of a right step that slip themselves")
+    p.add_argument("--drills", type=int, default=10000, help="exercises in checking every step of a problem")
+    p.add_argument("--tables", type=int, default=8000, help="tables of single operations")
     p.add_argument("--facts_per_table", type=int, default=32)
     p.add_argument("--prompts", default="", help="instead: write test.jsonl as each plain layout's prompts into DIR")
     args = p.parse_args(argv)
@@ -129,7 +154,7 @@ def main(argv=None):
         return
     held_out = tiny_task.problems_in([os.path.join(TINY, "test.jsonl"), os.path.join(TINY, "train.jsonl")])
     rows = corpus(args.n, args.seed, held_out, args.template_frac, args.bare_frac, args.worked_frac,
-                  args.recheck_frac, args.tables, args.facts_per_table)
+                  args.check_frac, args.slip_frac, args.check_slip_frac, args.drills, args.tables, args.facts_per_table)
     write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} documents to {args.out}")
 

@@ -22,20 +22,27 @@ Nothing here calls eval(): `evaluate` is a 20-line recursive-descent parser.
 
 import json
 import re
+from dataclasses import dataclass
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-_TOKEN = re.compile(r"\s*(?:(\d+)|([-+*()]))")
+# a number: digits, or a negative one in brackets, as `render` writes it after an operator
+_TOKEN = re.compile(r"\s*(?:(\d+|\(-\d+\))|([-+*()]))")
+_NEGATIVE = re.compile(r"\s*-\d+")  # as `render` writes one first in the expression or in a group
 
 
 def tokenize(expr):
-    """'7+8*(3-5)' -> [7, '+', 8, '*', '(', 3, '-', 5, ')'] (non-negative literals only)."""
+    """'7+8*(3-5)' -> [7, '+', 8, '*', '(', 3, '-', 5, ')']; a worked line's rest, '-54-(-3)', -> [-54, '-', -3]."""
     expr = expr.strip()
     tokens, pos = [], 0
     while pos < len(expr):
-        m = _TOKEN.match(expr, pos)
-        if not m:
-            raise ValueError(f"bad character at {pos} in {expr!r}")
-        tokens.append(int(m.group(1)) if m.group(1) else m.group(2))
+        m = (not tokens or tokens[-1] == "(") and _NEGATIVE.match(expr, pos)
+        if m:
+            tokens.append(int(m.group()))
+        else:
+            m = _TOKEN.match(expr, pos)
+            if not m:
+                raise ValueError(f"bad character at {pos} in {expr!r}")
+            tokens.append(int(m.group(1).strip("()")) if m.group(1) else m.group(2))
         pos = m.end()
     return tokens
 
@@ -96,42 +103,122 @@ def render(tokens):
     return "".join(out)
 
 
+def first_step(toks):
+    """The next operation on a token list, in school order -> (a, op, b, result, rest_tokens, at): `at` is where the
+    result stands in rest_tokens."""
+    if ")" in toks:  # work inside the innermost (first closing) group
+        hi = toks.index(")")
+        lo = max(i for i in range(hi) if toks[i] == "(") + 1
+    else:
+        lo, hi = 0, len(toks)
+    ops = list(range(lo + 1, hi, 2))
+    i = next((j for j in ops if toks[j] == "*"), ops[0])  # * before + -, leftmost first
+    a, op, b = toks[i - 1], toks[i], toks[i + 1]
+    rest, at = toks[:i - 1] + [OPS[op](a, b)] + toks[i + 2:], i - 1
+    if lo > 0 and hi - lo == 3:  # group is down to "(n)": drop the brackets
+        rest, at = rest[:lo - 1] + [rest[lo]] + rest[lo + 2:], lo - 1
+    return a, op, b, OPS[op](a, b), rest, at
+
+
 def solve(expr):
     """One operation at a time: [(a, op, b, result, rest_tokens), ...]; the last result is the answer."""
     toks, steps = tokenize(expr), []
     while len(toks) > 1:
-        if ")" in toks:  # work inside the innermost (first closing) group
-            hi = toks.index(")")
-            lo = max(i for i in range(hi) if toks[i] == "(") + 1
-        else:
-            lo, hi = 0, len(toks)
-        ops = list(range(lo + 1, hi, 2))
-        i = next((j for j in ops if toks[j] == "*"), ops[0])  # * before + -, leftmost first
-        a, op, b = toks[i - 1], toks[i], toks[i + 1]
-        toks[i - 1:i + 2] = [OPS[op](a, b)]
-        if lo > 0 and hi - lo == 3:  # group is down to "(n)": drop the brackets
-            toks[lo - 1:lo + 2] = [toks[lo]]
-        steps.append((a, op, b, OPS[op](a, b), list(toks)))
+        a, op, b, c, toks, _ = first_step(toks)
+        steps.append((a, op, b, c, list(toks)))
     return steps
+
+
+def step_line(a, op, b, c, rest):
+    """'8*3=24, so 7+24-5', or '31-5=26' for the last step."""
+    line = f"{_num(a, True)}{op}{_num(b, False)}={c}"
+    return line + (f", so {render(rest)}" if len(rest) > 1 else "")
 
 
 def solution_lines(expr):
     """['8*3=24, so 7+24-5', '7+24=31, so 31-5', '31-5=26']"""
+    return [step_line(*step) for step in solve(expr)]
+
+
+def check_line(a, op, b, c):
+    """The check of a step `a op b=c` as written, by substituting the result back (a computation of its own, so it
+    can disagree): `c-b` must give a for a +, `c+b` must give a for a -, and `b*a` must give c for a * (no division
+    in this world). -> (the check's computation, what it must give): ('24-8', 16) for `16+8=24`."""
+    if op == "*":
+        return f"{_num(b, True)}*{_num(a, False)}", c
+    return f"{c}{'-' if op == '+' else '+'}{_num(b, False)}", a
+
+
+def checked_lines(expr, rng, check_prob, slip_frac, check_slip_frac):
+    """solution_lines with checks: each step is checked with probability check_prob (at least one is). A checked step
+    is first written with a wrong result with probability slip_frac; else its check slips with probability
+    check_slip_frac. A check that disagrees says so, and the step is worked again, which settles it: the slip is
+    fixed, or the step stands and the check was wrong.
+        ['8*3=21, so 7+21-5', 'Check: 3*8=24, not 21', '8*3=24, so 7+24-5', 'Check: 31-24=7', ...]"""
+    steps = solve(expr)
+    checked = {k for k in range(len(steps)) if rng.random() < check_prob} or {rng.randrange(len(steps))}
     lines = []
-    for a, op, b, c, rest in solve(expr):
-        line = f"{_num(a, True)}{op}{_num(b, False)}={c}"
-        lines.append(line + (f", so {render(rest)}" if len(rest) > 1 else ""))
+    for k, (a, op, b, c, rest) in enumerate(steps):
+        right = step_line(a, op, b, c, rest)
+        if k not in checked:
+            lines.append(right)
+            continue
+        slip = rng.random() < slip_frac
+        written = c + rng.choice([-10, -2, -1, 1, 2, 10]) if slip else c
+        at = first_step(tokenize(expr if k == 0 else render(steps[k - 1][4])))[5]
+        lines.append(step_line(a, op, b, written, rest[:at] + [written] + rest[at + 1:]))
+        computation, must_give = check_line(a, op, b, written)
+        gives = evaluate(computation)
+        if not slip and rng.random() < check_slip_frac:
+            gives += rng.choice([-10, -2, -1, 1, 2, 10])
+        lines.append(f"Check: {computation}={gives}" + (f", not {must_give}" if gives != must_give else ""))
+        if gives != must_give:
+            lines.append(right)
     return lines
 
 
-def recheck_lines(expr, rng):
-    """solution_lines with one step first written with a wrong result, then re-checked and fixed, the way people
-    catch a slip: ['8*3=21', 'Wait, 8*3=24, so 7+24-5', '7+24=31, so 31-5', '31-5=26']."""
-    lines, steps = solution_lines(expr), solve(expr)
-    k = rng.randrange(len(steps))
-    a, op, b, c, _ = steps[k]
-    slip = f"{_num(a, True)}{op}{_num(b, False)}={c + rng.choice([-10, -2, -1, 1, 2, 10])}"
-    return lines[:k] + [slip, "Wait, " + lines[k]] + lines[k + 1:]
+# a step line as step_line writes it, and a check's line as checked_lines writes it
+_STEP = re.compile(r"(\(?-?\d+\)?)([-+*])(\(?-?\d+\)?)=(-?\d+)(?:, so [-+*()\d]+)?")
+_CHECK = re.compile(r"Check: (\(?-?\d+\)?[-+*]\(?-?\d+\)?)=(-?\d+)(?:, not (-?\d+))?")
+
+
+def _step_right(line):
+    a, op, b, c = _STEP.fullmatch(line).groups()
+    return OPS[op](int(a.strip("()")), int(b.strip("()"))) == int(c)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check in a worked solution: the step line it checks, as written; the check's line; and, where the check
+    disagreed, the step line worked again after it (None where it agreed)."""
+    written: str
+    check: str
+    redone: str | None
+
+    @property
+    def changed(self):
+        """The check changed the step: it disagreed, and the step worked again came out otherwise."""
+        return self.redone is not None and self.redone != self.written
+
+    @property
+    def fixed(self):
+        """A slip caught and fixed: the step was written with a wrong result, and worked again it is right."""
+        return self.changed and not _step_right(self.written) and _step_right(self.redone)
+
+
+def read_checks(text):
+    """The checks in a completion, in order: each `Check: COMPUTATION=VALUE` line (checked_lines) right below the step
+    line it checks, with the step worked again below it if it says `, not N`. A line that only looks like one (no
+    computation in it, nothing checked above it) is not a check."""
+    lines = [line.strip().removeprefix("<think>").strip() for line in text.split("\n")]
+    checks = []
+    for i, line in enumerate(lines):
+        m = _CHECK.fullmatch(line)
+        if m and i > 0 and _STEP.fullmatch(lines[i - 1]):
+            after = lines[i + 1] if i + 1 < len(lines) else ""
+            redone = after if m.group(3) is not None and _STEP.fullmatch(after) else None
+            checks.append(Check(lines[i - 1], line, redone))
+    return checks
 
 
 def answer(expr):

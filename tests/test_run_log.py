@@ -62,8 +62,18 @@ def test_sampled_eval_and_the_grpo_picture(ckpt, data, tmp_path):
     titles = _svg_titles(os.path.join(out, "curves.svg"))
     for name in ("reward (train)", "held-out accuracy", "completion length (tokens)", "KL and sampler mismatch"):
         assert name in titles
+    assert "self-checks" not in titles  # nothing re-checked: a behaviour the run never showed gets no panel
     _, _, metrics = _run(ckpt, data, str(tmp_path / "greedy"), max_steps=1, eval_every=1, eval_n=8)
     assert not any("eval_pass1" in m for m in metrics)  # the default stays greedy only
+
+
+def test_the_self_checks_panel_shows_once_a_completion_checks(tmp_path):
+    records = [{"step": s, "reward": 0.5, "recheck_frac": 0.0, "accuracy_no_recheck": 0.5} for s in range(1, 4)]
+    path = write_jsonl(tmp_path / "metrics.jsonl", records)
+    assert "self-checks" not in _svg_titles(plot.write_curves(path))
+    records[1].update(recheck_frac=0.25, accuracy_recheck=0.75)
+    path = write_jsonl(tmp_path / "metrics.jsonl", records)
+    assert "self-checks" in _svg_titles(plot.write_curves(path))
 
 
 def test_sft_writes_its_picture_and_plot_draws_any_metrics_file(ckpt, tmp_path):

@@ -1,5 +1,5 @@
-"""R1-Zero in miniature: the zero base's pretraining corpus (data/prepare_zero.py), the re-checked solutions in it,
-R1-Zero's format and accuracy rewards, the re-check counter, and config/r1zero_tiny.py end to end."""
+"""R1-Zero in miniature: the zero base's pretraining corpus (data/prepare_zero.py), the checked solutions in it,
+R1-Zero's format and accuracy rewards, the check counter and its report, and config/r1zero_tiny.py end to end."""
 import filecmp
 import json
 import os
@@ -13,12 +13,16 @@ from data import prepare_zero, tiny_task
 from helpers import make_tiny_checkpoint, write_jsonl
 from reward import accuracy_reward, format_reward
 from tasks import R1_ZERO_TEMPLATE, count_rechecks
+from data.tiny_task import Check, read_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _layout(text):
     """A corpus document -> (layout, problem, reply), or ("table", None, text) for a table of single operations."""
+    if text.startswith("Check each step: "):
+        head, reply = text.split("\n", 1)
+        return "drill", head[len("Check each step: "):], reply
     if text.startswith(R1_ZERO_TEMPLATE.split("{")[0]):
         m = re.fullmatch(r"User: What is ([^?\n]+)\?\. Assistant: <think>\n(.+)\n</think> <answer> (-?\d+) </answer>",
                          text[text.index("User: "):], re.S)
@@ -35,17 +39,17 @@ def _layout(text):
 
 def test_corpus_is_seeded_byte_stable_and_shares_no_problem_with_test_or_train(tmp_path):
     a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
-    prepare_zero.main([f"--out={a}", "--n=4000", "--tables=400"])
-    prepare_zero.main([f"--out={b}", "--n=4000", "--tables=400"])
+    prepare_zero.main([f"--out={a}", "--n=4000", "--drills=400", "--tables=400"])
+    prepare_zero.main([f"--out={b}", "--n=4000", "--drills=400", "--tables=400"])
     assert filecmp.cmp(a, b, shallow=False) and prepare_zero.R1_ZERO == R1_ZERO_TEMPLATE
-    prepare_zero.main([f"--out={b}", "--n=4000", "--tables=400", "--seed=7"])
+    prepare_zero.main([f"--out={b}", "--n=4000", "--drills=400", "--tables=400", "--seed=7"])
     assert not filecmp.cmp(a, b, shallow=False)
     held_out = set()
     for name in ("test.jsonl", "train.jsonl"):
         held_out |= {json.loads(line)["prompt"][len("What is "):-1] for line in open(os.path.join(ROOT, "data/tiny", name))}
     docs = [_layout(json.loads(line)["text"]) for line in open(a)]
     problems = [p for _, p, _ in docs if p is not None]
-    assert len(problems) == 4000 and len(set(problems)) == len(problems) and not set(problems) & held_out
+    assert len(problems) == 4000 + 400 and len(set(problems)) == len(problems) and not set(problems) & held_out
     tables = [t for layout, _, t in docs if layout == "table"]
     assert len(tables) == 400
     for line in (line for t in tables for line in t.split("\n")):  # one operation a line, right, not a problem
@@ -55,11 +59,11 @@ def test_corpus_is_seeded_byte_stable_and_shares_no_problem_with_test_or_train(t
 
 def test_every_layout_answers_mostly_outright_and_works_a_minority(tmp_path):
     path = str(tmp_path / "a.jsonl")
-    prepare_zero.main([f"--out={path}", "--n=4000", "--tables=10"])
+    prepare_zero.main([f"--out={path}", "--n=4000", "--drills=500", "--tables=10"])
     docs = [_layout(json.loads(line)["text"]) for line in open(path)]
     by_layout = {}
     for layout, expr, reply in docs:
-        if layout == "table":
+        if layout in ("table", "drill"):
             continue
         answer = tiny_task.answer(expr)
         if layout == "bare":
@@ -77,13 +81,20 @@ def test_every_layout_answers_mostly_outright_and_works_a_minority(tmp_path):
     for layout, worked in by_layout.items():
         assert 0.2 < sum(worked) / len(worked) < 0.4, layout  # mostly outright, in every layout
     texts = [json.loads(line)["text"] for line in open(path)]
+    drills = [t for t in texts if _layout(t)[0] == "drill"]
+    texts = [t for t in texts if _layout(t)[0] != "drill"]
     for t in texts:
         if t.startswith(R1_ZERO_TEMPLATE.split("{")[0]):
             completion = t.split("Assistant:", 1)[1]
             assert format_reward(completion, "answer_tag") == 1.0 and accuracy_reward(completion, str(
                 tiny_task.answer(t.split("What is ", 1)[1].split("?")[0]))) == 1.0
-    rechecked = sum(count_rechecks(t) > 0 for t in texts) / sum(w for ws in by_layout.values() for w in ws)
-    assert 0.02 < rechecked < 0.08  # a few worked solutions re-check a step
+    checked = sum(count_rechecks(t) > 0 for t in texts) / sum(w for ws in by_layout.values() for w in ws)
+    assert 0.05 < checked < 0.11  # a few worked solutions check their steps (8 in 100)
+    assert len(drills) == 500
+    for t in drills:  # the exercises check every step, and end right
+        expr, reply = _layout(t)[1:]
+        assert len(read_checks(reply)) == len(tiny_task.solve(expr))
+        assert reply.endswith(f"The answer is {tiny_task.answer(expr)}.")
 
 
 def test_prompt_files_hold_test_problems_in_each_layout(tmp_path):
@@ -100,15 +111,51 @@ def test_prompt_files_hold_test_problems_in_each_layout(tmp_path):
                 assert _layout(r["prompt"] + "The answer is 0.")[:2] == (layout, expr)
 
 
-def test_recheck_lines_make_a_slip_and_fix_it():
-    rng = random.Random(0)
-    for _ in range(200):
+def test_checked_lines_substitute_each_result_back_and_settle_every_disagreement():
+    rng, n = random.Random(0), {"checks": 0, "slips": 0, "check slips": 0}
+    for _ in range(400):
         expr = tiny_task.generate(rng)
-        right, lines = tiny_task.solution_lines(expr), tiny_task.recheck_lines(expr, rng)
-        k = next(i for i, line in enumerate(lines) if line.startswith("Wait, "))
-        assert lines[:k - 1] == right[:k - 1] and lines[k] == "Wait, " + right[k - 1] and lines[k + 1:] == right[k:]
-        slip, fix = lines[k - 1], right[k - 1]
-        assert slip.split("=")[0] == fix.split("=")[0] and slip.split("=")[1] != fix.split("=")[1].split(",")[0]
+        right, lines = tiny_task.solution_lines(expr), tiny_task.checked_lines(expr, rng, 0.5, 0.3, 0.2)
+        kept, i = [], 0  # the lines the work goes on from
+        while i < len(lines):
+            if not lines[i + 1:i + 2] or not lines[i + 1].startswith("Check: "):
+                assert lines[i] == right[len(kept)]  # an unchecked step is never a slip
+                kept.append(lines[i])
+                i += 1
+                continue
+            a, op, b, written = re.fullmatch(r"(-?\d+)([-+*])(\(-\d+\)|\d+)=(-?\d+).*", lines[i]).groups()
+            a, b, written = int(a), int(b.strip("()")), int(written)
+            computation, must_give = tiny_task.check_line(a, op, b, written)
+            m = re.fullmatch(r"Check: (.+)=(-?\d+)(, not (-?\d+))?", lines[i + 1])
+            assert m.group(1) == computation and (m.group(3) is None) == (int(m.group(2)) == must_give)
+            n["checks"] += 1
+            if written != tiny_task.OPS[op](a, b):  # a slip: the check computes right, disagrees, and it is fixed
+                n["slips"] += 1
+                assert int(m.group(2)) == tiny_task.evaluate(computation) and m.group(4) == str(must_give)
+            elif m.group(3):  # the check slipped: the step worked again stands as written
+                n["check slips"] += 1
+                assert lines[i + 2] == lines[i]
+            if m.group(3):
+                assert lines[i + 2] == right[len(kept)]
+                i += 1
+            kept.append(right[len(kept)])
+            i += 2
+        assert kept == right
+        found = read_checks("\n".join(lines))
+        assert len(found) == sum(line.startswith("Check: ") for line in lines)
+        assert all(c.fixed == c.changed for c in found)  # each one that changes a step fixes a slip
+    assert n["checks"] > 400 and 0.2 < n["slips"] / n["checks"] < 0.4  # at least one check each; most agree
+    assert 0.1 < n["check slips"] / (n["checks"] - n["slips"]) < 0.3
+
+
+def test_tokenize_reads_the_negative_numbers_of_a_worked_lines_rest():
+    assert tiny_task.tokenize("-54-(-3)") == [-54, "-", -3]
+    assert tiny_task.tokenize("19-(-4+12)*(-2)") == [19, "-", "(", -4, "+", 12, ")", "*", -2]
+    assert tiny_task.evaluate("19-(-4+12)*(-2)") == 35
+    rng = random.Random(1)
+    for _ in range(500):  # every rest of every worked solution reads back as the tokens it was rendered from
+        for *_, rest in tiny_task.solve(tiny_task.generate(rng)):
+            assert tiny_task.tokenize(tiny_task.render(rest)) == rest
 
 
 def test_r1zero_format_and_accuracy_rewards():
@@ -126,16 +173,66 @@ def test_r1zero_format_and_accuracy_rewards():
     assert accuracy_reward(" <think> 7+24=31 </think> <answer> 30 </answer>", "31") == 0.0
 
 
+AGREES = " <think>\n13*4=52, so 20-52+9\nCheck: 4*13=52\n20-52=-32, so -32+9"  # 20-13*4+9
+CATCHES = "13*4=52, so 20-52+9\n20-52=-22, so -22+9\nCheck: -22+52=30, not 20\n20-52=-32, so -32+9\n-32+9=-23"
+CHECK_SLIPS = "20-52=-32, so -32+9\nCheck: -32+52=21, not 20\n20-52=-32, so -32+9"
+
+
 @pytest.mark.parametrize("text, n", [
     ("8*3=24, so 7+24\n7+24=31", 0),
-    ("8*3=21\nWait, 8*3=24, so 7+24\n7+24=31", 1),  # the tiny world's slip and fix
+    (AGREES, 1),  # a check that agrees
+    (CATCHES, 1),  # a slip caught and fixed
+    (CHECK_SLIPS, 1),  # a check that slips, settled by working the step again
+    (CATCHES + "\nCheck: -23-9=-32\nCheck: -23-9=-32", 2),  # a check below a check checks nothing
+    ("8*3=21\nWait, 8*3=24, so 7+24\n7+24=31", 1),  # the old corpus's "Wait"
     ("<think> 8*3=21\nWait, 8*3=24\n7+24=32\nwait, 7+24=31 </think>", 2),
     ("<think>Wait, wait. Wait. That's an aha moment I can flag here.", 1),  # R1-Zero's (one line)
     ("Let me check: 24+7 is 31.\nHmm, right.\nRe-check the sum.\nDouble-check done.", 4),
     ("I will wait for it.\nThe awaited answer is 3.\nA check mark: 7", 0),  # not at a line's start
+    # look like checks, are not: no computation, no value, another word, nothing checked above, not at the start
+    ("20-52=-32\nCheck: fine\nCheck: -32\nCheck 20-52=-32\nChecked: 52-20=32\nCheck: 20-52", 0),
+    ("Check: -32+52=20\nThe answer is -32.\nCheck: -32+52=20\n20-52=-32 so Check: -32+52=20", 0),
 ])
 def test_count_rechecks_matches_hand_labels(text, n):
     assert count_rechecks(text) == n
+
+
+@pytest.mark.parametrize("text, checks", [
+    (AGREES, [Check("13*4=52, so 20-52+9", "Check: 4*13=52", None)]),
+    (CATCHES, [Check("20-52=-22, so -22+9", "Check: -22+52=30, not 20", "20-52=-32, so -32+9")]),
+    (CHECK_SLIPS, [Check("20-52=-32, so -32+9", "Check: -32+52=21, not 20", "20-52=-32, so -32+9")]),
+    (CATCHES + "\nCheck: -23-9=-32", [Check("20-52=-22, so -22+9", "Check: -22+52=30, not 20",
+                                             "20-52=-32, so -32+9"), Check("-32+9=-23", "Check: -23-9=-32", None)]),
+])
+def test_read_checks_on_hand_labelled_completions(text, checks):
+    assert read_checks(text) == checks
+
+
+@pytest.mark.parametrize("written, check, redone, changed, fixed", [
+    ("20-52=-32, so -32+9", "-32+52=20", "", False, False),  # confirms a right step
+    ("20-52=-22, so -22+9", "-22+52=20", "", False, False),  # its own slip: misses the wrong result
+    ("20-52=-22, so -22+9", "-22+52=30, not 20", "20-52=-32, so -32+9", True, True),  # catches it, fixes it
+    ("20-52=-22, so -22+9", "-22+52=30, not 20", "20-52=-42, so -42+9", True, False),  # catches it, slips again
+    ("20-52=-32, so -32+9", "-32+52=21, not 20", "20-52=-32, so -32+9", False, False),  # slips, the step stands
+    ("20-52=-32, so -32+9", "-32+52=21, not 20", "20-52=-22, so -22+9", True, False),  # slips, breaks the step
+    ("20-52=-22, so -22+9", "-22+52=30, not 20", "The answer is 30.", False, False),  # says so, does nothing
+])
+def test_what_a_check_did(written, check, redone, changed, fixed):
+    (found,) = read_checks(f"{written}\nCheck: {check}\n{redone}")
+    assert (found.changed, found.fixed) == (changed, fixed)
+
+
+def test_check_report_lines():
+    hist = {"recheck_frac": [(s, 0.01 if s <= 10 else 0.3) for s in range(1, 31)],
+            "accuracy_recheck": [(s, 0.8) for s in range(1, 31)],
+            "accuracy_no_recheck": [(s, 0.6) for s in range(1, 31)],
+            "checks_confirm": [(s, 3) for s in range(1, 31)], "checks_change": [(s, 1) for s in range(1, 31)],
+            "checks_fix": [(s, 1) for s in range(1, 31)]}
+    lines = train_grpo.check_report(hist)
+    assert lines == ["sampled completions that re-check a step: first 10 steps 1.0% -> last 10 steps 30.0%; over the "
+                     "last 10 steps right 80.0% of the time against 60.0% for the others",
+                     "checks over the run: 90 confirmed the step as written, 30 changed it (30 of them fixing a slip)"]
+    assert train_grpo.check_report({"recheck_frac": [(1, 0.0)]}) is None and train_grpo.check_report({}) is None
 
 
 def test_recipe_runs_two_steps_on_a_tiny_random_model(tmp_path):
@@ -152,5 +249,5 @@ def test_recipe_runs_two_steps_on_a_tiny_random_model(tmp_path):
     assert res["step"] == 2 and "before" in res
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert metrics[0]["step"] == 0 and "eval_format" in metrics[0]  # the evaluation before the first step
-    assert all("reward/format_answer" in m and "recheck_frac" in m for m in metrics[1:])
+    assert all("reward/format_answer" in m and "recheck_frac" in m and "checks_fix" in m for m in metrics[1:])
     assert all(k in metrics[-1] for k in ("eval_accuracy", "eval_completion_len", "eval_format", "eval_recheck_frac"))
