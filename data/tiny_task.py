@@ -190,7 +190,7 @@ def _step_right(line):
 @dataclass(frozen=True)
 class Check:
     """One check in a worked solution: the step line it checks, as written; the check's line; and, where the check
-    disagreed, the step line worked again after it (None where it agreed)."""
+    disagreed, the same operation worked again on the line after it (None where it agreed, or nothing was redone)."""
     written: str
     check: str
     redone: str | None
@@ -209,15 +209,15 @@ class Check:
 def read_checks(text):
     """The checks in a completion, in order: each `Check: COMPUTATION=VALUE` line (checked_lines) right below the step
     line it checks, with the step worked again below it if it says `, not N`. A line that only looks like one (no
-    computation in it, nothing checked above it) is not a check."""
+    computation in it, no step right above it) is not a check."""
     lines = [line.strip().removeprefix("<think>").strip() for line in text.split("\n")]
     checks = []
     for i, line in enumerate(lines):
         m = _CHECK.fullmatch(line)
         if m and i > 0 and _STEP.fullmatch(lines[i - 1]):
             after = lines[i + 1] if i + 1 < len(lines) else ""
-            redone = after if m.group(3) is not None and _STEP.fullmatch(after) else None
-            checks.append(Check(lines[i - 1], line, redone))
+            again = _STEP.fullmatch(after) and after.split("=")[0] == lines[i - 1].split("=")[0]  # the same operation
+            checks.append(Check(lines[i - 1], line, after if m.group(3) is not None and again else None))
     return checks
 
 

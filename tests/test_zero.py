@@ -216,6 +216,7 @@ def test_read_checks_on_hand_labelled_completions(text, checks):
     ("20-52=-32, so -32+9", "-32+52=21, not 20", "20-52=-32, so -32+9", False, False),  # slips, the step stands
     ("20-52=-32, so -32+9", "-32+52=21, not 20", "20-52=-22, so -22+9", True, False),  # slips, breaks the step
     ("20-52=-22, so -22+9", "-22+52=30, not 20", "The answer is 30.", False, False),  # says so, does nothing
+    ("20-52=-22, so -22+9", "-22+52=30, not 20", "-22+9=-13", False, False),  # ... goes on to the next step
 ])
 def test_what_a_check_did(written, check, redone, changed, fixed):
     (found,) = read_checks(f"{written}\nCheck: {check}\n{redone}")
