@@ -211,8 +211,8 @@ def score_problems(engine, problems, prompts, num_samples, sampling, seed=0, bat
     return results, sum(len(r.completion.tokens) for rollouts in results for r in rollouts)
 
 
-# a line that goes back over earlier work, the "aha" measure: R1-Zero's re-evaluations (DeepSeek-R1, arXiv
-# 2501.12948, Table 3: "Wait, wait. Wait. That's an aha moment I can flag here.") and the tiny world's checks
+# a line that re-evaluates earlier work, as R1-Zero's do (DeepSeek-R1, arXiv 2501.12948, Table 3: "Wait, wait. Wait.
+# That's an aha moment I can flag here."); count_rechecks adds the tiny world's checks (tiny_task.read_checks)
 _REEVALUATE = re.compile(r"^[^\S\n]*(?:<think>[^\S\n]*)?(?:wait|hmm|let me (?:re-?)?check|re-?check|double-check)\b",
                          re.IGNORECASE | re.MULTILINE)
 

@@ -311,9 +311,9 @@ def rollout_metrics(groups, rollouts, rewards, with_tools):
         vals = [r.accuracy for r, c in zip(rollouts, rechecked) if c == keep and r.accuracy is not None]
         if vals:
             rec[name] = sum(vals) / len(vals)
-    checks = [c for r in rollouts for c in r.checks]  # the tiny world's checks: each confirms a step or changes it
-    rec.update(checks_confirm=sum(not c.changed for c in checks), checks_change=sum(c.changed for c in checks),
-               checks_fix=sum(c.fixed for c in checks))
+    checks = [c for r in rollouts for c in r.checks]  # the tiny world's checks (zero where none is written)
+    rec.update(checks_agree=sum(not c.disagreed for c in checks), checks_disagree=sum(c.disagreed for c in checks),
+               checks_change=sum(c.changed for c in checks), checks_fix=sum(c.fixed for c in checks))
     n_flat = sum(max(r.reward for r in g) == min(r.reward for r in g) for g in groups)
     sampled = [lp for r in rollouts for lp, m in zip(r.completion.logprobs, r.completion.loss_mask) if m]
     rec.update(completion_len=sum(lens) / len(lens), completion_len_max=max(lens),
@@ -688,29 +688,33 @@ def ascii_plot(series, width=60, height=11):
     return lines
 
 
-CHECK_METRICS = ("recheck_frac", "accuracy_recheck", "accuracy_no_recheck", "checks_confirm", "checks_change",
-                 "checks_fix")
+CHECK_METRICS = ("recheck_frac", "accuracy_recheck", "accuracy_no_recheck", "checks_agree", "checks_disagree",
+                 "checks_change", "checks_fix")
 
 
 def check_report(history, n=10):
     """The lines on self-checks in the sampled rollouts (R1-Zero's 'aha', DeepSeek-R1, arXiv 2501.12948, sec. 2.2.4):
     their share over the first and the last n steps, how often they were right against the others, and what the
     checks did. None if no rollout re-checked."""
-    if not any(v for _, v in history.get("recheck_frac", [])):
+    shares = history.get("recheck_frac", [])
+    if not any(v for _, v in shares):
         return None
+    first, last = shares[0][0] + n, shares[-1][0] - n  # the first n steps: step < first; the last n: step > last
 
-    def mean(key, steps):
-        vals = [v for _, v in steps(history.get(key, []))]
+    def percent(key, steps):  # the mean over those steps of the ones that logged it
+        vals = [v for s, v in history.get(key, []) if steps(s)]
         return 100 * sum(vals) / len(vals) if vals else float("nan")
 
-    first, last = (lambda h: h[:n]), (lambda h: h[-n:])
-    total = {key: sum(v for _, v in history[key]) for key in ("checks_confirm", "checks_change", "checks_fix")}
-    share, right = mean("recheck_frac", first), mean("accuracy_recheck", last)
-    return [f"sampled completions that re-check a step: first {n} steps {share:.1f}% -> last {n} steps "
-            f"{mean('recheck_frac', last):.1f}%; over the last {n} steps right {right:.1f}% of the time against "
-            f"{mean('accuracy_no_recheck', last):.1f}% for the others",
-            f"checks over the run: {total['checks_confirm']} confirmed the step as written, {total['checks_change']} "
-            f"changed it ({total['checks_fix']} of them fixing a slip)"]
+    lines = [f"sampled completions that re-check a step: first {n} steps "
+             f"{percent('recheck_frac', lambda s: s < first):.1f}% -> last {n} steps "
+             f"{percent('recheck_frac', lambda s: s > last):.1f}%; over the last {n} steps right "
+             f"{percent('accuracy_recheck', lambda s: s > last):.1f}% of the time against "
+             f"{percent('accuracy_no_recheck', lambda s: s > last):.1f}% for the others"]
+    total = {key: sum(v for _, v in history.get(f"checks_{key}", [])) for key in ("agree", "disagree", "change", "fix")}
+    if total["agree"] + total["disagree"]:
+        lines.append(f"checks over the run: {total['agree']} agreed with the step as written, {total['disagree']} "
+                     f"disagreed, {total['change']} of those changed the step ({total['fix']} fixing a slip)")
+    return lines
 
 
 def final_report(history, ckpt_path):

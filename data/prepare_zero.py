@@ -67,7 +67,8 @@ def reply(expr, rng, worked_frac, check_frac, slip_frac, check_slip_frac):
     if rng.random() >= worked_frac:
         return final
     if rng.random() < check_frac:
-        steps = tiny_task.checked_lines(expr, rng, 0.5, slip_frac, check_slip_frac)
+        steps = tiny_task.checked_lines(expr, rng, check_prob=0.5, slip_frac=slip_frac,
+                                            check_slip_frac=check_slip_frac)
     else:
         steps = tiny_task.solution_lines(expr)
     return "\n".join(steps + [final])
@@ -89,7 +90,7 @@ def problem_text(expr, rng, template_frac, bare_frac, worked_frac, check_frac, s
 
 def drill_text(expr, rng, slip_frac, check_slip_frac):
     """An exercise in checking: the problem, every step worked and checked, the answer."""
-    steps = tiny_task.checked_lines(expr, rng, 1.0, slip_frac, check_slip_frac)
+    steps = tiny_task.checked_lines(expr, rng, check_prob=1.0, slip_frac=slip_frac, check_slip_frac=check_slip_frac)
     return "\n".join([f"Check each step: {expr}", *steps, f"The answer is {tiny_task.answer(expr)}."])
 
 

@@ -114,10 +114,11 @@ def first_step(toks):
     ops = list(range(lo + 1, hi, 2))
     i = next((j for j in ops if toks[j] == "*"), ops[0])  # * before + -, leftmost first
     a, op, b = toks[i - 1], toks[i], toks[i + 1]
-    rest, at = toks[:i - 1] + [OPS[op](a, b)] + toks[i + 2:], i - 1
+    c = OPS[op](a, b)
+    rest, at = toks[:i - 1] + [c] + toks[i + 2:], i - 1
     if lo > 0 and hi - lo == 3:  # group is down to "(n)": drop the brackets
         rest, at = rest[:lo - 1] + [rest[lo]] + rest[lo + 2:], lo - 1
-    return a, op, b, OPS[op](a, b), rest, at
+    return a, op, b, c, rest, at
 
 
 def solve(expr):
@@ -154,18 +155,19 @@ def checked_lines(expr, rng, check_prob, slip_frac, check_slip_frac):
     is first written with a wrong result with probability slip_frac; else its check slips with probability
     check_slip_frac. A check that disagrees says so, and the step is worked again, which settles it: the slip is
     fixed, or the step stands and the check was wrong.
-        ['8*3=21, so 7+21-5', 'Check: 3*8=24, not 21', '8*3=24, so 7+24-5', 'Check: 31-24=7', ...]"""
-    steps = solve(expr)
-    checked = {k for k in range(len(steps)) if rng.random() < check_prob} or {rng.randrange(len(steps))}
-    lines = []
-    for k, (a, op, b, c, rest) in enumerate(steps):
-        right = step_line(a, op, b, c, rest)
+        ['8*3=21, so 7+21-5', 'Check: 3*8=24, not 21', '8*3=24, so 7+24-5', '7+24=31, so 31-5', 'Check: 31-24=7', ...]
+    """
+    n = len(solve(expr))
+    checked = {k for k in range(n) if rng.random() < check_prob} or {rng.randrange(n)}
+    lines, toks = [], tokenize(expr)
+    for k in range(n):
+        a, op, b, c, rest, at = first_step(toks)
+        right, toks = step_line(a, op, b, c, rest), rest
         if k not in checked:
             lines.append(right)
             continue
         slip = rng.random() < slip_frac
         written = c + rng.choice([-10, -2, -1, 1, 2, 10]) if slip else c
-        at = first_step(tokenize(expr if k == 0 else render(steps[k - 1][4])))[5]
         lines.append(step_line(a, op, b, written, rest[:at] + [written] + rest[at + 1:]))
         computation, must_give = check_line(a, op, b, written)
         gives = evaluate(computation)
@@ -182,9 +184,15 @@ _STEP = re.compile(r"(\(?-?\d+\)?)([-+*])(\(?-?\d+\)?)=(-?\d+)(?:, so [-+*()\d]+
 _CHECK = re.compile(r"Check: (\(?-?\d+\)?[-+*]\(?-?\d+\)?)=(-?\d+)(?:, not (-?\d+))?")
 
 
-def _step_right(line):
-    a, op, b, c = _STEP.fullmatch(line).groups()
-    return OPS[op](int(a.strip("()")), int(b.strip("()"))) == int(c)
+def _step(line):
+    """A step line -> (a, op, b, c) as written, or None."""
+    m = _STEP.fullmatch(line)
+    return m and (int(m.group(1).strip("()")), m.group(2), int(m.group(3).strip("()")), int(m.group(4)))
+
+
+def _step_right(step):
+    a, op, b, c = step
+    return OPS[op](a, b) == c
 
 
 @dataclass(frozen=True)
@@ -196,27 +204,32 @@ class Check:
     redone: str | None
 
     @property
+    def disagreed(self):
+        """The check's computation did not give what it must (`Check: 21-8=13, not 16`)."""
+        return ", not " in self.check
+
+    @property
     def changed(self):
-        """The check changed the step: it disagreed, and the step worked again came out otherwise."""
-        return self.redone is not None and self.redone != self.written
+        """The check changed the step: it disagreed, and the step worked again has another result."""
+        return self.redone is not None and _step(self.redone)[3] != _step(self.written)[3]
 
     @property
     def fixed(self):
         """A slip caught and fixed: the step was written with a wrong result, and worked again it is right."""
-        return self.changed and not _step_right(self.written) and _step_right(self.redone)
+        return self.changed and not _step_right(_step(self.written)) and _step_right(_step(self.redone))
 
 
 def read_checks(text):
-    """The checks in a completion, in order: each `Check: COMPUTATION=VALUE` line (checked_lines) right below the step
-    line it checks, with the step worked again below it if it says `, not N`. A line that only looks like one (no
-    computation in it, no step right above it) is not a check."""
+    """The checks in a completion, in order: each `Check: COMPUTATION=VALUE` line whose computation is check_line's
+    for the step line right above it, with that step worked again below it if it says `, not N`. A line that only
+    looks like one (no computation, no step above it, or the computation of another step) is not a check."""
     lines = [line.strip().removeprefix("<think>").strip() for line in text.split("\n")]
     checks = []
     for i, line in enumerate(lines):
-        m = _CHECK.fullmatch(line)
-        if m and i > 0 and _STEP.fullmatch(lines[i - 1]):
+        m, step = _CHECK.fullmatch(line), i > 0 and _step(lines[i - 1])
+        if m and step and m.group(1) == check_line(*step)[0]:
             after = lines[i + 1] if i + 1 < len(lines) else ""
-            again = _STEP.fullmatch(after) and after.split("=")[0] == lines[i - 1].split("=")[0]  # the same operation
+            again = _step(after) and _step(after)[:3] == step[:3]  # the same operation
             checks.append(Check(lines[i - 1], line, after if m.group(3) is not None and again else None))
     return checks
 

@@ -12,8 +12,8 @@ import train_grpo
 from data import prepare_zero, tiny_task
 from helpers import make_tiny_checkpoint, write_jsonl
 from reward import accuracy_reward, format_reward
-from tasks import R1_ZERO_TEMPLATE, count_rechecks
 from data.tiny_task import Check, read_checks
+from tasks import R1_ZERO_TEMPLATE, count_rechecks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,7 @@ def test_every_layout_answers_mostly_outright_and_works_a_minority(tmp_path):
             assert reply.split("\n")[0].split("=")[0] == first.split("=")[0]
         by_layout.setdefault(layout, []).append(worked)
     assert set(by_layout) == {"template", *prepare_zero.PLAIN_LAYOUTS}
-    assert 0.2 < len(by_layout["template"]) / len(docs) < 0.3
+    assert 0.2 < len(by_layout["template"]) / sum(map(len, by_layout.values())) < 0.3
     for layout, worked in by_layout.items():
         assert 0.2 < sum(worked) / len(worked) < 0.4, layout  # mostly outright, in every layout
     texts = [json.loads(line)["text"] for line in open(path)]
@@ -192,6 +192,7 @@ CHECK_SLIPS = "20-52=-32, so -32+9\nCheck: -32+52=21, not 20\n20-52=-32, so -32+
     # look like checks, are not: no computation, no value, another word, nothing checked above, not at the start
     ("20-52=-32\nCheck: fine\nCheck: -32\nCheck 20-52=-32\nChecked: 52-20=32\nCheck: 20-52", 0),
     ("Check: -32+52=20\nThe answer is -32.\nCheck: -32+52=20\n20-52=-32 so Check: -32+52=20", 0),
+    ("20-52=-32, so -32+9\nCheck: 52-20=32\n7+8=15\nCheck: 4*13=52\n13*4=52\nCheck: 13*4=52", 0),  # another step's
 ])
 def test_count_rechecks_matches_hand_labels(text, n):
     assert count_rechecks(text) == n
@@ -208,31 +209,36 @@ def test_read_checks_on_hand_labelled_completions(text, checks):
     assert read_checks(text) == checks
 
 
-@pytest.mark.parametrize("written, check, redone, changed, fixed", [
-    ("20-52=-32, so -32+9", "-32+52=20", "", False, False),  # confirms a right step
-    ("20-52=-22, so -22+9", "-22+52=20", "", False, False),  # its own slip: misses the wrong result
-    ("20-52=-22, so -22+9", "-22+52=30, not 20", "20-52=-32, so -32+9", True, True),  # catches it, fixes it
-    ("20-52=-22, so -22+9", "-22+52=30, not 20", "20-52=-42, so -42+9", True, False),  # catches it, slips again
-    ("20-52=-32, so -32+9", "-32+52=21, not 20", "20-52=-32, so -32+9", False, False),  # slips, the step stands
-    ("20-52=-32, so -32+9", "-32+52=21, not 20", "20-52=-22, so -22+9", True, False),  # slips, breaks the step
-    ("20-52=-22, so -22+9", "-22+52=30, not 20", "The answer is 30.", False, False),  # says so, does nothing
-    ("20-52=-22, so -22+9", "-22+52=30, not 20", "-22+9=-13", False, False),  # ... goes on to the next step
+@pytest.mark.parametrize("written, check, redone, disagreed, changed, fixed", [
+    ("20-52=-32, so -32+9", "-32+52=20", "", False, False, False),  # confirms a right step
+    ("20-52=-22, so -22+9", "-22+52=20", "", False, False, False),  # its own slip: misses the wrong result
+    ("20-52=-22, so -22+9", "-22+52=30, not 20", "20-52=-32, so -32+9", True, True, True),  # catches it, fixes it
+    ("20-52=-22, so -22+9", "-22+52=30, not 20", "20-52=-42, so -42+9", True, True, False),  # catches, slips again
+    ("20-52=-32, so -32+9", "-32+52=21, not 20", "20-52=-32, so -32+9", True, False, False),  # slips, step stands
+    ("20-52=-32, so -32+9", "-32+52=21, not 20", "20-52=-32", True, False, False),  # ... the rest left out
+    ("20-52=-32, so -32+9", "-32+52=21, not 20", "20-52=-22, so -22+9", True, True, False),  # slips, breaks it
+    ("20-52=-22, so -22+9", "-22+52=30, not 20", "The answer is 30.", True, False, False),  # does nothing
+    ("20-52=-22, so -22+9", "-22+52=30, not 20", "-22+9=-13", True, False, False),  # ... goes on to the next step
 ])
-def test_what_a_check_did(written, check, redone, changed, fixed):
+def test_what_a_check_did(written, check, redone, disagreed, changed, fixed):
     (found,) = read_checks(f"{written}\nCheck: {check}\n{redone}")
-    assert (found.changed, found.fixed) == (changed, fixed)
+    assert (found.disagreed, found.changed, found.fixed) == (disagreed, changed, fixed)
 
 
 def test_check_report_lines():
-    hist = {"recheck_frac": [(s, 0.01 if s <= 10 else 0.3) for s in range(1, 31)],
-            "accuracy_recheck": [(s, 0.8) for s in range(1, 31)],
-            "accuracy_no_recheck": [(s, 0.6) for s in range(1, 31)],
-            "checks_confirm": [(s, 3) for s in range(1, 31)], "checks_change": [(s, 1) for s in range(1, 31)],
-            "checks_fix": [(s, 1) for s in range(1, 31)]}
-    lines = train_grpo.check_report(hist)
-    assert lines == ["sampled completions that re-check a step: first 10 steps 1.0% -> last 10 steps 30.0%; over the "
-                     "last 10 steps right 80.0% of the time against 60.0% for the others",
-                     "checks over the run: 90 confirmed the step as written, 30 changed it (30 of them fixing a slip)"]
+    steps = range(1, 31)
+    hist = {"recheck_frac": [(s, 0.01 if s <= 10 else 0.3) for s in steps],
+            "accuracy_recheck": [(s, 0.8 if s > 20 else 0.1) for s in steps if s % 2],  # logged where one checked
+            "accuracy_no_recheck": [(s, 0.6) for s in steps], "checks_agree": [(s, 3) for s in steps],
+            "checks_disagree": [(s, 2) for s in steps], "checks_change": [(s, 1) for s in steps],
+            "checks_fix": [(s, 1) for s in steps if s % 3 == 0]}
+    assert train_grpo.check_report(hist) == [
+        "sampled completions that re-check a step: first 10 steps 1.0% -> last 10 steps 30.0%; over the last 10 "
+        "steps right 80.0% of the time against 60.0% for the others",
+        "checks over the run: 90 agreed with the step as written, 60 disagreed, 30 of those changed the step (10 "
+        "fixing a slip)"]
+    wait_only = {"recheck_frac": [(1, 0.5)], "checks_agree": [(1, 0)], "checks_disagree": [(1, 0)]}  # no tiny check
+    assert len(train_grpo.check_report(wait_only)) == 1
     assert train_grpo.check_report({"recheck_frac": [(1, 0.0)]}) is None and train_grpo.check_report({}) is None
 
 
